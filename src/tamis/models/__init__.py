@@ -1,0 +1,1 @@
+"""Native PyTorch model families and checkpoint loading."""

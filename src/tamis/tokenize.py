@@ -1,0 +1,197 @@
+"""The `tokenizers` library behind one small interface.
+
+Every text is first encoded *without* special tokens (batched, in Rust), truncated by us to the budget
+left after the model's special tokens, then post-processed (the tokenizer's own template adds
+``[CLS] … [SEP]`` / ``<s> … </s>`` and pair templates with token types). This keeps the tokenizer object
+stateless (safe to share between threads), tells the caller exactly which inputs were cut and how
+long they were, and keeps character offsets for late chunking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Encoding
+from tokenizers import Tokenizer as HFTokenizer
+
+from tamis.errors import InputTooLongError
+from tamis.models.loading import ModelNotFoundError, read_json
+
+# tokenizer_config.json uses int(1e30) to mean "no limit"
+_NO_LIMIT = 10**12
+
+
+@dataclass
+class Encoded:
+    """One tokenized input, special tokens included."""
+
+    ids: list[int]
+    type_ids: list[int]
+    offsets: list[tuple[int, int]]
+    special: list[int]  # 1 where the token was added by the template
+    n_tokens: int  # length before truncation (special tokens included)
+    truncated: bool
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    token_type_ids: torch.Tensor
+    lengths: list[int] = field(default_factory=list)
+
+
+class Tokenizer:
+    """A model's tokenizer (``tokenizer.json`` + ``tokenizer_config.json``)."""
+
+    def __init__(self, tok: HFTokenizer, config: dict | None = None, model_config: dict | None = None):
+        self._tok = tok
+        self._tok.no_padding()
+        self._tok.no_truncation()
+        self.config = config or {}
+        model_config = model_config or {}
+        mml = self.config.get("model_max_length")
+        self.model_max_length: int | None = int(mml) if mml is not None and int(mml) < _NO_LIMIT else None
+        self.padding_side: str = self.config.get("padding_side", "right")
+        pad = self._token_str(self.config.get("pad_token"))
+        pad_id = self._tok.token_to_id(pad) if pad else None
+        if pad_id is None:
+            pad_id = model_config.get("pad_token_id")
+        self.pad_id: int = int(pad_id) if pad_id is not None else 0
+        self._n_special_single = self._tok.num_special_tokens_to_add(False)
+        self._n_special_pair = self._tok.num_special_tokens_to_add(True)
+
+    @staticmethod
+    def _token_str(tok: object) -> str | None:
+        if isinstance(tok, dict):
+            return tok.get("content")
+        return tok if isinstance(tok, str) else None
+
+    @classmethod
+    def from_dir(cls, model_dir: str | Path, model_config: dict | None = None) -> Tokenizer:
+        model_dir = Path(model_dir)
+        path = model_dir / "tokenizer.json"
+        if not path.is_file():
+            raise ModelNotFoundError(
+                str(model_dir),
+                [f"{path} (missing: tamis needs the fast-tokenizer file tokenizer.json beside config.json)"],
+            )
+        return cls(HFTokenizer.from_file(str(path)), read_json(model_dir / "tokenizer_config.json"), model_config)
+
+    # ------------------------------------------------------------------ vocabulary
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    @property
+    def added_tokens(self) -> dict[str, int]:
+        return {t.content: i for i, t in self._tok.get_added_tokens_decoder().items()}
+
+    def num_special_tokens(self, pair: bool = False) -> int:
+        return self._n_special_pair if pair else self._n_special_single
+
+    # ------------------------------------------------------------------ encoding
+    def raw(self, texts: Sequence[str]) -> list[Encoding]:
+        """Encodings without special tokens and without truncation."""
+        return self._tok.encode_batch(list(texts), add_special_tokens=False)
+
+    def count_tokens(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[int]:
+        extra = self._n_special_single if add_special_tokens else 0
+        return [len(e.ids) + extra for e in self.raw(texts)]
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        max_length: int | None,
+        truncate: bool = True,
+        add_special_tokens: bool = True,
+    ) -> list[Encoded]:
+        """Encode single texts. With ``truncate=False`` an over-long input raises InputTooLongError."""
+        extra = self._n_special_single if add_special_tokens else 0
+        out: list[Encoded] = []
+        for i, enc in enumerate(self.raw(texts)):
+            n = len(enc.ids) + extra
+            cut = max_length is not None and n > max_length
+            if cut:
+                if not truncate:
+                    raise InputTooLongError(i, n, int(max_length))
+                enc.truncate(max(int(max_length) - extra, 0))
+            if add_special_tokens:
+                enc = self._tok.post_process(enc, None, True)
+            out.append(_encoded(enc, n, cut))
+        return out
+
+    def encode_pairs(
+        self,
+        queries: Sequence[str],
+        documents: Sequence[str],
+        max_length: int | None,
+        truncate: bool = True,
+    ) -> list[Encoded]:
+        """Encode (query, document) pairs with the tokenizer's pair template.
+
+        Over-long pairs cut the document first; the query is cut only when it alone would leave the
+        document less than half of the budget.
+        """
+        if len(queries) != len(documents):
+            raise ValueError("queries and documents must have the same length")
+        q_raw = self.raw(queries)
+        d_raw = self.raw(documents)
+        out: list[Encoded] = []
+        for i, (q, d) in enumerate(zip(q_raw, d_raw)):
+            n = len(q.ids) + len(d.ids) + self._n_special_pair
+            cut = max_length is not None and n > max_length
+            if cut:
+                if not truncate:
+                    raise InputTooLongError(i, n, int(max_length))
+                budget = max(int(max_length) - self._n_special_pair, 0)
+                d_keep = max(budget - len(q.ids), min(len(d.ids), budget // 2))
+                q_keep = budget - d_keep
+                if len(q.ids) > q_keep:
+                    q.truncate(q_keep)
+                d.truncate(d_keep)
+            enc = self._tok.post_process(q, d, True)
+            out.append(_encoded(enc, n, cut))
+        return out
+
+    def pad(self, encodings: Sequence[Encoded], device: str | torch.device = "cpu") -> Batch:
+        """Stack encodings into padded tensors (padding side from tokenizer_config)."""
+        lengths = [len(e) for e in encodings]
+        width = max(lengths) if lengths else 0
+        n = len(encodings)
+        ids = np.full((n, width), self.pad_id, dtype=np.int64)
+        types = np.zeros((n, width), dtype=np.int64)
+        mask = np.zeros((n, width), dtype=np.int64)
+        left = self.padding_side == "left"
+        for r, e in enumerate(encodings):
+            k = len(e)
+            sl = slice(width - k, width) if left else slice(0, k)
+            ids[r, sl] = e.ids
+            types[r, sl] = e.type_ids
+            mask[r, sl] = 1
+        return Batch(
+            input_ids=torch.from_numpy(ids).to(device),
+            attention_mask=torch.from_numpy(mask).to(device),
+            token_type_ids=torch.from_numpy(types).to(device),
+            lengths=lengths,
+        )
+
+
+def _encoded(enc: Encoding, n_tokens: int, truncated: bool) -> Encoded:
+    return Encoded(
+        ids=list(enc.ids),
+        type_ids=list(enc.type_ids),
+        offsets=[tuple(o) for o in enc.offsets],
+        special=list(enc.special_tokens_mask),
+        n_tokens=n_tokens,
+        truncated=truncated,
+    )
