@@ -1,0 +1,559 @@
+"""Embedder: tasks and prompts, adapters, pooling, Matryoshka, normalisation, output types, late chunking.
+
+>>> emb = Embedder()                       # bundled all-MiniLM-L6-v2
+>>> emb.embed(["a text", "another"]).shape
+(2, 384)
+
+Layers: ``tokenize`` (task prefix, truncation policy) -> ``forward`` (one padded batch through the
+model, pooled, float32) -> ``finalize`` (Matryoshka cut, L2, output encoding). ``embed`` plans
+length-sorted token-budget batches over them; the server calls the three layers itself to batch
+across requests.
+"""
+
+from __future__ import annotations
+
+import base64
+import bisect
+import logging
+import re
+import sys
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from tamis.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TOKENS, plan_batches
+from tamis.errors import InvalidInputError, UnknownTaskError
+from tamis.models import detect_family
+from tamis.models.loading import (
+    DEFAULT_MODEL_ALIASES,
+    load_config,
+    read_json,
+    resolve_dtype,
+    resolve_model_dir,
+)
+from tamis.tokenize import Encoded, Tokenizer
+
+logger = logging.getLogger("tamis")
+
+EMBEDDING_TYPES = ("float", "base64", "binary", "ubinary")
+DEFAULT_LATE_CHUNK_OVERLAP = 512
+_SENTENCE_END = re.compile(r"[.!?。！？]+[\"'”’)\]]*(?=\s|$)")
+
+
+class TruncationWarning(UserWarning):
+    """Some inputs were longer than the model's limit and lost their tail."""
+
+
+@dataclass
+class EmbedResult:
+    embeddings: Any  # np.ndarray, list[str] (base64) or dict of these (several embedding types)
+    token_counts: list[int]  # tokens fed to the model per input (after truncation)
+    truncated: list[int] = field(default_factory=list)  # indices of inputs that were cut
+
+
+@dataclass
+class Chunk:
+    text: str
+    start: int  # character span in the document: document[start:end] == text
+    end: int
+    embedding: Any
+    n_tokens: int = 0
+
+
+def _model_name(model: str | Path | None, model_dir: Path) -> str:
+    if model is None or str(model).lower() in DEFAULT_MODEL_ALIASES:
+        return "all-MiniLM-L6-v2"
+    text = str(model)
+    if Path(text).expanduser().is_dir():
+        return Path(text).expanduser().resolve().name
+    return text
+
+
+def _pooling_mode(model_dir: Path, config: dict[str, Any]) -> str:
+    modules = read_json(model_dir / "modules.json") or []
+    for m in modules:
+        if m.get("type", "").endswith("Pooling"):
+            pc = read_json(model_dir / m.get("path", "1_Pooling") / "config.json") or {}
+            for key, mode in (
+                ("pooling_mode_cls_token", "cls"),
+                ("pooling_mode_lasttoken", "last"),
+                ("pooling_mode_max_tokens", "max"),
+                ("pooling_mode_mean_tokens", "mean"),
+            ):
+                if pc.get(key):
+                    return mode
+    pooler = config.get("emb_pooler")
+    if pooler in ("cls", "mean"):
+        return pooler
+    return "mean"
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
+    """Pool token states [B, L, H] over ``mask`` [B, L] in float32."""
+    hidden = hidden.float()
+    m = mask.to(hidden.dtype).unsqueeze(-1)
+    if mode == "cls":
+        return hidden[:, 0]
+    if mode == "max":
+        return hidden.masked_fill(m == 0, float("-inf")).amax(dim=1)
+    if mode == "last":
+        idx = mask.long().sum(dim=1) - 1
+        return hidden[torch.arange(hidden.shape[0]), idx]
+    return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1e-9)
+
+
+def encode_output(x: np.ndarray, embedding_type: str | Sequence[str]) -> Any:
+    """Encode float vectors as ``float`` / ``base64`` / ``binary`` / ``ubinary`` (or several: a dict)."""
+    if not isinstance(embedding_type, str):
+        types = list(embedding_type)
+        if not types:
+            raise InvalidInputError("embedding_type list is empty")
+        return {t: encode_output(x, t) for t in dict.fromkeys(types)}
+    if embedding_type == "float":
+        return x
+    if embedding_type == "base64":
+        le = x.astype("<f4", copy=False)
+        return [base64.b64encode(row.tobytes()).decode("ascii") for row in le]
+    if embedding_type == "ubinary":
+        return np.packbits(x > 0, axis=-1)
+    if embedding_type == "binary":
+        return (np.packbits(x > 0, axis=-1).astype(np.int16) - 128).astype(np.int8)
+    raise InvalidInputError(f"unknown embedding_type {embedding_type!r}; use one of {list(EMBEDDING_TYPES)}")
+
+
+class Embedder:
+    """A text embedding model: BERT-family, JinaBERT (jina-embeddings-v2) or jina-embeddings-v3.
+
+    Args:
+        model: local directory, Hugging Face id found in the local HF cache, or None / "default" for
+            the bundled all-MiniLM-L6-v2.
+        device: torch device ("cpu", "cuda", ...).
+        dtype: "float32" or "bfloat16" (also "float16").
+        max_tokens_per_batch: token budget of one padded batch (rows x longest row).
+        max_batch_size: most rows in one batch.
+        max_length: override the model's input limit in tokens (never above what the model declares
+            for absolute-position models).
+    """
+
+    def __init__(
+        self,
+        model: str | Path | None = None,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        max_tokens_per_batch: int = DEFAULT_MAX_TOKENS,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_length: int | None = None,
+    ):
+        self.model_dir = resolve_model_dir(model)
+        self.config = load_config(self.model_dir)
+        self.family = detect_family(self.config)
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype)
+        self.name = _model_name(model, self.model_dir)
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self.max_batch_size = max_batch_size
+        self.tokenizer = Tokenizer.from_dir(self.model_dir, self.config)
+        self.pooling = _pooling_mode(self.model_dir, self.config)
+        self._prefixes: dict[str, str] = {}
+        self._adapters: dict[str, int] = {}
+        arch_limit: int | None
+        if self.family == "xlmr-lora":
+            from tamis.models.xlmr import XLMRobertaLoRA
+
+            self.model = XLMRobertaLoRA.from_pretrained(self.model_dir, device=self.device, dtype=self.dtype)
+            names = list(self.config.get("lora_adaptations") or [])
+            self._adapters = {t: i for i, t in enumerate(names)}
+            instructions = self.config.get("task_instructions") or {}
+            self._prefixes = {t: instructions.get(t, "") or "" for t in names}
+            arch_limit = None
+        elif self.family == "bert":
+            from tamis.models import bert
+
+            self.model = bert.from_pretrained(self.model_dir, device=self.device, dtype=self.dtype, classification=False)
+            arch_limit = self.model.cfg.max_length
+            st = read_json(self.model_dir / "config_sentence_transformers.json") or {}
+            self._prefixes = {k: v or "" for k, v in (st.get("prompts") or {}).items()}
+        else:
+            raise InvalidInputError(
+                f"{self.model_dir} is a {self.family} model, not an embedding model; load it with tamis.Reranker"
+            )
+        self.dimension = int(self.config["hidden_size"])
+        self.max_length = self._limit(arch_limit, max_length)
+
+    def _limit(self, arch_limit: int | None, override: int | None) -> int:
+        candidates = [arch_limit, self.tokenizer.model_max_length]
+        sbert = read_json(self.model_dir / "sentence_bert_config.json") or {}
+        candidates.append(sbert.get("max_seq_length"))
+        known = [int(c) for c in candidates if c]
+        limit = min(known) if known else int(self.config.get("max_position_embeddings", 512))
+        if override is not None:
+            if override <= 0:
+                raise ValueError("max_length must be positive")
+            limit = min(override, arch_limit) if arch_limit else override
+        return limit
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def tasks(self) -> list[str]:
+        return list(self._adapters or self._prefixes)
+
+    @property
+    def query_task(self) -> str | None:
+        for t in ("retrieval.query", "query"):
+            if t in self.tasks:
+                return t
+        return None
+
+    @property
+    def passage_task(self) -> str | None:
+        for t in ("retrieval.passage", "passage", "document"):
+            if t in self.tasks:
+                return t
+        return None
+
+    def __repr__(self) -> str:
+        return (
+            f"Embedder(name={self.name!r}, family={self.family!r}, dimension={self.dimension}, "
+            f"max_length={self.max_length}, pooling={self.pooling!r}, tasks={self.tasks}, "
+            f"device={str(self.device)!r}, dtype={str(self.dtype).removeprefix('torch.')!r})"
+        )
+
+    def check_task(self, task: str | None) -> None:
+        if task is not None and task not in self.tasks:
+            raise UnknownTaskError(task, self.tasks)
+
+    def prefix(self, task: str | None) -> str:
+        self.check_task(task)
+        return self._prefixes.get(task, "") if task else ""
+
+    # ------------------------------------------------------------------ layer 1: tokenize
+    @staticmethod
+    def _as_texts(texts: str | Sequence[Any]) -> list[str]:
+        if isinstance(texts, str):
+            return [texts]
+        if not isinstance(texts, Sequence) and not hasattr(texts, "__iter__"):
+            raise InvalidInputError(f"texts must be a string or a list of strings, not {type(texts).__name__}")
+        out = []
+        for i, t in enumerate(texts):
+            if isinstance(t, dict) and isinstance(t.get("text"), str):
+                t = t["text"]
+            if not isinstance(t, str):
+                raise InvalidInputError(f"input {i} is a {type(t).__name__}, expected a string")
+            out.append(t)
+        return out
+
+    def tokenize(self, texts: str | Sequence[str], task: str | None = None, truncate: bool = True) -> list[Encoded]:
+        """Prefix (task instruction / prompt) and tokenize; over-long inputs are cut or raise."""
+        prefix = self.prefix(task)
+        items = self._as_texts(texts)
+        return self.tokenizer.encode([prefix + t for t in items], self.max_length, truncate=truncate)
+
+    def count_tokens(self, texts: str | Sequence[str], task: str | None = None) -> list[int]:
+        prefix = self.prefix(task)
+        return self.tokenizer.count_tokens([prefix + t for t in self._as_texts(texts)])
+
+    # ------------------------------------------------------------------ layer 2: forward
+    def _adapter_ids(self, tasks: Sequence[str | None], n: int) -> torch.Tensor | None:
+        if not self._adapters:
+            return None
+        ids = [self._adapters[t] if t is not None else -1 for t in tasks]
+        if len(ids) != n:
+            raise ValueError("one task per row is required")
+        if all(i == -1 for i in ids):
+            return None
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
+
+    @torch.inference_mode()
+    def token_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
+        tasks: Sequence[str | None],
+    ) -> torch.Tensor:
+        """Last hidden states [B, L, H] of one padded batch."""
+        for t in tasks:
+            self.check_task(t)
+        if self.family == "xlmr-lora":
+            adapter_ids = self._adapter_ids(tasks, input_ids.shape[0])
+            return self.model(input_ids, attention_mask, adapter_ids=adapter_ids)
+        return self.model(input_ids, attention_mask, token_type_ids)
+
+    def forward(self, encodings: Sequence[Encoded], tasks: Sequence[str | None] | str | None = None) -> torch.Tensor:
+        """Run one padded batch; returns pooled float32 vectors [n, dimension] (not normalised)."""
+        if isinstance(tasks, str) or tasks is None:
+            tasks = [tasks] * len(encodings)
+        batch = self.tokenizer.pad(encodings, self.device)
+        hidden = self.token_states(batch.input_ids, batch.attention_mask, batch.token_type_ids, tasks)
+        return pool(hidden, batch.attention_mask, self.pooling).cpu()
+
+    # ------------------------------------------------------------------ layer 3: finalize
+    def check_dimensions(self, dimensions: int | None) -> None:
+        if dimensions is None:
+            return
+        if isinstance(dimensions, bool) or not isinstance(dimensions, int | np.integer):
+            raise InvalidInputError(f"dimensions must be an integer, not {dimensions!r}")
+        if not 1 <= dimensions <= self.dimension:
+            raise InvalidInputError(
+                f"dimensions={dimensions} is out of range: this model gives 1..{self.dimension} dimensions"
+            )
+
+    @staticmethod
+    def check_embedding_type(embedding_type: str | Sequence[str]) -> None:
+        types = [embedding_type] if isinstance(embedding_type, str) else list(embedding_type)
+        bad = [t for t in types if t not in EMBEDDING_TYPES]
+        if bad or not types:
+            raise InvalidInputError(f"unknown embedding_type {bad or types}; use one of {list(EMBEDDING_TYPES)}")
+
+    def finalize(
+        self,
+        pooled: torch.Tensor | np.ndarray,
+        dimensions: int | None = None,
+        normalized: bool = True,
+        embedding_type: str | Sequence[str] = "float",
+    ) -> Any:
+        """Matryoshka cut, then L2 normalisation (when ``normalized``), then the output encoding."""
+        self.check_dimensions(dimensions)
+        self.check_embedding_type(embedding_type)
+        x = pooled.detach().float().cpu().numpy() if isinstance(pooled, torch.Tensor) else np.asarray(pooled, np.float32)
+        if dimensions is not None:
+            x = x[:, :dimensions]
+        if normalized:
+            norms = np.linalg.norm(x, axis=1, keepdims=True)
+            x = x / np.maximum(norms, 1e-12)
+        return encode_output(np.ascontiguousarray(x, dtype=np.float32), embedding_type)
+
+    # ------------------------------------------------------------------ public API
+    def embed(
+        self,
+        texts: str | Sequence[str],
+        task: str | None = None,
+        dimensions: int | None = None,
+        normalized: bool = True,
+        embedding_type: str | Sequence[str] = "float",
+        truncate: bool = True,
+        late_chunking: bool = False,
+        show_progress: bool | None = None,
+    ) -> Any:
+        """Embed texts. Returns float32 [n, d] (or base64 strings / packed bits / a dict of several).
+
+        ``truncate=True`` cuts inputs at ``max_length`` and warns with their indices
+        (:class:`TruncationWarning`); ``False`` raises :class:`~tamis.errors.InputTooLongError`.
+        ``late_chunking=True`` treats ``texts`` as consecutive chunks of one document (see
+        :meth:`late_chunk`): one forward pass, each vector pooled over its own tokens.
+        """
+        return self.embed_result(
+            texts, task, dimensions, normalized, embedding_type, truncate, late_chunking, show_progress
+        ).embeddings
+
+    def embed_result(
+        self,
+        texts: str | Sequence[str],
+        task: str | None = None,
+        dimensions: int | None = None,
+        normalized: bool = True,
+        embedding_type: str | Sequence[str] = "float",
+        truncate: bool = True,
+        late_chunking: bool = False,
+        show_progress: bool | None = None,
+    ) -> EmbedResult:
+        """Like :meth:`embed`, also returning token counts and the indices of truncated inputs."""
+        self.check_task(task)
+        self.check_dimensions(dimensions)
+        self.check_embedding_type(embedding_type)
+        items = self._as_texts(texts)
+        if late_chunking:
+            text, spans = join_chunks(items)
+            pooled, counts = self._late_pooled(text, spans, task)
+            return EmbedResult(self.finalize(pooled, dimensions, normalized, embedding_type), counts)
+        encodings = self.tokenize(items, task, truncate)
+        pooled = torch.empty(len(items), self.dimension, dtype=torch.float32)
+        batches = plan_batches([len(e) for e in encodings], self.max_tokens_per_batch, self.max_batch_size)
+        if show_progress is None:
+            show_progress = len(items) >= 512
+        with tqdm(total=len(items), disable=not show_progress, desc="embed", unit="text", file=sys.stderr) as bar:
+            for idx in batches:
+                pooled[idx] = self.forward([encodings[i] for i in idx], task)
+                bar.update(len(idx))
+        truncated = [i for i, e in enumerate(encodings) if e.truncated]
+        if truncated:
+            shown = truncated[:20]
+            msg = (
+                f"{len(truncated)} of {len(items)} inputs were longer than {self.max_length} tokens and were "
+                f"truncated: indices {shown}{' ...' if len(truncated) > 20 else ''}"
+            )
+            warnings.warn(msg, TruncationWarning, stacklevel=3)
+            logger.info(msg)
+        return EmbedResult(
+            self.finalize(pooled, dimensions, normalized, embedding_type),
+            [len(e) for e in encodings],
+            truncated,
+        )
+
+    # ------------------------------------------------------------------ late chunking
+    def _late_pooled(
+        self, text: str, spans: Sequence[tuple[int, int]], task: str | None, overlap: int = DEFAULT_LATE_CHUNK_OVERLAP
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Token states of the whole text (windowed when too long), mean-pooled per character span."""
+        prefix = self.prefix(task)
+        enc = self.tokenizer.encode([prefix + text], max_length=None)[0]
+        owner = assign_tokens(enc, spans, prefix + text, len(prefix))
+        states = self._long_states(enc, task, overlap)
+        pooled = torch.zeros(len(spans), self.dimension, dtype=torch.float32)
+        counts = []
+        for j in range(len(spans)):
+            rows = [t for t, o in enumerate(owner) if o == j]
+            if not rows:
+                raise InvalidInputError(f"chunk {j} has no tokens (empty or whitespace only); remove it")
+            pooled[j] = states[rows].mean(dim=0)
+            counts.append(len(rows))
+        return pooled, counts
+
+    @torch.inference_mode()
+    def _long_states(self, enc: Encoded, task: str | None, overlap: int) -> torch.Tensor:
+        """[n_tokens, H] float32 states for one sequence; overlapping windows beyond max_length."""
+        ids = enc.ids
+        width = self.max_length
+        if len(ids) <= width:
+            windows = [(0, len(ids))]
+        else:
+            overlap = min(max(overlap, 0), width // 2)
+            step = width - overlap
+            windows = [(s, min(s + width, len(ids))) for s in range(0, len(ids) - overlap, step)]
+        parts = []
+        for k, (s, e) in enumerate(windows):
+            input_ids = torch.tensor([ids[s:e]], device=self.device)
+            type_ids = torch.tensor([enc.type_ids[s:e]], device=self.device)
+            mask = torch.ones_like(input_ids)
+            h = self.token_states(input_ids, mask, type_ids, [task])[0].float().cpu()
+            parts.append(h if k == 0 else h[overlap:])
+        return torch.cat(parts)[: len(ids)]
+
+    def late_chunk(
+        self,
+        document: str,
+        strategy: str = "sentences",
+        chunk_size: int | None = None,
+        task: str | None = None,
+        dimensions: int | None = None,
+        normalized: bool = True,
+        embedding_type: str | Sequence[str] = "float",
+        overlap: int = DEFAULT_LATE_CHUNK_OVERLAP,
+    ) -> list[Chunk]:
+        """Split one document into chunks and embed them with late chunking.
+
+        ``strategy="sentences"``: one sentence per chunk, or with ``chunk_size`` consecutive sentences
+        packed up to ``chunk_size`` tokens. ``strategy="fixed"``: ``chunk_size`` tokens per chunk
+        (default 256). Chunks tile the document exactly (``document[c.start:c.end] == c.text``; the
+        whitespace after a sentence belongs to it). Documents longer than the model's context are
+        embedded in overlapping windows of ``max_length`` tokens (``overlap`` tokens shared).
+        """
+        if not isinstance(document, str) or not document.strip():
+            raise InvalidInputError("document must be a non-empty string")
+        self.check_task(task)
+        if strategy == "sentences":
+            spans = sentence_spans(document)
+            if chunk_size is not None:
+                spans = self._pack_spans(document, spans, chunk_size)
+        elif strategy == "fixed":
+            spans = self._fixed_spans(document, chunk_size or 256)
+        else:
+            raise InvalidInputError(f"unknown chunking strategy {strategy!r}; use 'sentences' or 'fixed'")
+        pooled, counts = self._late_pooled(document, spans, task, overlap)
+        out = self.finalize(pooled, dimensions, normalized, embedding_type)
+        chunks = []
+        for j, (s, e) in enumerate(spans):
+            vec = {k: v[j] for k, v in out.items()} if isinstance(out, dict) else out[j]
+            chunks.append(Chunk(document[s:e], s, e, vec, counts[j]))
+        return chunks
+
+    def _fixed_spans(self, document: str, chunk_size: int) -> list[tuple[int, int]]:
+        if chunk_size < 1:
+            raise InvalidInputError("chunk_size must be at least 1 token")
+        offsets = self.tokenizer.raw([document])[0].offsets
+        starts = [0] + [offsets[i][0] for i in range(chunk_size, len(offsets), chunk_size)]
+        return [(s, e) for s, e in zip(starts, starts[1:] + [len(document)]) if e > s]
+
+    def _pack_spans(self, document: str, spans: list[tuple[int, int]], chunk_size: int) -> list[tuple[int, int]]:
+        if chunk_size < 1:
+            raise InvalidInputError("chunk_size must be at least 1 token")
+        sizes = self.tokenizer.count_tokens([document[s:e] for s, e in spans], add_special_tokens=False)
+        packed: list[tuple[int, int]] = []
+        cur_start, cur_size = spans[0][0], 0
+        for (s, e), n in zip(spans, sizes):
+            if cur_size and cur_size + n > chunk_size:
+                packed.append((cur_start, s))
+                cur_start, cur_size = s, 0
+            cur_size += n
+        packed.append((cur_start, spans[-1][1]))
+        return packed
+
+
+def sentence_spans(document: str) -> list[tuple[int, int]]:
+    """Character spans tiling ``document``, one per sentence (end punctuation + following whitespace)."""
+    ends = []
+    for m in _SENTENCE_END.finditer(document):
+        e = m.end()
+        while e < len(document) and document[e].isspace():
+            e += 1
+        ends.append(e)
+    if not ends or ends[-1] < len(document):
+        ends.append(len(document))
+    spans, start = [], 0
+    for e in ends:
+        if e > start:
+            spans.append((start, e))
+            start = e
+    # merge a trailing whitespace-only span into its predecessor
+    if len(spans) > 1 and not document[spans[-1][0] : spans[-1][1]].strip():
+        spans[-2] = (spans[-2][0], spans[-1][1])
+        spans.pop()
+    return spans
+
+
+def join_chunks(chunks: Sequence[str]) -> tuple[str, list[tuple[int, int]]]:
+    """Concatenate consecutive chunks of one text, adding a space only where neither side has whitespace."""
+    if not chunks:
+        raise InvalidInputError("late chunking needs at least one chunk")
+    parts: list[str] = []
+    spans = []
+    pos = 0
+    for i, c in enumerate(chunks):
+        if i and c and parts[-1] and not parts[-1][-1].isspace() and not c[0].isspace():
+            parts.append(" ")
+            pos += 1
+        spans.append((pos, pos + len(c)))
+        parts.append(c)
+        pos += len(c)
+    return "".join(parts), spans
+
+
+def assign_tokens(enc: Encoded, spans: Sequence[tuple[int, int]], full_text: str, prefix_len: int) -> list[int]:
+    """Chunk index of every token of ``enc`` (the encoding of ``full_text`` = prefix + document).
+
+    A token belongs to the chunk holding its first non-space character. Instruction-prefix tokens
+    and leading special tokens (``[CLS]``/``<s>``) go to the first chunk; trailing special tokens
+    (``[SEP]``/``</s>``) to the last chunk, as in Jina's late-chunking reference.
+    """
+    starts = [s for s, _ in spans]
+    last_chunk = len(spans) - 1
+    owner: list[int] = []
+    for (s, e), special in zip(enc.offsets, enc.special):
+        if special:
+            owner.append(0 if not any(o >= 0 for o in owner) else last_chunk)
+            continue
+        while s < e - 1 and full_text[s].isspace():
+            s += 1
+        if s < prefix_len:
+            owner.append(0)
+            continue
+        s -= prefix_len
+        j = max(bisect.bisect_right(starts, s) - 1, 0)
+        if s >= spans[j][1] and j < last_chunk:  # starts in a separator inserted between chunks
+            j += 1
+        owner.append(j)
+    return owner

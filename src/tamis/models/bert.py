@@ -1,0 +1,343 @@
+"""BERT and JinaBERT encoders, with an optional sequence-classification head.
+
+One module tree covers:
+- BERT (absolute position table, GELU MLP): all-MiniLM-L6-v2, BGE, ms-marco cross-encoders;
+- RoBERTa-style absolute positions (offset by ``pad_token_id + 1``);
+- JinaBERT (symmetric ALiBi, no position table, GEGLU ``mlp.gated_layers``): jina-embeddings-v2 and
+  jina-reranker-v1-tiny/turbo (``bert.`` prefix + pooler + ``classifier``).
+
+Module names follow the official checkpoints, so the key map only strips the ``bert.``/``roberta.``
+prefix, renames old ``gamma``/``beta`` LayerNorm names and drops non-persistent buffers.
+All layers are post-LayerNorm. Attention is ``scaled_dot_product_attention`` with an additive mask
+(ALiBi bias + padding).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tamis.errors import UnsupportedModelError
+from tamis.models.loading import apply_key_map, load_config, load_state_dict
+
+ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+}
+
+
+@dataclass
+class BertConfig:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    position_embedding_type: str = "absolute"  # "absolute" | "alibi"
+    feed_forward_type: str = "original"  # "original" | "geglu" | "reglu"
+    position_offset: int = 0  # RoBERTa: positions start at pad_token_id + 1
+    num_labels: int = 0  # > 0: sequence classification head
+    classifier_style: str = "bert"  # "bert": pooler + classifier; "roberta": classifier.dense + out_proj
+    emb_pooler: str | None = None
+    prefix: str = ""  # checkpoint key prefix of the encoder ("", "bert.", "roberta.")
+
+    @classmethod
+    def from_dict(cls, c: dict[str, Any]) -> BertConfig:
+        model_type = c.get("model_type", "bert")
+        archs = c.get("architectures") or []
+        is_cls = any("SequenceClassification" in a for a in archs)
+        roberta = model_type in ("roberta", "xlm-roberta", "camembert")
+        pos = c.get("position_embedding_type", "absolute") or "absolute"
+        if pos not in ("absolute", "alibi"):
+            raise UnsupportedModelError(f"position_embedding_type {pos!r} is not supported by the BERT family")
+        act = c.get("hidden_act", "gelu")
+        if act not in ACTIVATIONS:
+            raise UnsupportedModelError(f"hidden_act {act!r} is not supported; known: {sorted(ACTIVATIONS)}")
+        return cls(
+            vocab_size=c["vocab_size"],
+            hidden_size=c["hidden_size"],
+            num_hidden_layers=c["num_hidden_layers"],
+            num_attention_heads=c["num_attention_heads"],
+            intermediate_size=c["intermediate_size"],
+            hidden_act=act,
+            max_position_embeddings=c.get("max_position_embeddings", 512),
+            type_vocab_size=c.get("type_vocab_size", 2),
+            layer_norm_eps=c.get("layer_norm_eps", 1e-12),
+            pad_token_id=c.get("pad_token_id") if c.get("pad_token_id") is not None else (1 if roberta else 0),
+            position_embedding_type=pos,
+            feed_forward_type=c.get("feed_forward_type", "original") or "original",
+            position_offset=(c.get("pad_token_id", 1) + 1) if roberta else 0,
+            num_labels=(len(c.get("id2label") or {}) or c.get("num_labels", 1)) if is_cls else 0,
+            classifier_style="roberta" if roberta else "bert",
+            emb_pooler=c.get("emb_pooler"),
+            prefix="roberta." if roberta else "bert.",
+        )
+
+    @property
+    def max_length(self) -> int | None:
+        """Longest input the architecture accepts (ALiBi extrapolates: no hard limit)."""
+        if self.position_embedding_type == "alibi":
+            return None
+        return self.max_position_embeddings - self.position_offset
+
+
+def alibi_slopes(n_heads: int) -> torch.Tensor:
+    """Press et al. slopes, as in the JinaBERT reference (and TEI)."""
+
+    def power_of_2(n: int) -> list[float]:
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start ** (i + 1) for i in range(n)]
+
+    if math.log2(n_heads).is_integer():
+        slopes = power_of_2(n_heads)
+    else:
+        p = 2 ** math.floor(math.log2(n_heads))
+        slopes = power_of_2(p) + power_of_2(2 * p)[0::2][: n_heads - p]
+    return torch.tensor(slopes, dtype=torch.float32)
+
+
+def alibi_bias(n_heads: int, length: int, device: torch.device | None = None) -> torch.Tensor:
+    """Symmetric ALiBi bias [1, H, L, L]: -slope_h * |i - j| (zero on the diagonal, never positive)."""
+    pos = torch.arange(length, device=device, dtype=torch.float32)
+    dist = (pos[None, :] - pos[:, None]).abs()
+    return (-alibi_slopes(n_heads).to(device)[:, None, None] * dist[None]).unsqueeze(0)
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        if cfg.position_embedding_type == "absolute":
+            self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        if self.cfg.position_embedding_type == "absolute":
+            if self.cfg.position_offset:
+                # RoBERTa: positions count real tokens only, starting after the padding index
+                positions = torch.cumsum(mask, dim=1) * mask + self.cfg.pad_token_id
+            else:
+                positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
+            x = x + self.position_embeddings(positions)
+        return self.LayerNorm(x)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        h = cfg.hidden_size
+        self.n_heads = cfg.num_attention_heads
+        self.query = nn.Linear(h, h)
+        self.key = nn.Linear(h, h)
+        self.value = nn.Linear(h, h)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        b, n, h = x.shape
+        d = h // self.n_heads
+
+        def heads(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, n, self.n_heads, d).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(heads(self.query(x)), heads(self.key(x)), heads(self.value(x)), bias)
+        return out.transpose(1, 2).reshape(b, n, h)
+
+
+class AttentionOutput(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.self = SelfAttention(cfg)
+        self.output = AttentionOutput(cfg)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return self.output.LayerNorm(x + self.output.dense(self.self(x, bias)))
+
+
+class Dense(nn.Module):
+    def __init__(self, d_in: int, d_out: int, eps: float | None = None):
+        super().__init__()
+        self.dense = nn.Linear(d_in, d_out)
+        if eps is not None:
+            self.LayerNorm = nn.LayerNorm(d_out, eps=eps)
+
+
+class GatedMLP(nn.Module):
+    """JinaBERT GEGLU/ReGLU: act(first half) * second half, no bias on the gated projection."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.inter = cfg.intermediate_size
+        self.act = F.relu if cfg.feed_forward_type == "reglu" else ACTIVATIONS[cfg.hidden_act]
+        self.gated_layers = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.wo = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gated, linear = self.gated_layers(x).split(self.inter, dim=-1)
+        return self.layernorm(x + self.wo(self.act(gated) * linear))
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.gated = cfg.feed_forward_type.endswith("glu")
+        if self.gated:
+            self.mlp = GatedMLP(cfg)
+        else:
+            self.act = ACTIVATIONS[cfg.hidden_act]
+            self.intermediate = Dense(cfg.hidden_size, cfg.intermediate_size)
+            self.output = Dense(cfg.intermediate_size, cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        x = self.attention(x, bias)
+        if self.gated:
+            return self.mlp(x)
+        return self.output.LayerNorm(x + self.output.dense(self.act(self.intermediate.dense(x))))
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
+
+
+class BertModel(nn.Module):
+    """Encoder (+ pooler). ``forward`` returns the last hidden state [B, L, H]."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg)
+        if cfg.num_labels == 0 or cfg.classifier_style == "bert":
+            self.pooler = Dense(cfg.hidden_size, cfg.hidden_size)
+
+    def attention_bias(self, attention_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        b, n = attention_mask.shape
+        neg = torch.finfo(dtype).min
+        bias = torch.zeros(b, 1, 1, n, dtype=dtype, device=attention_mask.device)
+        bias = bias.masked_fill(attention_mask[:, None, None, :] == 0, neg)
+        if self.cfg.position_embedding_type == "alibi":
+            alibi = alibi_bias(self.cfg.num_attention_heads, n, attention_mask.device).to(dtype)
+            bias = (bias + alibi).clamp_min(neg)
+        return bias
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        x = self.embeddings(input_ids, token_type_ids, attention_mask)
+        bias = self.attention_bias(attention_mask, x.dtype)
+        for layer in self.encoder.layer:
+            x = layer(x, bias)
+        return x
+
+    def pool_cls(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.pooler.dense(hidden[:, 0]))
+
+
+class RobertaClassificationHead(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.out_proj = nn.Linear(cfg.hidden_size, cfg.num_labels)
+
+
+class BertForSequenceClassification(nn.Module):
+    """Cross-encoder: ``forward`` returns logits [B, num_labels]."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.cfg = cfg
+        if cfg.classifier_style == "roberta":
+            self.roberta = BertModel(cfg)
+            self.classifier: nn.Module = RobertaClassificationHead(cfg)
+        else:
+            self.bert = BertModel(cfg)
+            self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
+
+    @property
+    def encoder_model(self) -> BertModel:
+        return self.roberta if self.cfg.classifier_style == "roberta" else self.bert
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        hidden = self.encoder_model(input_ids, attention_mask, token_type_ids)
+        if self.cfg.classifier_style == "roberta":
+            head = self.classifier
+            return head.out_proj(torch.tanh(head.dense(hidden[:, 0])))
+        return self.classifier(self.bert.pool_cls(hidden))
+
+
+# ---------------------------------------------------------------------------- checkpoint loading
+_RENAME = {".gamma": ".weight", ".beta": ".bias"}
+_IGNORE = ("embeddings.position_ids", "embeddings.token_type_ids", "lm_head.", "cls.", "encoder.alibi")
+
+
+def _map_keys(state: dict[str, torch.Tensor], module: nn.Module, cfg: BertConfig) -> dict[str, torch.Tensor]:
+    if isinstance(module, BertForSequenceClassification):
+        head = cfg.prefix
+        state = {k if (k.startswith(head) or k.startswith("classifier.")) else head + k: v for k, v in state.items()}
+        ignore = tuple(head + i for i in _IGNORE) + _IGNORE
+        return apply_key_map(state, module, rename=_RENAME, ignore=ignore)
+    # plain encoder: keys at the root, or under the architecture's prefix; no pooler is fine
+    has_pooler = any(k.endswith("pooler.dense.weight") for k in state)
+    if not has_pooler and hasattr(module, "pooler"):
+        del module.pooler
+    return apply_key_map(
+        state, module, rename=_RENAME, strip_prefixes=("bert.", "roberta.", "model."),
+        ignore=_IGNORE + ("classifier.", "pooler.") if not has_pooler else _IGNORE + ("classifier.",),
+    )
+
+
+def from_pretrained(
+    model_dir: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    classification: bool | None = None,
+) -> BertModel | BertForSequenceClassification:
+    """Load a BERT-family checkpoint. ``classification=None`` follows the config's architectures."""
+    config = load_config(Path(model_dir))
+    cfg = BertConfig.from_dict(config)
+    if classification is False:
+        cfg.num_labels = 0
+    elif classification and cfg.num_labels == 0:
+        cfg.num_labels = 1
+    module: nn.Module = BertForSequenceClassification(cfg) if cfg.num_labels else BertModel(cfg)
+    state = _map_keys(load_state_dict(Path(model_dir)), module, cfg)
+    module.load_state_dict(state, strict=True)
+    return module.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,68 @@
+"""Reranking front door: one ``Reranker(...)`` factory over every backend, one result type.
+
+``Reranker(name_or_path)`` reads the checkpoint's config and returns
+- a :class:`CrossEncoderReranker` for BERT / JinaBERT sequence classifiers (jina-reranker-v1-*);
+- a :class:`ListwiseReranker` for the jina-reranker-v3 layout (Qwen3 decoder + projector);
+- an :class:`EmbeddingReranker` for embedding models (and for no argument: the bundled
+  all-MiniLM-L6-v2, until tamis ships a trained cross-encoder).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tamis.models import detect_family, is_cross_encoder
+from tamis.models.loading import DEFAULT_MODEL_ALIASES, load_config, resolve_model_dir
+from tamis.rerank.base import RerankerLike, document_texts
+from tamis.rerank.cross_encoder import CrossEncoderReranker
+from tamis.rerank.embedding import EmbeddingReranker
+from tamis.rerank.results import RankedResults, RankResult
+
+__all__ = [
+    "CrossEncoderReranker",
+    "EmbeddingReranker",
+    "ListwiseReranker",
+    "RankResult",
+    "RankedResults",
+    "Reranker",
+    "RerankerLike",
+    "document_texts",
+]
+
+
+def Reranker(  # noqa: N802 - a factory with the name of the thing it makes, as in `rerankers`
+    name_or_path: str | Path | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: str | torch.dtype = "float32",
+    **kwargs: Any,
+) -> RerankerLike:
+    """Load a reranker by name or path (offline), choosing the implementation from its config."""
+    from tamis.embed import Embedder, _model_name
+
+    model_dir = resolve_model_dir(name_or_path)
+    name = _model_name(name_or_path, model_dir)
+    config = load_config(model_dir)
+    family = detect_family(config)
+    if name_or_path is None or str(name_or_path).lower() in DEFAULT_MODEL_ALIASES:
+        return EmbeddingReranker(Embedder(name_or_path, device=device, dtype=dtype, **kwargs), name=name)
+    if family == "qwen3-listwise":
+        from tamis.rerank.listwise import ListwiseReranker
+
+        rr = ListwiseReranker(model_dir, device=device, dtype=dtype, **kwargs)
+        rr.name = name
+        return rr
+    if family == "bert" and is_cross_encoder(config):
+        return CrossEncoderReranker(model_dir, name, device=device, dtype=dtype, **kwargs)
+    return EmbeddingReranker(Embedder(model_dir, device=device, dtype=dtype, **kwargs), name=name)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ListwiseReranker":  # imported lazily: it pulls in the Qwen3 model code
+        from tamis.rerank.listwise import ListwiseReranker
+
+        return ListwiseReranker
+    raise AttributeError(name)

@@ -1,0 +1,260 @@
+"""Listwise "last but not late" reranker (jina-reranker-v3 layout), docs/models.md §2.3-§2.5.
+
+The query and up to ``block_size`` documents go into one prompt; one causal forward pass reads a vector
+at every ``<|embed_token|>`` (after each document) and one at ``<|rerank_token|>`` (after the repeated
+query). Larger lists run in several blocks whose query vectors are averaged, weighted by each block's
+best (1 + cos) / 2, and every document is scored by cosine against that final query vector.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from tamis.errors import CheckpointError, InvalidInputError
+from tamis.models.loading import load_config, resolve_dtype, resolve_model_dir
+from tamis.models.qwen3 import JinaListwiseModel
+from tamis.rerank.results import RankedResults, rank
+from tamis.tokenize import Tokenizer
+
+DOC_TOKEN = "<|embed_token|>"
+QUERY_TOKEN = "<|rerank_token|>"
+
+SYSTEM_PROMPT = (
+    "You are a search relevance expert who can determine a ranking of the passages based on how relevant "
+    "they are to the query. If the query is a question, how relevant a passage is depends on how well it "
+    "answers the question. If not, try to analyze the intent of the query and assess how well each passage "
+    "satisfies the intent. If an instruction is provided, you should follow the instruction when "
+    "determining the ranking."
+)
+PROMPT_PREFIX = f"<|im_start|>system\n{SYSTEM_PROMPT}<|im_end|>\n<|im_start|>user\n"
+PROMPT_SUFFIX = "<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+
+
+def sanitize(text: str) -> str:
+    """Remove the two embedding-position token strings, so that inputs cannot move the read-out points."""
+    for token in (DOC_TOKEN, QUERY_TOKEN):
+        text = text.replace(token, "")
+    return text
+
+
+def build_prompt(query: str, documents: list[str], instruction: str | None = None) -> str:
+    """The exact jina-reranker-v3 prompt for one block (passage ids restart at 0 in every block)."""
+    query = sanitize(query)
+    docs = [sanitize(d) for d in documents]
+    body = (
+        f"I will provide you with {len(docs)} passages, each indicated by a numerical identifier. "
+        f"Rank the passages based on their relevance to query: {query}\n"
+    )
+    if instruction:
+        body += f"<instruct>\n{instruction}\n</instruct>\n"
+    body += "\n".join(f'<passage id="{i}">\n{d}{DOC_TOKEN}\n</passage>' for i, d in enumerate(docs)) + "\n"
+    body += f"<query>\n{query}{QUERY_TOKEN}\n</query>"
+    return PROMPT_PREFIX + body + PROMPT_SUFFIX
+
+
+def plan_blocks(
+    doc_lengths: list[int],
+    query_length: int,
+    max_length: int,
+    block_size: int = 125,
+    max_doc_length: int = 2048,
+) -> list[list[int]]:
+    """Split documents, in input order, into blocks (§2.5).
+
+    A block is flushed after the document that fills it to ``block_size`` or that leaves a token capacity
+    (``max_length - 2 * query_length`` minus the documents' lengths) of at most ``max_doc_length``.
+    """
+    blocks: list[list[int]] = []
+    current: list[int] = []
+    capacity = max_length - 2 * query_length
+    for i, n in enumerate(doc_lengths):
+        current.append(i)
+        capacity -= n
+        if len(current) >= block_size or capacity <= max_doc_length:
+            blocks.append(current)
+            current = []
+            capacity = max_length - 2 * query_length
+    if current:
+        blocks.append(current)
+    return blocks
+
+
+@dataclass
+class BlockOutput:
+    doc_embeds: np.ndarray  # [n_docs, P] float32, projected, not normalised
+    query_embed: np.ndarray  # [P] float32
+    scores: np.ndarray  # [n_docs] float32 cosine(doc, query) of this block
+    n_tokens: int  # prompt length fed to the model
+
+
+def _display_name(given: str, model_dir: Path) -> str:
+    if Path(given).expanduser().is_dir():
+        parts = model_dir.parts
+        # <cache>/models--org--name/snapshots/<hash>
+        if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+            return parts[-3][len("models--") :].replace("--", "/")
+        return model_dir.name
+    return given
+
+
+class ListwiseReranker:
+    """jina-reranker-v3: ranks a whole list of documents in one (or a few) causal forward passes."""
+
+    kind = "listwise"
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str],
+        device: str | torch.device = "cpu",
+        dtype: str | torch.dtype = "float32",
+        block_size: int = 125,
+        max_query_length: int = 512,
+        max_doc_length: int = 2048,
+        name: str | None = None,
+    ):
+        if block_size < 1 or max_query_length < 1 or max_doc_length < 1:
+            raise InvalidInputError("block_size, max_query_length and max_doc_length must be positive")
+        self.model_dir = resolve_model_dir(model_dir)
+        self.name = name or _display_name(str(model_dir), self.model_dir)
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(dtype)
+        self.block_size = int(block_size)
+        self.max_query_length = int(max_query_length)
+        self.max_doc_length = int(max_doc_length)
+        config = load_config(self.model_dir)
+        self.tokenizer = Tokenizer.from_dir(self.model_dir, config)
+        added = self.tokenizer.added_tokens
+        missing = [t for t in (DOC_TOKEN, QUERY_TOKEN) if t not in added]
+        if missing:
+            raise CheckpointError(
+                f"{self.model_dir}: the tokenizer has no {', '.join(missing)} token; "
+                "this is not a jina-reranker-v3 style listwise model"
+            )
+        self.doc_token_id = added[DOC_TOKEN]
+        self.query_token_id = added[QUERY_TOKEN]
+        self.max_length: int = self.tokenizer.model_max_length or int(
+            config.get("max_position_embeddings", 131072)
+        )
+        self.model = JinaListwiseModel.from_pretrained(self.model_dir, self.device, self.dtype)
+
+    def __repr__(self) -> str:
+        return f"ListwiseReranker({self.name!r}, device={str(self.device)!r}, dtype={self.dtype})"
+
+    # ------------------------------------------------------------------ pieces
+    def build_prompt(self, query: str, documents: list[str], instruction: str | None = None) -> str:
+        return build_prompt(query, documents, instruction)
+
+    def truncate(self, texts: list[str], limit: int) -> tuple[list[str], list[int], list[bool]]:
+        """Cut texts to ``limit`` tokens (no special tokens added) by decoding the kept ids.
+
+        Returns (texts, token lengths after cutting, whether each was cut). As in the reference, a text of
+        exactly ``limit`` tokens is also replaced by its decode (a no-op for byte-level BPE).
+        """
+        out, lengths, cut = [], [], []
+        for text, enc in zip(texts, self.tokenizer.raw(texts)):
+            n = len(enc.ids)
+            if n >= limit:
+                text = self.tokenizer.decode(enc.ids[:limit])
+            out.append(text)
+            lengths.append(min(n, limit))
+            cut.append(n > limit)
+        return out, lengths, cut
+
+    def tokenize_prompt(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode([prompt], max_length=None, add_special_tokens=False)[0].ids
+
+    @torch.inference_mode()
+    def forward_block(self, query: str, documents: list[str], instruction: str | None = None) -> BlockOutput:
+        """One forward pass over the prompt of ``query`` and ``documents`` (taken as they are, no cutting)."""
+        ids = self.tokenize_prompt(self.build_prompt(query, documents, instruction))
+        input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
+        docs, q = self.model.rank_embeddings(input_ids, self.doc_token_id, self.query_token_id)
+        if docs.shape[0] != len(documents):
+            raise RuntimeError(f"prompt holds {docs.shape[0]} document tokens for {len(documents)} documents")
+        scores = F.cosine_similarity(docs, q[None].expand_as(docs), dim=-1)
+        return BlockOutput(
+            doc_embeds=docs.float().cpu().numpy(),
+            query_embed=q.float().cpu().numpy(),
+            scores=scores.float().cpu().numpy(),
+            n_tokens=len(ids),
+        )
+
+    # ------------------------------------------------------------------ the front door
+    def rerank(
+        self,
+        query: str,
+        documents: list[Any],
+        top_n: int | None = None,
+        return_documents: bool = True,
+        return_embeddings: bool = False,
+        *,
+        instruction: str | None = None,
+        show_progress: bool | None = None,
+    ) -> RankedResults:
+        """Rank ``documents`` (str or {"text": ...}) for ``query``; scores are cosines in [-1, 1].
+
+        ``show_progress=None`` shows a bar only when the list needs more than one block.
+        """
+        if not isinstance(query, str) or not query.strip():
+            raise InvalidInputError("query must be a non-empty string")
+        if isinstance(documents, str | dict):
+            raise InvalidInputError("documents must be a list of strings or {'text': ...} objects")
+        texts = [_document_text(d, i) for i, d in enumerate(documents)]
+        if not texts:
+            return RankedResults(query=query, results=[], model=self.name)
+
+        (query_t,), (query_len,), (query_cut,) = self.truncate([query], self.max_query_length)
+        docs_t, doc_lens, doc_cut = self.truncate(texts, self.max_doc_length)
+        blocks = plan_blocks(doc_lens, query_len, self.max_length, self.block_size, self.max_doc_length)
+
+        doc_embeds = np.zeros((len(texts), self.model.config.projector_dim), dtype=np.float32)
+        query_embeds, weights = [], []
+        total_tokens = 0
+        disable = (len(blocks) < 2) if show_progress is None else not show_progress
+        for block in tqdm(blocks, desc="rerank blocks", unit="block", disable=disable):
+            out = self.forward_block(query_t, [docs_t[i] for i in block], instruction)
+            doc_embeds[block] = out.doc_embeds
+            query_embeds.append(out.query_embed)
+            weights.append(((1.0 + out.scores) / 2.0).max())
+            total_tokens += out.n_tokens
+
+        query_embed = np.average(
+            np.stack(query_embeds), axis=0, weights=np.asarray(weights, dtype=np.float32)
+        )
+        query_embed = query_embed.astype(np.float32)
+        norms = np.linalg.norm(query_embed) * np.linalg.norm(doc_embeds, axis=1)
+        scores = (doc_embeds @ query_embed) / np.maximum(norms, np.float32(1e-12))
+
+        extras: dict[str, Any] = {"blocks": len(blocks)}
+        if query_cut:
+            extras["query_truncated"] = True
+        if return_embeddings:
+            extras["embeddings"] = doc_embeds
+            extras["query_embedding"] = query_embed
+        return rank(
+            query,
+            scores.tolist(),
+            list(documents),
+            top_n,
+            return_documents,
+            model=self.name,
+            total_tokens=total_tokens,
+            truncated=[i for i, c in enumerate(doc_cut) if c],
+            extras=extras,
+        )
+
+
+def _document_text(doc: Any, index: int) -> str:
+    if isinstance(doc, str):
+        return doc
+    if isinstance(doc, dict) and isinstance(doc.get("text"), str):
+        return doc["text"]
+    raise InvalidInputError(f"document {index} must be a string or an object with a 'text' string")
