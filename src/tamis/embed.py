@@ -43,6 +43,7 @@ logger = logging.getLogger("tamis")
 
 EMBEDDING_TYPES = ("float", "base64", "binary", "ubinary")
 DEFAULT_LATE_CHUNK_OVERLAP = 512
+JINABERT_MAX_LENGTH = 8192
 _SENTENCE_END = re.compile(r"[.!?。！？]+[\"'”’)\]]*(?=\s|$)")
 
 
@@ -188,10 +189,14 @@ class Embedder:
         self.max_length = self._limit(arch_limit, max_length)
 
     def _limit(self, arch_limit: int | None, override: int | None) -> int:
-        candidates = [arch_limit, self.tokenizer.model_max_length]
         sbert = read_json(self.model_dir / "sentence_bert_config.json") or {}
-        candidates.append(sbert.get("max_seq_length"))
-        known = [int(c) for c in candidates if c]
+        if self.config.get("position_embedding_type") == "alibi" and not sbert:
+            # JinaBERT's own encode() tokenizes with max_length=8192 whatever the tokenizer config says
+            # (ALiBi has no position table); the jina-embeddings-v2-tiny fixture confirms this.
+            known = [JINABERT_MAX_LENGTH]
+        else:
+            candidates = [arch_limit, self.tokenizer.model_max_length, sbert.get("max_seq_length")]
+            known = [int(c) for c in candidates if c]
         limit = min(known) if known else int(self.config.get("max_position_embeddings", 512))
         if override is not None:
             if override <= 0:
@@ -484,7 +489,7 @@ class Embedder:
         sizes = self.tokenizer.count_tokens([document[s:e] for s, e in spans], add_special_tokens=False)
         packed: list[tuple[int, int]] = []
         cur_start, cur_size = spans[0][0], 0
-        for (s, e), n in zip(spans, sizes):
+        for (s, _), n in zip(spans, sizes):
             if cur_size and cur_size + n > chunk_size:
                 packed.append((cur_start, s))
                 cur_start, cur_size = s, 0

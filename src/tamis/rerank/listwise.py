@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from tamis.errors import CheckpointError, InvalidInputError
 from tamis.models.loading import load_config, resolve_dtype, resolve_model_dir
 from tamis.models.qwen3 import JinaListwiseModel
+from tamis.rerank.base import document_texts, query_text
 from tamis.rerank.results import RankedResults, rank
 from tamis.tokenize import Tokenizer
 
@@ -203,11 +204,8 @@ class ListwiseReranker:
 
         ``show_progress=None`` shows a bar only when the list needs more than one block.
         """
-        if not isinstance(query, str) or not query.strip():
-            raise InvalidInputError("query must be a non-empty string")
-        if isinstance(documents, str | dict):
-            raise InvalidInputError("documents must be a list of strings or {'text': ...} objects")
-        texts = [_document_text(d, i) for i, d in enumerate(documents)]
+        query = query_text(query)
+        texts = document_texts(documents)
         if not texts:
             return RankedResults(query=query, results=[], model=self.name)
 
@@ -250,11 +248,3 @@ class ListwiseReranker:
             truncated=[i for i, c in enumerate(doc_cut) if c],
             extras=extras,
         )
-
-
-def _document_text(doc: Any, index: int) -> str:
-    if isinstance(doc, str):
-        return doc
-    if isinstance(doc, dict) and isinstance(doc.get("text"), str):
-        return doc["text"]
-    raise InvalidInputError(f"document {index} must be a string or an object with a 'text' string")
