@@ -1,0 +1,120 @@
+"""Reranker front door, cross-encoder parity, pair templates, embedding reranker, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, pre_tokenizers, processors
+
+import tamis
+from tamis.cli import main
+from tamis.errors import InvalidInputError
+from tamis.rerank import CrossEncoderReranker, EmbeddingReranker
+from tamis.tokenize import Tokenizer
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+V1 = SHARED / "fixtures" / "jina-reranker-v1-tiny-like"
+pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason=f"../shared not found at {SHARED}")
+
+
+@pytest.fixture(scope="module")
+def v1() -> CrossEncoderReranker:
+    rr = tamis.Reranker(V1)
+    assert isinstance(rr, CrossEncoderReranker)
+    return rr
+
+
+def test_cross_encoder_reproduces_fixture_logits_and_scores(v1):
+    expected = json.loads((V1 / "expected_text.json").read_text())
+    logits, tokens, truncated = v1.logits(expected["query"], expected["documents"])
+    np.testing.assert_allclose(logits, np.array(expected["logits"]), atol=1e-4)
+    np.testing.assert_allclose(v1.score(expected["query"], expected["documents"]), expected["scores.sigmoid"], atol=1e-5)
+    assert truncated == [0, 1] and tokens > 0  # two pairs exceed the 64-token limit and are reported
+
+
+def test_cross_encoder_rerank_end_to_end(v1):
+    expected = json.loads((V1 / "expected_text.json").read_text())
+    docs = [expected["documents"][0], {"text": expected["documents"][1]}, *expected["documents"][2:]]
+    res = v1.rerank(expected["query"], docs, top_n=3)
+    want = sorted(range(5), key=lambda i: (-expected["scores.sigmoid"][i], i))[:3]
+    assert res.indices == want
+    assert res.results[0].document is docs[want[0]]
+    np.testing.assert_allclose(res.scores, [expected["scores.sigmoid"][i] for i in want], atol=1e-5)
+    raw = v1.rerank(expected["query"], docs, return_documents=False, raw_scores=True)
+    np.testing.assert_allclose(sorted(raw.scores, reverse=True), sorted(expected["logits"], reverse=True), atol=1e-4)
+    assert all(r.document is None for r in raw)
+
+
+def test_pair_template_bert_and_roberta_styles(v1):
+    enc = v1.tokenizer.encode_pairs(["what is late chunking"], ["short"], max_length=64)[0]
+    assert enc.ids[0] == v1.tokenizer.token_to_id("[CLS]") and enc.ids.count(v1.tokenizer.token_to_id("[SEP]")) == 2
+    sep = enc.ids.index(v1.tokenizer.token_to_id("[SEP]"))
+    assert set(enc.type_ids[: sep + 1]) == {0} and set(enc.type_ids[sep + 1 :]) == {1}
+    # a RoBERTa-style tokenizer built here: <s> q </s></s> d </s>
+    vocab = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3, "query": 4, "doc": 5, "words": 6}
+    hf = HFTokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    hf.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf.post_processor = processors.RobertaProcessing(("</s>", 2), ("<s>", 0))
+    tok = Tokenizer(hf, {"pad_token": "<pad>", "model_max_length": 8})
+    enc = tok.encode_pairs(["query"], ["doc words words words words words"], max_length=8)[0]
+    assert enc.ids == [0, 4, 2, 2, 5, 6, 6, 2] and enc.truncated and enc.n_tokens == 11
+
+
+def test_long_query_keeps_room_for_the_document(v1):
+    query = "late chunking " * 60
+    enc = v1.tokenizer.encode_pairs([query], ["the document text"], max_length=64)[0]
+    assert len(enc.ids) == 64 and enc.truncated
+    assert sum(enc.type_ids) >= 3  # the document's tokens (type 1) survive
+
+
+def test_default_reranker_is_embedding_based_and_says_so():
+    rr = tamis.Reranker()
+    assert isinstance(rr, EmbeddingReranker) and rr.kind == "embedding"
+    assert "cosine similarity of all-MiniLM-L6-v2 embeddings" in repr(rr)
+    docs = ["Paris is the capital of France.", "Bananas are rich in potassium.", "France's capital city is Paris."]
+    res = rr.rerank("What is the capital of France?", docs)
+    assert set(res.indices[:2]) == {0, 2} and res.indices[2] == 1
+    emb = rr.embedder.embed(["What is the capital of France?", *docs])
+    np.testing.assert_allclose(sorted(res.scores, reverse=True), sorted(emb[1:] @ emb[0], reverse=True), atol=1e-6)
+    assert res.total_tokens > 0
+
+
+def test_ties_sorted_by_index_and_bad_inputs(v1):
+    res = v1.rerank("q", ["same", "same", "same"])
+    assert res.indices == [0, 1, 2]
+    assert len(v1.rerank("q", [])) == 0
+    with pytest.raises(InvalidInputError):
+        v1.rerank("   ", ["doc"])
+    with pytest.raises(InvalidInputError):
+        v1.rerank("q", [{"title": "no text"}])
+    with pytest.raises(InvalidInputError):
+        v1.rerank("q", "not a list")
+
+
+def test_rerank_cli_table_and_json(tmp_path, capsys):
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text('{"id": "a", "text": "Cats purr when content."}\n{"id": "b", "text": "Interest rates rose."}\n')
+    assert main(["rerank", "--query", "why do cats purr", "--documents", str(docs), "--json", "-q"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["id"] for r in rows] == ["a", "b"] and rows[0]["relevance_score"] > rows[1]["relevance_score"]
+    assert main(["rerank", "--query", "why do cats purr", "--documents", str(docs), "--top-n", "1", "-q"]) == 0
+    out = capsys.readouterr().out
+    assert "Cats purr" in out and "Interest" not in out
+
+
+def test_embed_cli_jsonl_and_npy(tmp_path, capsys):
+    src = tmp_path / "in.txt"
+    src.write_text("first line\nsecond line\n")
+    assert main(["embed", str(src), "--dimensions", "16", "-q"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["index"] for r in rows] == [0, 1] and len(rows[0]["embedding"]) == 16
+    direct = tamis.Embedder().embed(["first line", "second line"], dimensions=16)
+    np.testing.assert_allclose(np.array([r["embedding"] for r in rows]), direct, atol=1e-6)
+    out = tmp_path / "v.npy"
+    assert main(["embed", str(src), "-o", str(out), "--embedding-type", "ubinary", "-q"]) == 0
+    assert np.load(out).shape == (2, 48)
+    assert main(["embed", str(src), "--task", "nope", "-q"]) == 2
