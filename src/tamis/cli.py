@@ -159,12 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_rerank)
 
-    for module in ("tamis.server.cli", "tamis.evaluate.cli"):
-        try:  # TODO(integration): drop this guard once both modules are in
-            __import__(module, fromlist=["register"]).register(sub)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+    from tamis.evaluate.cli import register as register_eval
+    from tamis.server.cli import register as register_serve
+
+    register_serve(sub)
+    register_eval(sub)
     return parser
 
 
