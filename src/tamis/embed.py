@@ -273,7 +273,7 @@ class Embedder:
             raise ValueError("one task per row is required")
         if all(i == -1 for i in ids):
             return None
-        return torch.tensor(ids, dtype=torch.long, device=self.device)
+        return torch.tensor(ids, dtype=torch.long)  # host-side: the model routes rows without a device sync
 
     @torch.inference_mode()
     def token_states(
