@@ -6,7 +6,7 @@
 """
 
 from tamis import errors
-from tamis.embed import Chunk, EmbedResult, Embedder, TruncationWarning
+from tamis.embed import Chunk, Embedder, EmbedResult, TruncationWarning
 from tamis.rerank import RankedResults, RankResult, Reranker
 
 __version__ = "0.1.0"

@@ -1,0 +1,523 @@
+"""Throughput of embedding and reranking on real texts, optionally against sentence-transformers.
+
+Units: documents per second and documents per 50 ms (the unit of Jina's reranker announcements), batch
+latency p50 / p95 in milliseconds, and the peak resident memory of the process during the run.
+
+Both systems get exactly the same calls: embedding is timed over consecutive batches of ``batch_size``
+SciFact documents (title + text), one ``embed``/``encode`` call each; reranking over (query, top-``depth``
+BM25 passages) groups of TREC DL 2021, one ``rerank``/``predict`` call per query. Each system is warmed
+up first; the systems' calls are interleaved one by one (A, B, B, A, ...) so that load from other
+processes hits both alike; throughput is the median over ``repeats`` passes, latency percentiles pool
+every call, and the paired speedup is the median over calls of the two systems' latency ratio on the
+same input (the steadiest figure on a shared machine).
+After timing, the outputs of both systems on a sample are compared (cosine / ranking order), so a ratio
+is never reported for two systems that compute different things.
+sentence-transformers is imported only when asked for (``vs="sentence-transformers"``), and is loaded on
+the same weights directory; models it could only load with remote code are skipped, never run.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from tamis.evaluate.datasets import load_corpus, load_queries, load_run, sorted_docs
+from tamis.evaluate.first_stage import quiet_truncation
+
+ST = "sentence-transformers"
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+def _status_kb(field_name: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """Peak resident memory inside a ``with`` block.
+
+    On Linux the kernel's high-water mark is reset on entry (``/proc/self/clear_refs``), so the peak is
+    the block's own; elsewhere it falls back to the process lifetime peak (``scope = "process"``). On
+    CUDA the peak allocated device memory is reported too.
+    """
+
+    def __init__(self, device: str = "cpu", collect: bool = True):
+        self.device = str(device)
+        self.collect = collect
+        self.scope = "block"
+        self.start_mb = 0.0
+        self.peak_mb = 0.0
+        self.gpu_peak_mb: float | None = None
+
+    def __enter__(self) -> PeakMemory:
+        if self.collect:
+            gc.collect()
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:
+            self.scope = "process"
+        rss = _status_kb("VmRSS")
+        self.start_mb = rss / 1024 if rss else 0.0
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        hwm = _status_kb("VmHWM") if self.scope == "block" else None
+        if hwm is None:
+            self.scope = "process"
+            # ru_maxrss is KiB on Linux, bytes on macOS
+            scale = 1024 * 1024 if os.uname().sysname == "Darwin" else 1024
+            hwm_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+        else:
+            hwm_mb = hwm / 1024
+        self.peak_mb = hwm_mb
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.synchronize()
+            self.gpu_peak_mb = torch.cuda.max_memory_allocated() / 2**20
+
+
+# ------------------------------------------------------------------------------------------ results
+
+
+@dataclass
+class BenchResult:
+    system: str  # "tamis" or "sentence-transformers"
+    task: str  # "embed" or "rerank"
+    model: str
+    documents: int  # documents processed per pass
+    calls: int  # calls per pass
+    docs_per_second: float
+    docs_per_50ms: float
+    p50_ms: float
+    p95_ms: float
+    peak_rss_mb: float
+    rss_growth_mb: float  # peak during the run minus resident memory at its start
+    seconds_per_pass: float
+    repeats: int
+    memory_scope: str = "block"
+    gpu_peak_mb: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "system": self.system,
+            "model": self.model,
+            "docs/s": round(self.docs_per_second, 1),
+            "docs/50ms": round(self.docs_per_50ms, 2),
+            "p50 ms": round(self.p50_ms, 1),
+            "p95 ms": round(self.p95_ms, 1),
+            "peak RSS MB": round(self.peak_rss_mb),
+            "+RSS MB": round(self.rss_growth_mb),
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+@dataclass
+class Workload:
+    """One system's calls on one task: ``call(item)`` for each item; ``sizes[i]`` documents in item i."""
+
+    system: str
+    task: str
+    model: str
+    call: Callable[[Any], Any]
+    items: Sequence[Any]
+    sizes: Sequence[int]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def time_workloads(
+    workloads: Sequence[Workload],
+    repeats: int = 3,
+    warmup: int = 2,
+    device: str = "cpu",
+    show_progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Time every workload ``repeats`` times, interleaved call by call (item j of A, item j of B, then
+    item j+1 of B, item j+1 of A, ...) so that load from other processes hits every system alike;
+    ``warmup`` calls each first. Per workload: per-pass seconds (sum of its calls in a repeat), median
+    throughput, latency percentiles over every call, the peak memory of its calls, and ``latencies`` in
+    call order (index k is the same item for every workload, for paired comparisons)."""
+    for w in workloads:
+        for item in list(w.items)[: max(0, warmup)]:
+            w.call(item)
+    _sync(device)
+    gc.collect()
+    n_items = max((len(w.items) for w in workloads), default=0)
+    passes: list[list[float]] = [[] for _ in workloads]
+    lats: list[list[float]] = [[] for _ in workloads]
+    peaks: list[float] = [0.0 for _ in workloads]
+    growth: list[float] = [0.0 for _ in workloads]
+    gpu: list[float | None] = [None for _ in workloads]
+    scope = "block"
+    total = max(1, repeats) * sum(len(w.items) for w in workloads)
+    with tqdm(total=total, desc="bench " + "/".join(dict.fromkeys(w.task for w in workloads)), unit="call",
+              disable=not show_progress, leave=False) as bar:
+        for r in range(max(1, repeats)):
+            sums = [0.0 for _ in workloads]
+            for j in range(n_items):
+                order = list(range(len(workloads)))
+                if (r * n_items + j) % 2:
+                    order.reverse()
+                for i in order:
+                    w = workloads[i]
+                    if j >= len(w.items):
+                        continue
+                    with PeakMemory(device, collect=False) as mem:
+                        t0 = time.perf_counter()
+                        w.call(w.items[j])
+                        _sync(device)
+                        dt = time.perf_counter() - t0
+                    sums[i] += dt
+                    lats[i].append(dt)
+                    peaks[i] = max(peaks[i], mem.peak_mb)
+                    growth[i] = max(growth[i], mem.peak_mb - mem.start_mb)
+                    if mem.gpu_peak_mb is not None:
+                        gpu[i] = max(gpu[i] or 0.0, mem.gpu_peak_mb)
+                    scope = mem.scope
+                    bar.update(1)
+            for i in range(len(workloads)):
+                passes[i].append(sums[i])
+    out = []
+    for i, w in enumerate(workloads):
+        median = statistics.median(passes[i])
+        n_docs = int(sum(w.sizes))
+        dps = n_docs / median if median > 0 else float("inf")
+        out.append({
+            "documents": n_docs,
+            "calls": len(w.items),
+            "pass_seconds": passes[i],
+            "seconds_per_pass": median,
+            "docs_per_second": dps,
+            "docs_per_50ms": dps * 0.05,
+            "p50_ms": float(np.percentile(lats[i], 50) * 1000) if lats[i] else 0.0,
+            "p95_ms": float(np.percentile(lats[i], 95) * 1000) if lats[i] else 0.0,
+            "peak_rss_mb": peaks[i],
+            "rss_growth_mb": max(0.0, growth[i]),
+            "memory_scope": scope,
+            "gpu_peak_mb": gpu[i],
+            "latencies": lats[i],
+        })
+    return out
+
+
+def paired_speedup(first: Sequence[float], second: Sequence[float]) -> float:
+    """Median over paired calls of ``second / first`` latency: how many times faster the first system
+    is on the same input under the same momentary load (robust to load swings on a shared machine)."""
+    ratios = [b / a for a, b in zip(first, second) if a > 0]
+    return float(statistics.median(ratios)) if ratios else float("nan")
+
+
+def time_calls(
+    call: Callable[[Any], Any],
+    items: Sequence[Any],
+    sizes: Sequence[int],
+    repeats: int = 3,
+    warmup: int = 2,
+    device: str = "cpu",
+    show_progress: bool = True,
+) -> dict[str, Any]:
+    """:func:`time_workloads` for a single callable."""
+    w = Workload("", "", "", call, items, sizes)
+    return time_workloads([w], repeats, warmup, device, show_progress)[0]
+
+
+def _result(w: Workload, t: dict[str, Any], repeats: int) -> BenchResult:
+    return BenchResult(
+        system=w.system, task=w.task, model=w.model, documents=t["documents"], calls=t["calls"],
+        docs_per_second=t["docs_per_second"], docs_per_50ms=t["docs_per_50ms"], p50_ms=t["p50_ms"],
+        p95_ms=t["p95_ms"], peak_rss_mb=t["peak_rss_mb"], rss_growth_mb=t["rss_growth_mb"],
+        seconds_per_pass=t["seconds_per_pass"], repeats=repeats, memory_scope=t["memory_scope"],
+        gpu_peak_mb=t["gpu_peak_mb"], extra={**w.extra, "pass_seconds": t["pass_seconds"]},
+    )
+
+
+# ---------------------------------------------------------------------------------------- workloads
+
+
+def embedding_texts(data_dir: str | os.PathLike[str], n: int = 1000, with_title: bool = True) -> list[str]:
+    """The first ``n`` documents of a corpus (SciFact by default), title + " " + text."""
+    corpus = load_corpus(data_dir)
+    return corpus.documents(with_title)[: max(1, n)]
+
+
+def rerank_groups(
+    data_dir: str | os.PathLike[str], n_queries: int = 10, depth: int = 100, run_name: str = "run.bm25.tsv"
+) -> list[tuple[str, list[str]]]:
+    """(query, top-``depth`` passages of the run) for the first ``n_queries`` queries of a run (TREC DL 21)."""
+    data_dir = Path(data_dir)
+    corpus = load_corpus(data_dir)
+    texts = dict(zip(corpus.ids, corpus.documents(True)))
+    queries = load_queries(data_dir)
+    run = load_run(data_dir / run_name if not Path(run_name).is_absolute() else run_name)
+    groups: list[tuple[str, list[str]]] = []
+    for qid, docs in run.items():
+        if qid not in queries:
+            continue
+        passages = [texts[d] for d, _ in sorted_docs(docs)[:depth] if d in texts]
+        if passages:
+            groups.append((queries[qid], passages))
+        if len(groups) >= n_queries:
+            break
+    return groups
+
+
+def _batches(texts: Sequence[str], size: int) -> list[list[str]]:
+    return [list(texts[i : i + size]) for i in range(0, len(texts), max(1, size))]
+
+
+def tamis_embed_workload(embedder: Any, texts: Sequence[str], batch_size: int = 32) -> Workload:
+    batches = _batches(texts, batch_size)
+    task = getattr(embedder, "passage_task", None)
+
+    def call(batch: list[str]) -> np.ndarray:
+        with quiet_truncation():
+            return np.asarray(embedder.embed(batch, task=task, show_progress=False), dtype=np.float32)
+
+    return Workload("tamis", "embed", str(getattr(embedder, "name", "")), call, batches, [len(b) for b in batches],
+                    {"batch_size": batch_size})
+
+
+def tamis_rerank_workload(reranker: Any, groups: Sequence[tuple[str, list[str]]]) -> Workload:
+    def call(group: tuple[str, list[str]]) -> list[float]:
+        with quiet_truncation():
+            ranked = reranker.rerank(group[0], group[1], top_n=None, return_documents=False)
+        scores = [0.0] * len(group[1])
+        for r in ranked.results:
+            scores[r.index] = float(r.relevance_score)
+        return scores
+
+    depth = max((len(g[1]) for g in groups), default=0)
+    return Workload("tamis", "rerank", str(getattr(reranker, "name", "")), call, list(groups),
+                    [len(g[1]) for g in groups], {"depth": depth, "kind": getattr(reranker, "kind", None)})
+
+
+def _st_embedder(model_dir: Path, device: str, max_length: int | None):
+    from sentence_transformers import SentenceTransformer
+
+    st = SentenceTransformer(str(model_dir), device=device, trust_remote_code=False)
+    if max_length:
+        st.max_seq_length = int(max_length)
+    return st
+
+
+def st_embed_workload(
+    model_dir: str | os.PathLike[str], texts: Sequence[str], batch_size: int = 32, device: str = "cpu",
+    max_length: int | None = None, name: str | None = None,
+) -> Workload:
+    """sentence-transformers ``SentenceTransformer.encode`` on the same weights and batches."""
+    st = _st_embedder(Path(model_dir), device, max_length)
+    batches = _batches(texts, batch_size)
+
+    def call(batch: list[str]) -> np.ndarray:
+        return st.encode(batch, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
+                         show_progress_bar=False)
+
+    return Workload(ST, "embed", name or Path(model_dir).name, call, batches, [len(b) for b in batches],
+                    {"batch_size": batch_size})
+
+
+def st_rerank_workload(
+    reranker: Any, groups: Sequence[tuple[str, list[str]]], device: str = "cpu", batch_size: int = 32
+) -> Workload:
+    """The sentence-transformers counterpart of a tamis reranker on the same weights: ``CrossEncoder``
+    for a cross-encoder, ``SentenceTransformer`` + cosine for the embedding-similarity reranker."""
+    kind = getattr(reranker, "kind", None)
+    model_dir = _reranker_dir(reranker)
+    if kind == "cross-encoder":
+        from sentence_transformers import CrossEncoder
+
+        ce = CrossEncoder(str(model_dir), device=device, trust_remote_code=False,
+                          max_length=getattr(reranker, "max_length", None))
+
+        def call(group: tuple[str, list[str]]) -> list[float]:
+            out = ce.predict([(group[0], d) for d in group[1]], batch_size=batch_size, show_progress_bar=False)
+            return [float(x) for x in np.asarray(out).reshape(-1)]
+    elif kind == "embedding":
+        emb = getattr(reranker, "embedder", None)
+        st = _st_embedder(model_dir, device, getattr(emb, "max_length", None))
+
+        def call(group: tuple[str, list[str]]) -> list[float]:
+            vecs = st.encode([group[0], *group[1]], batch_size=batch_size, normalize_embeddings=True,
+                             convert_to_numpy=True, show_progress_bar=False)
+            return [float(x) for x in vecs[1:] @ vecs[0]]
+    else:
+        raise NotImplementedError(f"no sentence-transformers counterpart for a {kind} reranker")
+    name = str(getattr(reranker, "name", "") or Path(model_dir).name)
+    return Workload(ST, "rerank", name, call, list(groups), [len(g[1]) for g in groups], {"kind": kind})
+
+
+def _reranker_dir(reranker: Any) -> Path:
+    for attr in ("model_dir", "path"):
+        d = getattr(reranker, attr, None)
+        if d is not None:
+            return Path(d)
+    emb = getattr(reranker, "embedder", None)
+    if emb is not None and getattr(emb, "model_dir", None) is not None:
+        return Path(emb.model_dir)
+    from tamis.models.loading import resolve_model_dir
+
+    return resolve_model_dir(getattr(reranker, "name", None))
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+    """Smallest cosine between matching rows."""
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    return float(np.min(np.sum(a * b, axis=1)))
+
+
+def _rank_agreement(a: Sequence[Sequence[float]], b: Sequence[Sequence[float]], tol: float = 1e-5) -> float:
+    """Fraction of groups ranked alike: no pair of documents whose scores differ by more than ``tol`` in
+    both systems is ordered differently (scores may differ by a monotone map such as a sigmoid; near
+    ties may flip on float noise)."""
+    if not a:
+        return 1.0
+    same = 0
+    for x, y in zip(a, b):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        dx = x[:, None] - x[None, :]
+        dy = y[:, None] - y[None, :]
+        clear = (np.abs(dx) > tol) & (np.abs(dy) > tol)
+        same += int(not np.any(clear & (np.sign(dx) != np.sign(dy))))
+    return same / len(a)
+
+
+# --------------------------------------------------------------------------------------------- run
+
+
+@dataclass
+class BenchReport:
+    results: list[BenchResult]
+    ratios: dict[str, float]
+    checks: dict[str, Any]
+    config: dict[str, Any]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": self.config,
+            "results": [r.to_dict() for r in self.results],
+            "ratios": self.ratios,
+            "checks": self.checks,
+            "skipped": self.skipped,
+        }
+
+
+def run_bench(
+    data_root: str | os.PathLike[str],
+    model: Any = None,
+    reranker: Any = "default",
+    tasks: Sequence[str] = ("embed", "rerank"),
+    n_docs: int = 1000,
+    batch_size: int = 32,
+    n_queries: int = 10,
+    depth: int = 100,
+    repeats: int = 3,
+    vs: str | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
+    embed_data: str | os.PathLike[str] | None = None,
+    rerank_data: str | os.PathLike[str] | None = None,
+    show_progress: bool = True,
+) -> BenchReport:
+    """Benchmark embedding (SciFact documents) and reranking (TREC DL 21 BM25 candidates), and with
+    ``vs="sentence-transformers"`` the same calls through sentence-transformers, passes interleaved."""
+    from tamis.evaluate.pipeline import load_embedder, load_reranker
+
+    if vs not in (None, ST):
+        raise ValueError(f"vs supports only {ST!r}, got {vs!r}")
+    root = Path(data_root).expanduser()
+    results: list[BenchResult] = []
+    ratios: dict[str, float] = {}
+    checks: dict[str, Any] = {}
+    skipped: dict[str, str] = {}
+    config: dict[str, Any] = {"device": device, "dtype": dtype, "repeats": repeats, "vs": vs,
+                              "torch_threads": _threads(), "cpus": os.cpu_count()}
+
+    def measure(task: str, ours: Workload, make_theirs: Callable[[], Workload], sample: Sequence[Any]) -> None:
+        workloads = [ours]
+        if vs == ST:
+            try:
+                workloads.append(make_theirs())
+            except Exception as exc:  # e.g. a model sentence-transformers could only load with remote code
+                skipped[task] = f"{type(exc).__name__}: {exc}"
+        timed = time_workloads(workloads, repeats, device=device, show_progress=show_progress)
+        res = [_result(w, t, repeats) for w, t in zip(workloads, timed)]
+        results.extend(res)
+        if len(res) == 2:
+            ratios[task] = res[0].docs_per_second / res[1].docs_per_second
+            ratios[f"{task}_paired_median"] = paired_speedup(timed[0]["latencies"], timed[1]["latencies"])
+            a = [ours.call(x) for x in sample]
+            b = [workloads[1].call(x) for x in sample]
+            if task == "embed":
+                checks["embed_min_cosine_vs_st"] = _agreement(np.concatenate(a), np.concatenate(b))
+            else:
+                checks["rerank_same_order_vs_st"] = _rank_agreement(a, b)
+                checks["rerank_max_abs_score_diff_vs_st"] = float(
+                    max(np.max(np.abs(np.asarray(x) - np.asarray(y))) for x, y in zip(a, b)))
+
+    if "embed" in tasks:
+        data = Path(embed_data) if embed_data else root / "scifact"
+        texts = embedding_texts(data, n_docs)
+        config["embed"] = {"data": str(data), "documents": len(texts), "batch_size": batch_size}
+        emb = load_embedder(model, device, dtype)
+        ours = tamis_embed_workload(emb, texts, batch_size)
+        measure("embed", ours,
+                lambda: st_embed_workload(emb.model_dir, texts, batch_size, device, getattr(emb, "max_length", None),
+                                          ours.model),
+                _batches(texts[:64], batch_size))
+        del emb, ours
+        gc.collect()
+
+    if "rerank" in tasks:
+        data = Path(rerank_data) if rerank_data else root / "trec-dl21"
+        groups = rerank_groups(data, n_queries, depth)
+        config["rerank"] = {"data": str(data), "queries": len(groups), "depth": depth,
+                            "pairs": sum(len(g[1]) for g in groups)}
+        rr = load_reranker(reranker, device, dtype)
+        ours = tamis_rerank_workload(rr, groups)
+        measure("rerank", ours, lambda: st_rerank_workload(rr, groups, device, batch_size), groups[:3])
+        del rr, ours
+        gc.collect()
+    return BenchReport(results, ratios, checks, config, skipped)
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
