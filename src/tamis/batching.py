@@ -10,7 +10,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 DEFAULT_MAX_TOKENS = 16384
+CPU_MAX_TOKENS = 4096
 DEFAULT_MAX_BATCH_SIZE = 256
+
+
+def default_token_budget(device: object) -> int:
+    """Token budget per batch for a device.
+
+    On CPU, batches beyond a few thousand tokens run slower per token (activations fall out of cache):
+    embedding 200 TREC DL21 passages with all-MiniLM-L6-v2 took 1.7 s at 2048-4096 tokens per batch and
+    3.6 s at 16384 (2 cores, medians of 3); accelerators want large batches.
+    """
+    return CPU_MAX_TOKENS if str(device).startswith("cpu") else DEFAULT_MAX_TOKENS
 
 
 def plan_batches(

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tamis.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TOKENS, plan_batches
+from tamis.batching import DEFAULT_MAX_BATCH_SIZE, default_token_budget, plan_batches
 from tamis.errors import InvalidInputError, UnknownTaskError
 from tamis.models import detect_family
 from tamis.models.loading import (
@@ -136,7 +136,8 @@ class Embedder:
             the bundled all-MiniLM-L6-v2.
         device: torch device ("cpu", "cuda", ...).
         dtype: "float32" or "bfloat16" (also "float16").
-        max_tokens_per_batch: token budget of one padded batch (rows x longest row).
+        max_tokens_per_batch: token budget of one padded batch (rows x longest row); default 4096 on
+            CPU, 16384 on accelerators (see :func:`tamis.batching.default_token_budget`).
         max_batch_size: most rows in one batch.
         max_length: override the model's input limit in tokens (never above what the model declares
             for absolute-position models).
@@ -148,7 +149,7 @@ class Embedder:
         *,
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
-        max_tokens_per_batch: int = DEFAULT_MAX_TOKENS,
+        max_tokens_per_batch: int | None = None,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_length: int | None = None,
     ):
@@ -158,7 +159,7 @@ class Embedder:
         self.device = torch.device(device)
         self.dtype = resolve_dtype(dtype)
         self.name = _model_name(model, self.model_dir)
-        self.max_tokens_per_batch = max_tokens_per_batch
+        self.max_tokens_per_batch = max_tokens_per_batch or default_token_budget(self.device)
         self.max_batch_size = max_batch_size
         self.tokenizer = Tokenizer.from_dir(self.model_dir, self.config)
         self.pooling = _pooling_mode(self.model_dir, self.config)

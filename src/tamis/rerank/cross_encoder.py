@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tamis.batching import DEFAULT_MAX_BATCH_SIZE, DEFAULT_MAX_TOKENS, plan_batches
+from tamis.batching import DEFAULT_MAX_BATCH_SIZE, default_token_budget, plan_batches
 from tamis.models import bert
 from tamis.models.loading import load_config, resolve_dtype
 from tamis.rerank.base import document_texts, query_text
@@ -38,7 +38,7 @@ class CrossEncoderReranker:
         dtype: str | torch.dtype = "float32",
         max_length: int | None = None,
         activation: str = "sigmoid",
-        max_tokens_per_batch: int = DEFAULT_MAX_TOKENS,
+        max_tokens_per_batch: int | None = None,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     ):
         if activation not in ACTIVATIONS:
@@ -52,7 +52,7 @@ class CrossEncoderReranker:
         limits = [x for x in (self.model.cfg.max_length, self.tokenizer.model_max_length, max_length) if x]
         self.max_length = min(limits) if limits else 512
         self.activation = activation
-        self.max_tokens_per_batch = max_tokens_per_batch
+        self.max_tokens_per_batch = max_tokens_per_batch or default_token_budget(self.device)
         self.max_batch_size = max_batch_size
 
     def __repr__(self) -> str:
