@@ -1,0 +1,500 @@
+"""The FastAPI app: Jina / OpenAI embeddings, Jina / Cohere v1 and Cohere v2 rerank, models, health, metrics.
+
+The routes call only the public Embedder / Reranker interfaces:
+
+* embeddings: ``emb.tokenize(texts, task, truncate)`` (in a thread) -> the model's dynamic batcher
+  (``emb.forward`` over rows of many requests) -> ``emb.finalize(pooled, dimensions, normalized, type)``;
+  a ``late_chunking`` request is one job running ``emb.embed_result(..., late_chunking=True)``;
+* rerank: one job per request running ``rr.rerank(query, documents, top_n, return_documents=False)``.
+
+Wire facts (field names, defaults, shapes) follow ``docs/api.md``. Server defaults that differ from the
+library's: ``truncate`` is false (Jina API: an over-long input is an error naming its index), ``normalized``
+is true.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from starlette.concurrency import run_in_threadpool
+from starlette.responses import Response
+
+from tamis.batching import default_token_budget
+from tamis.errors import InputTooLongError, UnknownModelError
+from tamis.server import errors as err
+from tamis.server.auth import KeyChecker
+from tamis.server.batcher import ModelWorker, wait_for
+from tamis.server.errors import ApiError, NotReady
+from tamis.server.metrics import Metrics
+from tamis.server.middleware import ServerMiddleware
+from tamis.server.schemas import (
+    EmbeddingRequest,
+    EmbeddingResponse,
+    Health,
+    ModelList,
+    RerankRequest,
+    RerankResponseV1,
+    RerankResponseV2,
+    TextDoc,
+    error_responses,
+)
+from tamis.server.settings import ServerSettings
+
+try:  # optional: serialises numpy arrays directly and ~10x faster than json for large float lists
+    import orjson
+except ImportError:  # pragma: no cover - exercised only where orjson is absent
+    orjson = None  # type: ignore[assignment]
+import json
+
+logger = logging.getLogger("tamis.server")
+
+Loader = Callable[[], tuple[Mapping[str, Any], Mapping[str, Any]]]
+_IMAGE_KEYS = ("image", "url", "bytes", "pdf")
+
+
+# ---------------------------------------------------------------------------- state
+class ServerState:
+    """Served models, their workers and aliases; readiness."""
+
+    def __init__(self, settings: ServerSettings, metrics: Metrics):
+        self.settings = settings
+        self.metrics = metrics
+        self.embedders: dict[str, Any] = {}
+        self.rerankers: dict[str, Any] = {}
+        self.workers: dict[tuple[str, str], ModelWorker] = {}
+        self.aliases: dict[str, dict[str, str]] = {"embedding": {}, "reranker": {}}
+        self.ready = False
+        self.load_error: str | None = None
+        self.created = int(time.time())
+
+    def register(self, embedders: Mapping[str, Any], rerankers: Mapping[str, Any]) -> None:
+        s = self.settings
+        for kind, models, target in (("embedding", embedders, self.embedders), ("reranker", rerankers, self.rerankers)):
+            for name, model in models.items():
+                target[name] = model
+                self.workers[(kind, name)] = ModelWorker(
+                    name, model, self.metrics,
+                    max_batch_tokens=s.max_batch_tokens or default_token_budget(getattr(model, "device", "cpu")),
+                    max_batch_size=s.max_batch_size,
+                    gather_batches=s.gather_batches, max_queued_inputs=max(s.max_queued_inputs, 1),
+                    max_padding=s.max_padding,
+                )
+                table = self.aliases[kind]
+                for alias in _aliases(name, model):
+                    table.setdefault(alias.lower(), name)
+        self.metrics.ready.set(1)
+        self.ready = True
+
+    def tokenize_on_worker(self, name: str) -> bool:
+        """Tokenize on the model thread (CPU models, unless configured otherwise) or in the thread pool."""
+        setting = self.settings.tokenize_on_model_thread
+        if setting is not None:
+            return bool(setting)
+        return str(getattr(self.embedders[name], "device", "cpu")).startswith("cpu")
+
+    def start(self) -> None:
+        for w in self.workers.values():
+            w.start()
+
+    def stop(self) -> None:
+        for w in self.workers.values():
+            w.stop()
+
+    def ensure_ready(self) -> None:
+        if self.load_error is not None:
+            raise ApiError(503, f"model loading failed: {self.load_error}", code="load_failed",
+                           headers={"Retry-After": "60"})
+        if not self.ready:
+            raise NotReady()
+
+    def lookup(self, kind: str, requested: str | None) -> tuple[str, Any, ModelWorker]:
+        self.ensure_ready()
+        models = self.embedders if kind == "embedding" else self.rerankers
+        if not models:
+            other = "/v1/rerank" if kind == "embedding" else "/v1/embeddings"
+            raise ApiError(400, f"this server serves no {kind} model; see GET /v1/models (try {other})",
+                           code="model_not_found", param="model")
+        if requested is None or requested == "":
+            name = next(iter(models))
+        elif requested in models:
+            name = requested
+        else:
+            name = self.aliases[kind].get(requested.lower(), "")
+            if not name:
+                exc = UnknownModelError(requested, list(models))
+                hint = ""
+                other_kind = "reranker" if kind == "embedding" else "embedding"
+                if requested.lower() in self.aliases[other_kind]:
+                    hint = f" ({requested!r} is a served {other_kind} model: use the other route)"
+                raise ApiError(400, f"{exc}{hint}", code="model_not_found", param="model",
+                               extra={"available": list(models)})
+        return name, models[name], self.workers[(kind, name)]
+
+
+def _aliases(name: str, model: Any) -> list[str]:
+    out = [name]
+    mname = getattr(model, "name", None)
+    if isinstance(mname, str) and mname:
+        out += [mname, mname.rsplit("/", 1)[-1]]
+    return out
+
+
+# ---------------------------------------------------------------------------- input checks
+def _check_text(text: str, what: str) -> str:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{what} is not valid Unicode (it holds a lone surrogate escape)",
+                       code="invalid_input", param="input") from None
+    return text
+
+
+def _doc_text(item: Any, what: str, param: str) -> str:
+    if isinstance(item, TextDoc):
+        if item.text is None:
+            keys = sorted((item.model_extra or {}).keys())
+            if any(k in _IMAGE_KEYS for k in keys):
+                raise ApiError(400, f"{what} is an image/PDF document; the served models take text only",
+                               code="unsupported_input", param=param)
+            raise ApiError(400, f"{what} is an object without a 'text' field (keys: {keys})", code="invalid_input",
+                           param=param)
+        item = item.text
+    if not isinstance(item, str):
+        raise ApiError(400, f"{what} must be a string or a {{\"text\": ...}} object", code="invalid_input",
+                       param=param)
+    return _check_text(item, what)
+
+
+def _input_texts(raw: Any, max_inputs: int) -> list[str]:
+    items = raw if isinstance(raw, list) else [raw]
+    if not items:
+        raise ApiError(400, "input is an empty list: send at least one text", code="empty_input", param="input")
+    if len(items) > max_inputs:
+        raise ApiError(400, f"input has {len(items)} items, more than the largest allowed size {max_inputs}",
+                       code="too_many_inputs", param="input")
+    if any(isinstance(x, int | list) for x in items):
+        raise ApiError(400, "token-id inputs (arrays of integers) are not supported: send the texts as strings",
+                       code="unsupported_input", param="input")
+    texts = [_doc_text(x, f"input {i}", "input") for i, x in enumerate(items)]
+    for i, t in enumerate(texts):
+        if t == "":
+            raise ApiError(400, f"input {i} is an empty string: every input must contain text",
+                           code="empty_input", param="input")
+    return texts
+
+
+def _tokenize(emb: Any, texts: list[str], task: str | None, truncate: bool, limit: int | None) -> list[Any]:
+    encodings = list(emb.tokenize(texts, task, truncate))
+    if limit is not None and not truncate:
+        for i, e in enumerate(encodings):
+            if e.n_tokens > limit:
+                raise InputTooLongError(i, int(e.n_tokens), int(limit))
+    return encodings
+
+
+def _check_dimensions(dimensions: int | None, emb: Any) -> None:
+    if dimensions is None:
+        return
+    dim = int(emb.dimension)
+    if not 1 <= dimensions <= dim:
+        raise ApiError(400, f"dimensions={dimensions} is out of range: model gives 1..{dim} dimensions",
+                       code="invalid_dimensions", param="dimensions")
+
+
+# ---------------------------------------------------------------------------- rendering
+def _dumps(obj: Any) -> bytes:
+    if orjson is not None:
+        try:
+            return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
+        except TypeError:  # e.g. an echoed document holding an integer beyond 64 bits
+            pass
+    return json.dumps(obj, ensure_ascii=False, default=_np_default).encode("utf-8")
+
+
+def _np_default(o: Any) -> Any:
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, np.generic):
+        return o.item()
+    raise TypeError(f"cannot serialise {type(o).__name__}")
+
+
+def _row(values: Any, i: int) -> Any:
+    if isinstance(values, dict):
+        return {k: _row(v, i) for k, v in values.items()}
+    if isinstance(values, np.ndarray):
+        row = values[i]
+        return row if orjson is not None else row.tolist()
+    return values[i]  # base64 strings
+
+
+def render_embeddings(model: str, values: Any, n: int, tokens: int) -> bytes:
+    data = [{"object": "embedding", "index": i, "embedding": _row(values, i)} for i in range(n)]
+    return _dumps({"model": model, "object": "list", "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+                   "data": data})
+
+
+def _json(obj: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(_dumps(obj), status_code=status, media_type="application/json", headers=dict(headers or {}))
+
+
+# ---------------------------------------------------------------------------- app
+def create_app(
+    embedders: Mapping[str, Any] | None = None,
+    rerankers: Mapping[str, Any] | None = None,
+    settings: ServerSettings | None = None,
+    *,
+    loader: Loader | None = None,
+) -> FastAPI:
+    """Build the app around loaded models (``{served name: Embedder}``, ``{served name: Reranker}``).
+
+    With ``loader`` (a function returning ``(embedders, rerankers)``) the models are loaded in a background
+    thread at start-up instead: the port opens at once, ``/health`` answers 503 until loading is done.
+    """
+    settings = settings or ServerSettings()
+    metrics = Metrics()
+    state = ServerState(settings, metrics)
+    keys = KeyChecker(settings.api_keys)
+    if loader is None:
+        state.register(dict(embedders or {}), dict(rerankers or {}))
+
+    def load() -> None:
+        assert loader is not None
+        try:
+            e, r = loader()
+            state.register(dict(e), dict(r))
+            state.start()
+            logger.info("models ready: embedding %s, reranker %s", list(e), list(r))
+        except Exception as exc:  # reported by /health and every model route
+            state.load_error = f"{type(exc).__name__}: {exc}"
+            logger.exception("model loading failed")
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        if loader is not None:
+            threading.Thread(target=load, name="tamis-loader", daemon=True).start()
+        else:
+            state.start()
+        yield
+        state.stop()
+
+    app = FastAPI(
+        title="tamis",
+        version=_version(),
+        description=(
+            "Self-hosted embeddings and reranking with Jina-, OpenAI- and Cohere-compatible routes. "
+            "Errors carry `detail` (Jina clients) and `error` (OpenAI clients)."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.tamis = state
+    err.install(app)
+    app.add_middleware(ServerMiddleware, keys=keys, metrics=metrics, max_request_bytes=settings.max_request_bytes)
+
+    common = error_responses(400, 401, 413, 422, 429, 503)
+
+    # ------------------------------------------------------------------ embeddings
+    @app.post(
+        "/v1/embeddings",
+        response_model=None,
+        responses={200: {"model": EmbeddingResponse, "description": "one embedding per input, in input order"},
+                   **common},
+        tags=["embeddings"],
+        summary="Embed texts (Jina and OpenAI wire format)",
+    )
+    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+        name, emb, worker = state.lookup("embedding", body.model)
+        texts = _input_texts(body.input, settings.max_inputs)
+        task = body.task
+        if task is not None:
+            _check_text(task, "task")
+        _check_dimensions(body.dimensions, emb)
+        if body.return_multivector:
+            raise ApiError(400, "return_multivector is not supported by the served models", code="unsupported",
+                           param="return_multivector")
+        output_type = body.output_type()
+        normalized = settings.default_normalized if body.normalized is None else body.normalized
+        truncate = settings.default_truncate if body.truncate is None else body.truncate
+        n = len(texts)
+        worker.check_capacity(n)
+        truncated: list[int] = []
+        if body.late_chunking:
+            counts = await run_in_threadpool(emb.count_tokens, texts, task)
+            total, cap = int(sum(counts)), settings.max_late_chunking_tokens
+            if total > cap:
+                raise ApiError(400, f"late_chunking joins all inputs into one sequence: about {total} tokens, "
+                                    f"more than the server's limit of {cap}", code="input_too_long", param="input")
+
+            def run_late() -> Any:
+                return emb.embed_result(texts, task=task, dimensions=body.dimensions, normalized=normalized,
+                                        embedding_type=output_type, truncate=truncate, late_chunking=True,
+                                        show_progress=False)
+
+            job = worker.submit_call(run_late, n, settings.request_timeout_s)
+            result = await wait_for(job, request.receive)
+            values, tokens = result.embeddings, int(sum(result.token_counts))
+        else:
+            check_task = getattr(emb, "check_task", None)
+            if check_task is not None:
+                check_task(task)  # fail fast, before queueing
+
+            def tokenize() -> list[Any]:
+                return _tokenize(emb, texts, task, truncate, settings.max_input_tokens)
+
+            if state.tokenize_on_worker(name):
+                job = worker.submit_texts(n, tokenize, [task] * n, settings.request_timeout_s)
+            else:
+                job = worker.submit_rows(await run_in_threadpool(tokenize), [task] * n, settings.request_timeout_s)
+            pooled = await wait_for(job, request.receive)
+            encodings = job.encodings or []
+            truncated = [i for i, e in enumerate(encodings) if getattr(e, "truncated", False)]
+            tokens = int(sum(len(e) for e in encodings))
+            values = await run_in_threadpool(emb.finalize, pooled, body.dimensions, normalized, output_type)
+        payload = await run_in_threadpool(render_embeddings, name, values, n, tokens)
+        metrics.tokens.labels(name, "embeddings").inc(tokens)
+        metrics.inputs.labels(name, "embeddings").inc(n)
+        if truncated:
+            metrics.truncated.labels(name).inc(len(truncated))
+        return Response(payload, media_type="application/json", headers=_truncated_header(truncated))
+
+    # ------------------------------------------------------------------ rerank
+    async def run_rerank(body: RerankRequest, request: Request, default_return: bool) -> tuple[str, int, list, list]:
+        name, rr, worker = state.lookup("reranker", body.model)
+        query = _doc_text(body.query, "query", "query")
+        if not query.strip():
+            raise ApiError(400, "query is empty", code="empty_input", param="query")
+        docs = body.documents
+        if not docs:
+            raise ApiError(400, "documents is an empty list: send at least one document", code="empty_input",
+                           param="documents")
+        if len(docs) > settings.max_inputs:
+            raise ApiError(400, f"documents has {len(docs)} items, more than the largest allowed size "
+                                f"{settings.max_inputs}", code="too_many_inputs", param="documents")
+        texts = [_doc_text(d, f"document {i}", "documents") for i, d in enumerate(docs)]
+        if body.top_n is not None and body.top_n <= 0:
+            raise ApiError(400, '"top_n" must be greater than 0', code="invalid_top_n", param="top_n")
+        top_n = body.top_n
+        return_documents = default_return if body.return_documents is None else body.return_documents
+        worker.check_capacity(len(texts))
+
+        def call() -> Any:
+            return rr.rerank(query, texts, top_n=top_n, return_documents=False)
+
+        job = worker.submit_call(call, len(texts), settings.request_timeout_s)
+        ranked = await wait_for(job, request.receive)
+        results = []
+        for r in ranked.results:
+            item: dict[str, Any] = {"index": int(r.index), "relevance_score": float(r.relevance_score)}
+            if return_documents:
+                d = docs[r.index]
+                item["document"] = d.model_dump(exclude_none=True) if isinstance(d, TextDoc) else {"text": d}
+            results.append(item)
+        tokens = int(getattr(ranked, "total_tokens", 0) or 0)
+        metrics.tokens.labels(name, "rerank").inc(tokens)
+        metrics.inputs.labels(name, "rerank").inc(len(texts))
+        truncated = list(getattr(ranked, "truncated", None) or [])
+        if truncated:
+            metrics.truncated.labels(name).inc(len(truncated))
+        return name, tokens, truncated, results
+
+    @app.post(
+        "/v1/rerank",
+        response_model=None,
+        responses={200: {"model": RerankResponseV1, "description": "results sorted by relevance_score"}, **common},
+        tags=["rerank"],
+        summary="Rerank documents (Jina / Cohere v1 wire format)",
+    )
+    async def rerank_v1(body: RerankRequest, request: Request) -> Response:
+        name, tokens, truncated, results = await run_rerank(body, request, default_return=True)
+        return _json({"model": name, "object": "list", "usage": {"total_tokens": tokens, "prompt_tokens": tokens},
+                      "results": results}, headers=_truncated_header(truncated))
+
+    @app.post(
+        "/v2/rerank",
+        response_model=None,
+        responses={200: {"model": RerankResponseV2, "description": "results sorted by relevance_score"}, **common},
+        tags=["rerank"],
+        summary="Rerank documents (Cohere v2 wire format)",
+    )
+    async def rerank_v2(body: RerankRequest, request: Request) -> Response:
+        name, tokens, truncated, results = await run_rerank(body, request, default_return=False)
+        return _json({
+            "id": str(uuid.uuid4()),
+            "results": results,
+            "meta": {
+                "api_version": {"version": "2", "is_experimental": False},
+                "billed_units": {"search_units": 1, "input_tokens": tokens},
+                "tokens": {"input_tokens": tokens, "output_tokens": 0},
+            },
+        }, headers={"X-Model": name, **_truncated_header(truncated)})
+
+    # ------------------------------------------------------------------ models, health, metrics
+    @app.get("/v1/models", response_model=ModelList, responses=error_responses(401, 503), tags=["info"])
+    async def models() -> Response:
+        state.ensure_ready()
+        data = []
+        for name, emb in state.embedders.items():
+            data.append({
+                "id": name, "object": "model", "created": state.created, "owned_by": "tamis", "type": "embedding",
+                "dimension": _int_or_none(getattr(emb, "dimension", None)),
+                "max_length": _int_or_none(getattr(emb, "max_length", None)),
+                "tasks": list(getattr(emb, "tasks", []) or []),
+                "aliases": sorted({a for a, n in state.aliases["embedding"].items() if n == name and a != name}),
+            })
+        for name, rr in state.rerankers.items():
+            data.append({
+                "id": name, "object": "model", "created": state.created, "owned_by": "tamis", "type": "reranker",
+                "kind": getattr(rr, "kind", None),
+                "aliases": sorted({a for a, n in state.aliases["reranker"].items() if n == name and a != name}),
+            })
+        return _json({"object": "list", "data": data})
+
+    @app.get("/health", response_model=Health, responses={503: {"model": Health, "description": "not ready"}},
+             tags=["info"])
+    async def health() -> Response:
+        body: dict[str, Any] = {"embedding_models": list(state.embedders), "reranker_models": list(state.rerankers)}
+        if state.ready:
+            return _json({"status": "ok", **body})
+        if state.load_error is not None:
+            msg = f"model loading failed: {state.load_error}"
+            return _json({"status": "failed", "detail": msg, **body}, 503)
+        return _json({"status": "loading", "detail": "models are still loading", **body}, 503,
+                     headers={"Retry-After": "5"})
+
+    @app.get("/metrics", response_class=Response, tags=["info"],
+             responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
+                              "description": "Prometheus text format"}})
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> Response:
+        return _json({"name": "tamis", "version": _version(), "docs": "/docs", "openapi": "/openapi.json"})
+
+    return app
+
+
+def _truncated_header(indices: list[int]) -> dict[str, str]:
+    """``X-Truncated-Inputs: 0,7`` names inputs cut at the model's context (at most 256 listed)."""
+    return {"X-Truncated-Inputs": ",".join(map(str, indices[:256]))} if indices else {}
+
+
+def _int_or_none(x: Any) -> int | None:
+    return int(x) if x is not None else None
+
+
+def _version() -> str:
+    try:
+        from tamis import __version__
+
+        return str(__version__)
+    except Exception:  # pragma: no cover
+        return "0"

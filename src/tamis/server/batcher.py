@@ -1,0 +1,508 @@
+"""Dynamic batching across concurrent requests: one worker thread per served model.
+
+Requests are admitted into a bounded per-model queue (bound = admitted, unfinished inputs; a full queue
+answers 429 at once, so there is never an unbounded backlog). Two kinds of work:
+
+* ``RowsJob``: tokenized inputs of one embedding request. Before every model call the worker looks at a
+  window of the oldest queued rows (from as many requests as fit ``gather_batches`` batches' worth of
+  tokens), length-sorts it into token-budget batches with :func:`tamis.batching.plan_batches`, and runs
+  the batch that holds the oldest row as one ``model.forward(encodings, tasks)`` call (rows of different
+  tasks share a batch). Each request's pooled rows are scattered back into its own tensor; the request
+  resolves when its last row is done.
+* ``CallJob``: a function run alone on the model thread (a late-chunking request, which must stay one
+  sequence, or a rerank request).
+
+Queued work whose client disconnected, or that was not started before its deadline, is dropped
+(rows of a disconnected request are skipped even when already planned). Futures are
+asyncio futures resolved thread-safely on the loop that submitted them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import torch
+
+from tamis.batching import plan_batches
+from tamis.server.errors import ClientDisconnected, DeadlineExceeded, NotReady, Overloaded
+from tamis.server.metrics import Metrics
+
+logger = logging.getLogger("tamis.server")
+
+
+FREE_PADDING_TOKENS = 64  # padding this small costs less than one more model call
+
+
+def grow_batch(
+    lengths: Sequence[int], seed: int, max_tokens: int, max_rows: int, max_padding: float
+) -> list[int]:
+    """Indices of a batch around row ``seed``: rows of nearest length, within budget and padding bound.
+
+    Starting from ``seed`` alone, repeatedly add the next longer or next shorter row (in length order),
+    whichever pads less, while ``rows * longest <= max_tokens``, ``rows <= max_rows`` and the padding
+    stays within ``max_padding`` of the real tokens (or within ``FREE_PADDING_TOKENS``). On a CPU the cost of a batch is its padded
+    tokens, so a batch of similar lengths beats a full budget of mixed ones; with a window of a few
+    hundred queued rows, a budget-filling batch of short rows spans a wide length range.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    a = b = order.index(seed)
+    top = lengths[seed]
+    rows, real = 1, lengths[seed]
+    while rows < max_rows:
+        best: tuple[int, int, int, int] | None = None  # (waste, padded, real, direction)
+        if a > 0:
+            n = lengths[order[a - 1]]
+            padded = (rows + 1) * n
+            best = (padded - real - n, padded, real + n, -1)
+        if b < len(order) - 1:
+            n = lengths[order[b + 1]]
+            padded = (rows + 1) * top
+            cand = (padded - real - n, padded, real + n, 1)
+            if best is None or cand[0] < best[0] or best[1] > max_tokens:
+                best = cand
+        if best is None or best[1] > max_tokens or best[0] > max(max_padding * best[2], FREE_PADDING_TOKENS):
+            break
+        if best[3] < 0:
+            a -= 1
+            top = lengths[order[a]]
+        else:
+            b += 1
+        rows, real = rows + 1, best[2]
+    return sorted(order[a : b + 1])
+
+
+class Job:
+    """One request's work on one model."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, cost: int, deadline: float):
+        self.loop = loop
+        self.future: asyncio.Future[Any] = loop.create_future()
+        # a dropped job's exception may never be awaited (its handler is gone): retrieve it quietly
+        self.future.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.cost = cost
+        self.admitted = time.monotonic()
+        self.deadline = deadline
+        self.started = False
+        self.finished = False
+        self.cancelled = False
+        self.error: BaseException | None = None
+
+    def cancel(self) -> None:
+        """Drop this job's remaining work (called from the event loop when the client goes away)."""
+        self.cancelled = True
+
+    @property
+    def dead(self) -> bool:
+        return self.cancelled or self.error is not None
+
+
+class RowsJob(Job):
+    """Rows of one embedding request: given tokenized, or tokenized on the model thread by ``prepare``."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, n: int, tasks: Sequence[str | None], deadline: float,
+                 encodings: Sequence[Any] | None = None, prepare: Callable[[], Sequence[Any]] | None = None):
+        super().__init__(loop, n, deadline)
+        if len(tasks) != n or (encodings is not None and len(encodings) != n):
+            raise ValueError("one task and one encoding per row are required")
+        if (encodings is None) == (prepare is None):
+            raise ValueError("give either encodings or prepare")
+        self.encodings: list[Any] | None = list(encodings) if encodings is not None else None
+        self.prepare = prepare
+        self.tasks = list(tasks)
+        self.n = n
+        self.pending: list[int] = list(range(self.n))  # rows not yet taken into a batch, in order
+        self.done = 0  # rows computed or skipped
+        self.out: torch.Tensor | None = None
+
+
+class CallJob(Job):
+    def __init__(self, loop: asyncio.AbstractEventLoop, fn: Callable[[], Any], cost: int, deadline: float):
+        super().__init__(loop, cost, deadline)
+        self.fn = fn
+
+
+class ModelWorker:
+    """The queue and thread of one served model."""
+
+    def __init__(
+        self,
+        name: str,
+        model: Any,
+        metrics: Metrics | None = None,
+        *,
+        max_batch_tokens: int = 16384,
+        max_batch_size: int = 256,
+        gather_batches: int = 4,
+        max_queued_inputs: int = 16384,
+        max_padding: float | None = 0.1,
+    ):
+        self.name = name
+        self.model = model
+        self.metrics = metrics or Metrics()
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_size = max_batch_size
+        self.gather_batches = gather_batches
+        self.max_queued_inputs = max_queued_inputs
+        self.max_padding = max_padding
+        self._cond = threading.Condition()
+        self._queue: deque[Job] = deque()
+        self._pending_inputs = 0
+        self._pending_jobs = 0
+        self._rate = 0.0  # inputs per second, moving average (for Retry-After)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.forward_calls = 0
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name=f"tamis-worker-{self.name}", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._cond:
+            while self._queue:
+                job = self._queue.popleft()
+                job.error = NotReady("the server is shutting down", retry_after=5)
+                self._finish_locked(job)
+
+    @property
+    def pending_inputs(self) -> int:
+        return self._pending_inputs
+
+    @property
+    def pending_jobs(self) -> int:
+        return self._pending_jobs
+
+    # ------------------------------------------------------------------ admission (event loop side)
+    def retry_after(self) -> int:
+        rate = self._rate
+        if rate <= 0:
+            return 1
+        return int(min(60, max(1, math.ceil(self._pending_inputs / rate))))
+
+    def check_capacity(self, cost: int) -> None:
+        """Raise :class:`Overloaded` when ``cost`` more inputs would exceed the queue bound.
+
+        A request always fits an empty queue, so even one larger than the bound is served eventually.
+        """
+        if self._pending_inputs > 0 and self._pending_inputs + cost > self.max_queued_inputs:
+            self.metrics.rejected.labels(self.name, "overload").inc()
+            raise Overloaded(
+                f"model {self.name!r} is overloaded: {self._pending_inputs} inputs queued, this request adds "
+                f"{cost}, the bound is {self.max_queued_inputs}; retry after the Retry-After delay",
+                self.retry_after(),
+            )
+
+    def _admit(self, job: Job) -> Job:
+        with self._cond:
+            if self._stopping:
+                raise NotReady("the server is shutting down", retry_after=5)
+            self.check_capacity(job.cost)
+            self._queue.append(job)
+            self._pending_inputs += job.cost
+            self._pending_jobs += 1
+            self._update_gauges()
+            self._cond.notify()
+        if self._thread is None or not self._thread.is_alive():
+            self.start()
+        return job
+
+    def submit_rows(self, encodings: Sequence[Any], tasks: Sequence[str | None], timeout_s: float) -> RowsJob:
+        """Queue tokenized rows (one task per row); the future gives their pooled tensor [n, dim]."""
+        job = RowsJob(asyncio.get_running_loop(), len(encodings), tasks, time.monotonic() + timeout_s,
+                      encodings=encodings)
+        return self._admit_rows(job)
+
+    def submit_texts(self, n: int, prepare: Callable[[], Sequence[Any]], tasks: Sequence[str | None],
+                     timeout_s: float) -> RowsJob:
+        """Queue ``n`` rows that ``prepare()`` tokenizes on the model thread, between model calls.
+
+        On a CPU the model's threads own every core while it runs; tokenizing on the same thread keeps
+        that work from competing with them (the same order of work as an offline ``embed``).
+        Exceptions of ``prepare`` (too long, unknown task) fail the request.
+        """
+        job = RowsJob(asyncio.get_running_loop(), n, tasks, time.monotonic() + timeout_s, prepare=prepare)
+        return self._admit_rows(job)
+
+    def _admit_rows(self, job: RowsJob) -> RowsJob:
+        if job.n == 0:
+            job.encodings = []
+            job.future.set_result(torch.empty(0, 0))
+            return job
+        self._admit(job)
+        return job
+
+    def submit_call(self, fn: Callable[[], Any], cost: int, timeout_s: float) -> CallJob:
+        job = CallJob(asyncio.get_running_loop(), fn, max(1, int(cost)), time.monotonic() + timeout_s)
+        self._admit(job)
+        return job
+
+    # ------------------------------------------------------------------ worker thread
+    def _update_gauges(self) -> None:
+        self.metrics.queue_depth.labels(self.name).set(self._pending_inputs)
+        self.metrics.queue_requests.labels(self.name).set(self._pending_jobs)
+
+    def _resolve(self, job: Job, result: Any = None, exc: BaseException | None = None) -> None:
+        fut = job.future
+
+        def settle() -> None:
+            if fut.done():
+                return
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+
+        try:
+            job.loop.call_soon_threadsafe(settle)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    def _finish_locked(self, job: Job, result: Any = None) -> None:
+        if job.finished:
+            return
+        job.finished = True
+        self._pending_inputs -= job.cost
+        self._pending_jobs -= 1
+        self._update_gauges()
+        if job.error is not None:
+            self._resolve(job, exc=job.error)
+        elif job.cancelled:
+            self._resolve(job, exc=ClientDisconnected())
+        else:
+            self._resolve(job, result)
+
+    def _drop_dead_locked(self) -> None:
+        now = time.monotonic()
+        keep: deque[Job] = deque()
+        for job in self._queue:
+            if not job.started and not job.dead and now > job.deadline:
+                job.error = DeadlineExceeded(now - job.admitted, self.retry_after())
+                self.metrics.dropped.labels(self.name, "deadline").inc()
+            elif job.cancelled and not job.error:
+                self.metrics.dropped.labels(self.name, "disconnect").inc()
+            if job.dead:
+                if isinstance(job, RowsJob):
+                    job.done += len(job.pending)  # rows never taken are skipped
+                    job.pending = []
+                    if job.done >= job.n:
+                        self._finish_locked(job)
+                else:
+                    self._finish_locked(job)
+                continue
+            keep.append(job)
+        self._queue = keep
+
+    def _next_batch_locked(self) -> list[tuple[RowsJob, int]]:
+        """One batch, planned over a window of the oldest queued rows.
+
+        The window holds queued rows in arrival order up to ``gather_batches`` batches' worth. The batch is
+        built around the oldest row from the rows of nearest length (:func:`grow_batch`: the token budget
+        of :func:`plan_batches` plus a bound on padding), or, with ``max_padding=None``, it is the
+        :func:`plan_batches` batch that holds the oldest row. The rest stay queued and are planned again
+        with whatever arrives meanwhile, so the model never waits for a round to drain and requests finish
+        in arrival order.
+        """
+        token_budget = self.max_batch_tokens * self.gather_batches
+        row_budget = self.max_batch_size * self.gather_batches
+        window: list[tuple[RowsJob, int]] = []
+        tokens = 0
+        for job in self._queue:
+            if not isinstance(job, RowsJob) or job.encodings is None:
+                break
+            full = False
+            for r in job.pending:
+                n_tok = len(job.encodings[r])
+                if window and (tokens + n_tok > token_budget or len(window) >= row_budget):
+                    full = True
+                    break
+                window.append((job, r))
+                tokens += n_tok
+            if full:
+                break
+        lengths = [len(j.encodings[r]) for j, r in window]
+        if self.max_padding is None:
+            chosen = sorted(next(b for b in plan_batches(lengths, self.max_batch_tokens, self.max_batch_size)
+                                 if 0 in b))
+        else:
+            chosen = grow_batch(lengths, 0, self.max_batch_tokens, self.max_batch_size, self.max_padding)
+        batch = [window[i] for i in chosen]
+        taken: dict[int, set[int]] = {}
+        now = time.monotonic()
+        for job, r in batch:
+            taken.setdefault(id(job), set()).add(r)
+            if not job.started:
+                job.started = True
+                self.metrics.queue_wait.labels(self.name).observe(now - job.admitted)
+        for job, _ in batch:
+            rows = taken.pop(id(job), None)
+            if rows:
+                job.pending = [r for r in job.pending if r not in rows]
+        self._queue = deque(j for j in self._queue if not (isinstance(j, RowsJob) and not j.pending))
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            call: CallJob | None = None
+            unprepared: list[RowsJob] = []
+            batch: list[tuple[RowsJob, int]] = []
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                self._drop_dead_locked()
+                if not self._queue:
+                    continue
+                head = self._queue[0]
+                if isinstance(head, CallJob):
+                    call = self._queue.popleft()
+                    call.started = True
+                    self.metrics.queue_wait.labels(self.name).observe(time.monotonic() - call.admitted)
+                else:
+                    unprepared = self._unprepared_locked()
+                    if not unprepared:
+                        batch = self._next_batch_locked()
+            try:
+                if call is not None:
+                    self._run_call(call)
+                elif unprepared:
+                    self._prepare(unprepared)
+                else:
+                    self._run_batch(batch)
+            except BaseException as exc:  # pragma: no cover - a bug in the worker itself
+                logger.exception("worker %s failed outside the model call; failing the jobs involved", self.name)
+                jobs: list[Job] = [call] if call is not None else list({id(j): j for j, _ in batch}.values())
+                with self._cond:
+                    for job in jobs:
+                        job.error = job.error or exc
+                        if isinstance(job, RowsJob):
+                            job.done, job.pending = job.n, []
+                        self._finish_locked(job)
+
+    def _unprepared_locked(self) -> list[RowsJob]:
+        """Queued row jobs still to tokenize, in order, up to the planning window's row budget."""
+        out: list[RowsJob] = []
+        rows = 0
+        for job in self._queue:
+            if not isinstance(job, RowsJob) or rows >= self.max_batch_size * self.gather_batches:
+                break
+            rows += job.n
+            if job.encodings is None:
+                out.append(job)
+        return out
+
+    def _prepare(self, jobs: list[RowsJob]) -> None:
+        for job in jobs:
+            if job.dead or job.prepare is None:
+                continue
+            try:
+                encodings = list(job.prepare())
+                if len(encodings) != job.n:
+                    raise RuntimeError(f"tokenize returned {len(encodings)} encodings for {job.n} inputs")
+                job.encodings = encodings
+            except BaseException as exc:
+                job.error = exc
+            job.prepare = None
+
+    def _note_rate(self, n: int, seconds: float) -> None:
+        if seconds > 0:
+            r = n / seconds
+            self._rate = r if self._rate <= 0 else 0.8 * self._rate + 0.2 * r
+
+    def _run_call(self, job: CallJob) -> None:
+        if job.dead:
+            with self._cond:
+                self._finish_locked(job)
+            return
+        t0 = time.perf_counter()
+        try:
+            result = job.fn()
+        except BaseException as exc:
+            job.error = exc
+            result = None
+        dt = time.perf_counter() - t0
+        self.metrics.forward_seconds.labels(self.name).observe(dt)
+        self._note_rate(job.cost, dt)
+        with self._cond:
+            self._finish_locked(job, result)
+
+    def _row_done_locked(self, job: RowsJob) -> None:
+        job.done += 1
+        if job.done >= job.n:
+            self._finish_locked(job, job.out)
+
+    def _run_batch(self, rows: list[tuple[RowsJob, int]]) -> None:
+        live = [(j, r) for j, r in rows if not j.dead]
+        if len(live) < len(rows):
+            with self._cond:
+                for job, _ in rows:
+                    if job.dead:
+                        self._row_done_locked(job)
+        if not live:
+            return
+        encodings = [job.encodings[r] for job, r in live]
+        tasks = [job.tasks[r] for job, r in live]
+        t0 = time.perf_counter()
+        try:
+            out = self.model.forward(encodings, tasks)
+            error = None
+        except BaseException as exc:
+            out, error = None, exc
+        dt = time.perf_counter() - t0
+        self.forward_calls += 1
+        width = max(len(e) for e in encodings)
+        m = self.metrics
+        m.forward_seconds.labels(self.name).observe(dt)
+        m.batch_size.labels(self.name).observe(len(live))
+        m.batch_tokens.labels(self.name).observe(len(live) * width)
+        m.batch_requests.labels(self.name).observe(len({id(j) for j, _ in live}))
+        self._note_rate(len(live), dt)
+        with self._cond:
+            for k, (job, r) in enumerate(live):
+                if error is not None:
+                    job.error = job.error or error
+                elif not job.dead:
+                    assert out is not None
+                    if job.out is None:
+                        job.out = torch.empty(job.n, out.shape[-1], dtype=torch.float32)
+                    job.out[r] = out[k]
+                self._row_done_locked(job)
+
+
+async def _watch_disconnect(receive: Callable[[], Awaitable[dict[str, Any]]], job: Job) -> None:
+    while True:
+        message = await receive()
+        if message.get("type") == "http.disconnect":
+            job.cancel()
+            return
+        await asyncio.sleep(0.05)  # an unexpected extra body message: keep listening, never spin
+
+
+async def wait_for(job: Job, receive: Callable[[], Awaitable[dict[str, Any]]] | None = None) -> Any:
+    """Await a job; when ``receive`` (the ASGI receive of the request) reports a disconnect, drop it."""
+    watcher = asyncio.ensure_future(_watch_disconnect(receive, job)) if receive is not None else None
+    try:
+        return await job.future
+    except asyncio.CancelledError:
+        job.cancel()
+        raise
+    finally:
+        if watcher is not None:
+            watcher.cancel()

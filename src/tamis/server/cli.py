@@ -1,0 +1,169 @@
+"""``tamis serve``: the command line of the HTTP server.
+
+The lead's ``tamis.cli`` calls :func:`register` on its subparsers; ``python -m tamis.server`` runs the same
+command standalone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from tamis.server.auth import startup_message
+from tamis.server.settings import ServerSettings, keys_from_env
+
+logger = logging.getLogger("tamis.server")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+
+
+def parse_model_spec(spec: str) -> tuple[str | None, str]:
+    """``NAME=PATH_OR_ID`` -> (served name, model); ``PATH_OR_ID`` -> (None, model).
+
+    A ``=`` only counts as the separator when the left side is not itself an existing path.
+    """
+    if "=" in spec:
+        name, _, model = spec.partition("=")
+        if name and model and not os.path.exists(spec):
+            return name.strip(), model.strip()
+    return None, spec
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "serve",
+        help="serve embedding and reranker models over HTTP (Jina / OpenAI / Cohere compatible)",
+        description=(
+            "Serve models over HTTP. With no arguments: the default embedding model (all-MiniLM-L6-v2) and the "
+            "default reranker on 127.0.0.1:8080. Routes: POST /v1/embeddings, /v1/rerank, /v2/rerank; "
+            "GET /v1/models, /health, /metrics, /docs."
+        ),
+    )
+    add_arguments(p)
+    p.set_defaults(func=serve_command)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = ServerSettings()
+    p.add_argument("--embedding-model", action="append", default=None, metavar="[NAME=]MODEL",
+                   help="embedding model: local dir, HF id in the local cache, or 'default'; repeat to serve several "
+                        "(requests pick one with their 'model' field); NAME= sets the served name")
+    p.add_argument("--reranker-model", action="append", default=None, metavar="[NAME=]MODEL",
+                   help="reranker model (cross-encoder, listwise, or 'default' = embedding similarity); repeatable")
+    p.add_argument("--no-embedding", action="store_true", help="serve no embedding model")
+    p.add_argument("--no-reranker", action="store_true", help="serve no reranker")
+    p.add_argument("--host", default=DEFAULT_HOST, help=f"bind address (default {DEFAULT_HOST})")
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT})")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' (repeatable; also TAMIS_API_KEYS=k1,k2)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default float32)")
+    p.add_argument("--max-inputs", type=int, default=d.max_inputs, help=f"inputs per request (default {d.max_inputs})")
+    p.add_argument("--max-input-tokens", type=int, default=None,
+                   help="tokens per input when truncate=false (default: the model's context)")
+    p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
+                   help=f"request body limit (default {d.max_request_bytes})")
+    p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
+                   help="padded tokens per forward pass (default: 4096 on CPU, 16384 on accelerators)")
+    p.add_argument("--max-batch-size", type=int, default=d.max_batch_size,
+                   help=f"rows per forward pass (default {d.max_batch_size})")
+    p.add_argument("--max-padding", type=_padding, default=d.max_padding,
+                   help=f"padding bound of a batch as a fraction of its tokens (default {d.max_padding}); 'none' fills "
+                        "the token budget instead (better on GPUs)")
+    p.add_argument("--max-queued-inputs", type=int, default=d.max_queued_inputs,
+                   help=f"per-model queue bound in inputs; beyond it requests get 429 (default {d.max_queued_inputs})")
+    p.add_argument("--request-timeout", type=float, default=d.request_timeout_s,
+                   help=f"seconds a request may wait in the queue before it is dropped (default {d.request_timeout_s:g})")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+
+
+def _padding(value: str) -> float | None:
+    return None if value.lower() in ("none", "off") else float(value)
+
+
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    keys = list(args.api_key or []) + keys_from_env()
+    return ServerSettings(
+        max_inputs=args.max_inputs,
+        max_input_tokens=args.max_input_tokens,
+        max_request_bytes=args.max_request_bytes,
+        max_batch_tokens=args.max_batch_tokens,
+        max_batch_size=args.max_batch_size,
+        max_padding=args.max_padding,
+        max_queued_inputs=args.max_queued_inputs,
+        request_timeout_s=args.request_timeout,
+        api_keys=keys,
+    )
+
+
+def load_models(
+    embedding_specs: Sequence[str], reranker_specs: Sequence[str], device: str = "cpu", dtype: str = "float32"
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Load models by spec; served name = ``NAME=`` if given, else the model's own name."""
+    import tamis
+    from tamis.rerank import EmbeddingReranker
+
+    embedders: dict[str, Any] = {}
+    rerankers: dict[str, Any] = {}
+    by_spec: dict[str, Any] = {}
+    for spec in embedding_specs:
+        name, model = parse_model_spec(spec)
+        emb = tamis.Embedder(None if model == "default" else model, device=device, dtype=dtype)
+        by_spec[model] = emb
+        _add(embedders, name or emb.name, emb, "embedding")
+    for spec in reranker_specs:
+        name, model = parse_model_spec(spec)
+        if model in by_spec:
+            # the same embedding model on both routes: one copy in memory, one worker per route
+            rr = EmbeddingReranker(by_spec[model], name=by_spec[model].name)
+        else:
+            rr = tamis.Reranker(None if model == "default" else model, device=device, dtype=dtype)
+        _add(rerankers, name or rr.name, rr, "reranker")
+    return embedders, rerankers
+
+
+def _add(table: dict[str, Any], name: str, model: Any, kind: str) -> None:
+    if name in table:
+        raise ValueError(f"two {kind} models are served as {name!r}; give one another name with NAME=MODEL")
+    table[name] = model
+
+
+def serve_command(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from tamis.server.app import create_app
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    logger.setLevel(args.log_level.upper())  # also when `tamis` configured the root logger quieter
+    try:
+        settings = settings_from_args(args)
+    except ValueError as exc:
+        print(f"tamis serve: {exc}", file=sys.stderr)
+        return 2
+    emb_specs = [] if args.no_embedding else (args.embedding_model or ["default"])
+    rr_specs = [] if args.no_reranker else (args.reranker_model or ["default"])
+    if not emb_specs and not rr_specs:
+        print("tamis serve: nothing to serve (both --no-embedding and --no-reranker)", file=sys.stderr)
+        return 2
+    level, message = startup_message(len(settings.api_keys), args.host)
+    logger.log(level, message)
+    app = create_app(settings=settings, loader=lambda: load_models(emb_specs, rr_specs, args.device, args.dtype))
+    logger.info("serving on http://%s:%d (docs at /docs); loading models: embedding %s, reranker %s",
+                args.host, args.port, emb_specs, rr_specs)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
+    uvicorn.Server(config).run()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tamis")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(argv)
+    return int(args.func(args))

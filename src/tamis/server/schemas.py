@@ -1,0 +1,228 @@
+"""Request and response bodies of the Jina, OpenAI and Cohere routes.
+
+Requests are a superset of the three APIs: unknown fields are accepted and ignored (Jina's own gateway
+forbids them, which is why the OpenAI client cannot call api.jina.ai; here it can). Values are checked
+for type by pydantic (422) and for meaning by the routes (400), so each bad value gets a message that
+names it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+
+EmbeddingType = Literal["float", "base64", "binary", "ubinary"]
+
+
+class TextDoc(BaseModel):
+    """``{"text": ...}``. Image documents (``image`` / ``url`` / ``bytes``) parse, then get a clear 400."""
+
+    model_config = ConfigDict(extra="allow")
+    text: str | None = Field(None, description="the text")
+
+
+# What the schema documents is stricter than what parses: empty strings, empty lists, token ids and image
+# documents parse, then get a 400 that names the offending input (clearer than a schema error).
+_TEXT = {"type": "string", "minLength": 1}
+_TEXT_DOC = {"type": "object", "properties": {"text": _TEXT}, "required": ["text"]}
+_INPUT_SCHEMA = {
+    "anyOf": [_TEXT, _TEXT_DOC, {"type": "array", "minItems": 1, "items": {"anyOf": [_TEXT, _TEXT_DOC]}}],
+    "title": "Input",
+}
+_QUERY = {"type": "string", "pattern": "\\S"}
+_QUERY_SCHEMA = {"anyOf": [_QUERY, {"type": "object", "properties": {"text": _QUERY}, "required": ["text"]}],
+                 "title": "Query"}
+_DOCUMENTS_SCHEMA = {"type": "array", "minItems": 1, "title": "Documents",
+                     "items": {"anyOf": [{"type": "string"}, {"type": "object", "properties": {"text": {"type": "string"}},
+                                                                "required": ["text"]}]}}
+
+
+class EmbeddingRequest(BaseModel):
+    """Jina ``/v1/embeddings`` fields plus OpenAI's."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={"example": {"model": "all-MiniLM-L6-v2", "input": ["a text", "another text"]}},
+    )
+
+    model: str | None = Field(None, description="served model name; omitted = the first served embedding model")
+    input: Annotated[str | TextDoc | list[str | TextDoc | int | list[int]], WithJsonSchema(_INPUT_SCHEMA)] = Field(
+        ...,
+        description=(
+            "a string, a list of strings, a {text} object or a list of them (at most max_inputs items). "
+            "OpenAI token-id arrays are answered 400: send text."
+        ),
+    )
+    task: str | None = Field(None, description="task of multi-task models (e.g. retrieval.query); see GET /v1/models")
+    dimensions: int | None = Field(None, description="Matryoshka truncation: 1..model dimension")
+    normalized: bool | None = Field(None, description="L2-normalise (default true)")
+    truncate: bool | None = Field(
+        None, description="cut inputs longer than the model's context instead of answering 400 (default false)"
+    )
+    late_chunking: bool | None = Field(
+        False, description="treat the inputs as consecutive chunks of one document: one sequence, one vector each"
+    )
+    embedding_type: EmbeddingType | list[EmbeddingType] | None = Field(
+        None, description="float (default), base64 (little-endian float32), binary, ubinary, or a list of these"
+    )
+    encoding_type: EmbeddingType | list[EmbeddingType] | None = Field(None, description="alias of embedding_type")
+    encoding_format: EmbeddingType | list[EmbeddingType] | None = Field(
+        None, description="OpenAI's name for embedding_type"
+    )
+    return_multivector: bool | None = Field(None, description="not supported: true is answered 400")
+    user: str | None = Field(None, description="OpenAI field, ignored")
+
+    def output_type(self) -> str | list[str]:
+        for value in (self.embedding_type, self.encoding_type, self.encoding_format):
+            if value is not None:
+                return list(value) if isinstance(value, list) else value
+        return "float"
+
+
+EmbeddingValue = list[float] | str | list[int] | dict[str, list[float] | str | list[int]]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingItem(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: EmbeddingValue
+
+
+class EmbeddingResponse(BaseModel):
+    model: str
+    object: Literal["list"] = "list"
+    usage: Usage
+    data: list[EmbeddingItem]
+
+
+class RerankRequest(BaseModel):
+    """Jina / Cohere v1 rerank fields; ``/v2/rerank`` takes the same body (Cohere v2)."""
+
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "example": {"model": "all-MiniLM-L6-v2", "query": "a question", "documents": ["a doc", "another"]}
+        },
+    )
+
+    model: str | None = Field(None, description="served reranker name; omitted = the first served reranker")
+    query: Annotated[str | TextDoc, WithJsonSchema(_QUERY_SCHEMA)]
+    documents: Annotated[list[str | TextDoc], WithJsonSchema(_DOCUMENTS_SCHEMA)] = Field(
+        ..., description="strings or {text} objects (at most max_inputs)"
+    )
+    top_n: int | None = Field(None, description="how many results (> 0); null = all")
+    return_documents: bool | None = Field(
+        None, description="echo each document in its result (default true on /v1, false on /v2)"
+    )
+
+
+class RerankDocument(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    text: str | None = None
+
+
+class RerankResultV1(BaseModel):
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = Field(None, description="present when return_documents")
+
+
+class RerankUsage(BaseModel):
+    total_tokens: int
+    prompt_tokens: int
+
+
+class RerankResponseV1(BaseModel):
+    model: str
+    object: Literal["list"] = "list"
+    usage: RerankUsage
+    results: list[RerankResultV1]
+
+
+class RerankResultV2(BaseModel):
+    index: int
+    relevance_score: float
+    document: RerankDocument | None = None
+
+
+class ApiVersion(BaseModel):
+    version: str
+    is_experimental: bool
+
+
+class BilledUnits(BaseModel):
+    search_units: int
+    input_tokens: int
+
+
+class Tokens(BaseModel):
+    input_tokens: int
+    output_tokens: int
+
+
+class RerankMeta(BaseModel):
+    api_version: ApiVersion
+    billed_units: BilledUnits
+    tokens: Tokens
+
+
+class RerankResponseV2(BaseModel):
+    id: str
+    results: list[RerankResultV2]
+    meta: RerankMeta
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "tamis"
+    type: Literal["embedding", "reranker"]
+    kind: str | None = None
+    dimension: int | None = None
+    max_length: int | None = None
+    tasks: list[str] | None = None
+    aliases: list[str] = Field(default_factory=list)
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "loading", "failed"]
+    embedding_models: list[str]
+    reranker_models: list[str]
+    detail: str | None = None
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    detail: str
+    error: ErrorInfo
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    text = {
+        400: "invalid input (message names the field / input index)",
+        401: "missing or wrong API key",
+        413: "request body too large",
+        422: "body does not match the schema",
+        429: "queue full; retry after Retry-After seconds",
+        503: "models loading or queue deadline passed; retry after Retry-After seconds",
+    }
+    return {c: {"model": ErrorBody, "description": text.get(c, "error")} for c in codes}

@@ -1,0 +1,331 @@
+"""A real server on a loopback port, called with the real client libraries and real (small) models.
+
+Each client's values are checked against the library called directly: openai (base64 by default),
+langchain-community JinaEmbeddings / JinaRerank, llama-index JinaRerank, cohere ClientV2 rerank, plus
+raw HTTP for Jina-only fields (tasks on jina-embeddings-v3-tiny, late chunking, output types).
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import socket
+import threading
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import uvicorn
+
+import tamis
+from tamis.server import ServerSettings, create_app
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
+
+FIXTURES = Path("/work/shared/fixtures")
+V3 = FIXTURES / "jina-embeddings-v3-tiny"
+CE = FIXTURES / "jina-reranker-v1-tiny-like"
+KEY = "test-key-123"
+MINI = "all-MiniLM-L6-v2"
+
+TEXTS = [
+    "The cat sat on the mat.",
+    "Quantum computers use qubits, which can be in superpositions of states.",
+    "A recipe for pancakes: flour, eggs, milk, and a pinch of salt.",
+    "Paris is the capital and most populous city of France.",
+    "hi",
+]
+QUERY = "What is the capital of France?"
+DOCS = [
+    "Berlin is the capital of Germany.",
+    "Paris is the capital and largest city of France.",
+    "The Eiffel Tower is in Paris.",
+    "Bananas are rich in potassium.",
+    "France is a country in Western Europe.",
+]
+
+
+def cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
+
+
+class LiveServer:
+    def __init__(self, app: Any):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started and time.time() < deadline:
+            time.sleep(0.02)
+        assert self.server.started
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+@pytest.fixture(scope="module")
+def models() -> dict[str, Any]:
+    out: dict[str, Any] = {"mini": tamis.Embedder(), "rr_default": tamis.Reranker()}
+    out["v3"] = tamis.Embedder(V3) if V3.is_dir() else None
+    out["ce"] = tamis.Reranker(CE) if CE.is_dir() else None
+    return out
+
+
+@pytest.fixture(scope="module")
+def server(models: dict[str, Any]):
+    embedders = {MINI: models["mini"]}
+    rerankers = {MINI: models["rr_default"]}
+    if models["v3"] is not None:
+        embedders["jina-embeddings-v3-tiny"] = models["v3"]
+    if models["ce"] is not None:
+        rerankers["jina-reranker-v1-tiny-like"] = models["ce"]
+    app = create_app(embedders, rerankers, ServerSettings(api_keys=[KEY]))
+    with LiveServer(app) as srv:
+        yield srv
+
+
+def post(server: LiveServer, path: str, body: dict) -> httpx.Response:
+    return httpx.post(server.url + path, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+
+
+# ---------------------------------------------------------------------------- openai
+def test_openai_client_base64_default(server: LiveServer, models: dict[str, Any]) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    res = client.embeddings.create(model=MINI, input=TEXTS)  # the client asks for base64 and decodes it
+    got = np.array([d.embedding for d in res.data])
+    ref = models["mini"].embed(TEXTS)
+    assert got.shape == ref.shape == (5, 384)
+    assert cos(got, ref).min() >= 0.99999
+    np.testing.assert_allclose(got, ref, atol=1e-6)
+    assert [d.index for d in res.data] == list(range(5)) and res.model == MINI
+    assert res.usage.prompt_tokens == res.usage.total_tokens == sum(models["mini"].count_tokens(TEXTS))
+
+    res = client.embeddings.create(model=MINI, input="a single string", encoding_format="float", dimensions=64)
+    ref = models["mini"].embed(["a single string"], dimensions=64)
+    assert len(res.data[0].embedding) == 64
+    assert cos(np.array(res.data[0].embedding), ref[0]) >= 0.99999
+
+
+def test_openai_client_errors(server: LiveServer) -> None:
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.embeddings.create(model="text-embedding-3-small", input="x")
+    assert "served models" in str(e.value) and MINI in str(e.value)
+    assert e.value.body["code"] == "model_not_found"  # the client unwraps body["error"]
+    with pytest.raises(openai.BadRequestError, match="empty string"):
+        client.embeddings.create(model=MINI, input=["ok", ""])
+    bad = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError, match="invalid API key"):
+        bad.embeddings.create(model=MINI, input="x")
+
+
+# ---------------------------------------------------------------------------- langchain
+def test_langchain_jina_embeddings(server: LiveServer, models: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from langchain_community.embeddings import jina
+
+    monkeypatch.setattr(jina, "JINA_API_URL", server.url + "/v1/embeddings")
+    lc = jina.JinaEmbeddings(jina_api_key=KEY, model_name=MINI)
+    docs = np.array(lc.embed_documents(TEXTS))
+    query = np.array(lc.embed_query(QUERY))
+    assert cos(docs, models["mini"].embed(TEXTS)).min() >= 0.99999
+    assert cos(query, models["mini"].embed([QUERY])[0]) >= 0.99999
+    # errors surface through the `detail` key the client reads
+    wrong = jina.JinaEmbeddings(jina_api_key=KEY, model_name="jina-embeddings-v2-base-en")
+    with pytest.raises(RuntimeError, match="served models"):
+        wrong.embed_query("x")
+
+
+def _expected_ranking(rr: Any, top_n: int | None) -> list[tuple[int, float]]:
+    res = rr.rerank(QUERY, DOCS, top_n=top_n, return_documents=False)
+    return [(r.index, r.relevance_score) for r in res.results]
+
+
+def _rerank_models(models: dict[str, Any]) -> list[tuple[str, Any]]:
+    out = [(MINI, models["rr_default"])]
+    if models["ce"] is not None:
+        out.append(("jina-reranker-v1-tiny-like", models["ce"]))
+    return out
+
+
+def test_langchain_jina_rerank(server: LiveServer, models: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    from langchain_community.document_compressors import jina_rerank
+    from langchain_core.documents import Document
+
+    monkeypatch.setattr(jina_rerank, "JINA_API_URL", server.url + "/v1/rerank")
+    for name, rr in _rerank_models(models):
+        lc = jina_rerank.JinaRerank(jina_api_key=KEY, model=name, top_n=3)
+        got = lc.rerank(DOCS, QUERY)
+        exp = _expected_ranking(rr, 3)
+        assert [g["index"] for g in got] == [i for i, _ in exp]
+        np.testing.assert_allclose([g["relevance_score"] for g in got], [s for _, s in exp], atol=1e-5)
+        docs = lc.compress_documents([Document(page_content=d) for d in DOCS], QUERY)
+        assert [d.page_content for d in docs] == [DOCS[i] for i, _ in exp]
+    if models["ce"] is None:
+        pytest.skip("cross-encoder fixture missing; checked the embedding reranker only")
+
+
+def test_llama_index_jina_rerank(server: LiveServer, models: dict[str, Any]) -> None:
+    from llama_index.core.schema import NodeWithScore, TextNode
+    from llama_index.postprocessor.jinaai_rerank import JinaRerank
+
+    nodes = [NodeWithScore(node=TextNode(text=d), score=0.0) for d in DOCS]
+    for name, rr in _rerank_models(models):
+        post_proc = JinaRerank(base_url=server.url + "/v1", api_key=KEY, model=name, top_n=2)
+        out = post_proc.postprocess_nodes(nodes, query_str=QUERY)
+        exp = _expected_ranking(rr, 2)
+        assert [n.node.get_content() for n in out] == [DOCS[i] for i, _ in exp]
+        np.testing.assert_allclose([n.score for n in out], [s for _, s in exp], atol=1e-5)
+
+
+def test_cohere_v2_rerank(server: LiveServer, models: dict[str, Any]) -> None:
+    import cohere
+
+    co = cohere.ClientV2(api_key=KEY, base_url=server.url)
+    for name, rr in _rerank_models(models):
+        res = co.rerank(model=name, query=QUERY, documents=DOCS, top_n=3)
+        exp = _expected_ranking(rr, 3)
+        assert [r.index for r in res.results] == [i for i, _ in exp]
+        np.testing.assert_allclose([r.relevance_score for r in res.results], [s for _, s in exp], atol=1e-5)
+        assert res.meta.api_version.version == "2" and res.id
+    res = co.rerank(model=MINI, query=QUERY, documents=DOCS)  # no top_n: all documents
+    assert sorted(r.index for r in res.results) == list(range(len(DOCS)))
+    with pytest.raises(cohere.core.api_error.ApiError) as e:
+        cohere.ClientV2(api_key="nope", base_url=server.url).rerank(model=MINI, query=QUERY, documents=DOCS)
+    assert e.value.status_code == 401
+
+
+# ---------------------------------------------------------------------------- raw HTTP: Jina-only fields
+def test_v1_rerank_documents_and_usage(server: LiveServer, models: dict[str, Any]) -> None:
+    r = post(server, "/v1/rerank", {"model": MINI, "query": QUERY, "documents": DOCS, "top_n": None})
+    assert r.status_code == 200
+    b = r.json()
+    exp = models["rr_default"].rerank(QUERY, DOCS)
+    assert [x["index"] for x in b["results"]] == exp.indices
+    assert [x["document"]["text"] for x in b["results"]] == [DOCS[i] for i in exp.indices]
+    assert b["usage"]["total_tokens"] == exp.total_tokens > 0
+
+
+@pytest.mark.skipif(not V3.is_dir(), reason="jina-embeddings-v3-tiny fixture missing")
+def test_v3_tasks_share_batches_and_match(server: LiveServer, models: dict[str, Any]) -> None:
+    v3 = models["v3"]
+    texts = ["how do rockets fly", "rockets fly by expelling mass", "a b c", "short"]  # some cut at 48 tokens
+    tasks = ["retrieval.query", "retrieval.passage", "text-matching", "classification", "separation"]
+    with concurrent.futures.ThreadPoolExecutor(len(tasks)) as pool:
+        futs = {t: pool.submit(post, server, "/v1/embeddings",
+                               {"model": "jina-embeddings-v3-tiny", "input": texts, "task": t, "truncate": True})
+                for t in tasks}
+        res = {t: f.result() for t, f in futs.items()}
+    for t in tasks:
+        assert res[t].status_code == 200, res[t].text
+        got = np.array([d["embedding"] for d in res[t].json()["data"]])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", tamis.TruncationWarning)
+            exp = v3.embed(texts, task=t, truncate=True)
+        np.testing.assert_allclose(got, exp, atol=1e-5)
+    q = np.array([d["embedding"] for d in res["retrieval.query"].json()["data"]])
+    p = np.array([d["embedding"] for d in res["retrieval.passage"].json()["data"]])
+    assert np.abs(q - p).max() > 1e-3  # the adapters differ
+    bad = post(server, "/v1/embeddings", {"model": "jina-embeddings-v3-tiny", "input": "x", "task": "retrieval"})
+    assert bad.status_code == 400 and "retrieval.query" in bad.json()["detail"]
+    late = post(server, "/v1/embeddings", {"model": "jina-embeddings-v3-tiny", "input": ["First part.", "Second part."],
+                                           "late_chunking": True, "task": "retrieval.passage", "dimensions": 16})
+    assert late.status_code == 200, late.text
+    got = np.array([d["embedding"] for d in late.json()["data"]])
+    exp = v3.embed(["First part.", "Second part."], task="retrieval.passage", late_chunking=True, dimensions=16)
+    np.testing.assert_allclose(got, exp, atol=1e-5)
+
+
+def test_output_types_and_truncation(server: LiveServer, models: dict[str, Any]) -> None:
+    mini = models["mini"]
+    r = post(server, "/v1/embeddings", {"model": MINI, "input": TEXTS, "embedding_type": ["base64", "ubinary", "binary"]})
+    assert r.status_code == 200
+    data = r.json()["data"]
+    ref = mini.embed(TEXTS, embedding_type=["float", "ubinary", "binary"])
+    dec = np.stack([np.frombuffer(base64.b64decode(d["embedding"]["base64"]), "<f4") for d in data])
+    assert cos(dec, ref["float"]).min() >= 0.99999
+    agree = np.mean(np.array([d["embedding"]["ubinary"] for d in data]) == ref["ubinary"])
+    assert agree >= 0.99
+    assert np.array_equal(np.array([d["embedding"]["binary"] for d in data]) + 128,
+                          np.array([d["embedding"]["ubinary"] for d in data]))
+
+    long = "word " * 400
+    bad = post(server, "/v1/embeddings", {"model": MINI, "input": ["ok", long]})
+    assert bad.status_code == 400
+    assert "input 1 has 402 tokens, more than the limit of 256" in bad.json()["detail"]
+    ok = post(server, "/v1/embeddings", {"model": MINI, "input": ["ok", long], "truncate": True})
+    assert ok.status_code == 200 and ok.headers["x-truncated-inputs"] == "1"
+    got = np.array([d["embedding"] for d in ok.json()["data"]])
+    with pytest.warns(tamis.TruncationWarning):
+        exp = mini.embed(["ok", long], truncate=True)
+    assert cos(got, exp).min() >= 0.99999
+    assert ok.json()["usage"]["total_tokens"] == 3 + 256
+
+
+def test_concurrent_clients_get_their_own_vectors(server: LiveServer, models: dict[str, Any]) -> None:
+    reqs = [[f"request {i} text {j} " + "filler " * ((i * 7 + j * 3) % 40) for j in range(1 + i % 4)]
+            for i in range(12)]
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        res = list(pool.map(lambda t: post(server, "/v1/embeddings", {"model": MINI, "input": t}), reqs))
+    for texts, r in zip(reqs, res):
+        assert r.status_code == 200
+        got = np.array([d["embedding"] for d in r.json()["data"]])
+        assert cos(got, models["mini"].embed(texts)).min() >= 0.99999
+    m = httpx.get(server.url + "/metrics").text
+    assert "tamis_batch_requests_bucket" in m
+
+
+def test_tamis_serve_command(tmp_path: Path) -> None:
+    """`tamis serve` as users start it: defaults, keys from TAMIS_API_KEYS, the start-up auth line."""
+    import os
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "serve.log"
+    env = {**os.environ, "TAMIS_API_KEYS": "alpha, beta"}
+    with open(log, "w") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "tamis.cli", "serve", "--port", str(port)],
+                                stdout=f, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        health = None
+        while time.time() < deadline and proc.poll() is None:
+            try:
+                health = httpx.get(url + "/health", timeout=2)
+                if health.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        assert health is not None and health.status_code == 200, log.read_text()
+        assert health.json()["embedding_models"] == [MINI] and health.json()["reranker_models"] == [MINI]
+        assert httpx.post(url + "/v1/embeddings", json={"input": "x"}).status_code == 401
+        r = httpx.post(url + "/v1/embeddings", json={"input": "x"}, headers={"Authorization": "Bearer beta"})
+        assert r.status_code == 200 and len(r.json()["data"][0]["embedding"]) == 384
+        r = httpx.post(url + "/v1/rerank", json={"query": QUERY, "documents": DOCS, "top_n": 1},
+                       headers={"Authorization": "Bearer alpha"})
+        assert r.status_code == 200 and r.json()["results"][0]["index"] == 1
+    finally:
+        proc.terminate()
+        proc.wait(20)
+    assert "authentication: on (2 API keys)" in log.read_text()
