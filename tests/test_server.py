@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import socket
 import threading
 import time
 from typing import Any
@@ -19,9 +18,9 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import uvicorn
 
 import tamis
+from live_server import LiveServer
 from tamis.errors import InputTooLongError, UnknownTaskError
 from tamis.rerank.results import rank
 from tamis.server import ServerSettings, create_app
@@ -137,31 +136,6 @@ def client(app: Any) -> httpx.AsyncClient:
 
 def run(coro: Any) -> Any:
     return asyncio.run(coro)
-
-
-class LiveServer:
-    """uvicorn on a free loopback port in a background thread."""
-
-    def __init__(self, app: Any):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.time() + 20
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.02)
-        assert self.server.started
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
 
 
 def metric(text: str, name: str, **labels: str) -> float:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import socket
-import threading
 import time
 import warnings
 from pathlib import Path
@@ -19,9 +18,9 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 
 import tamis
+from live_server import LiveServer
 from tamis.server import ServerSettings, create_app
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -52,28 +51,6 @@ DOCS = [
 def cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return (a * b).sum(-1) / np.linalg.norm(a, axis=-1) / np.linalg.norm(b, axis=-1)
-
-
-class LiveServer:
-    def __init__(self, app: Any):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self) -> LiveServer:
-        self.thread.start()
-        deadline = time.time() + 30
-        while not self.server.started and time.time() < deadline:
-            time.sleep(0.02)
-        assert self.server.started
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
