@@ -652,6 +652,23 @@ def test_openapi_documents_routes() -> None:
     assert {"400", "401", "413", "422", "429", "503"} <= set(spec["paths"]["/v1/embeddings"]["post"]["responses"])
 
 
+def test_docs_work_offline_and_without_a_key() -> None:
+    """Swagger UI assets come from the installed package, not a CDN, and are public like /docs itself."""
+
+    async def go():
+        async with client(make_app(api_keys=["secret"])) as c:
+            page = await c.get("/docs")
+            assets = re.findall(r'(?:src|href)="([^"]+\.(?:js|css))"', page.text)
+            fetched = [await c.get(a) for a in assets]
+            api = await c.post("/v1/embeddings", json={"input": "x"})
+            return page, assets, fetched, api
+
+    page, assets, fetched, api = run(go())
+    assert page.status_code == 200 and "cdn." not in page.text and "//" not in "".join(assets)
+    assert assets and all(r.status_code == 200 and len(r.content) > 1000 for r in fetched)
+    assert api.status_code == 401  # the API itself still needs the key
+
+
 # ---------------------------------------------------------------------------- schema fuzzing
 def _fuzz_check(mode: Any, statuses: dict[int, int], failures: list[str]) -> Any:
     from schemathesis import GenerationMode

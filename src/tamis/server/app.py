@@ -24,13 +24,14 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi_offline import FastAPIOffline
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from tamis.batching import default_token_budget
 from tamis.errors import InputTooLongError, UnknownModelError
 from tamis.server import errors as err
-from tamis.server.auth import KeyChecker
+from tamis.server.auth import DOCS_STATIC, KeyChecker
 from tamis.server.batcher import ModelWorker, wait_for
 from tamis.server.errors import ApiError, NotReady
 from tamis.server.metrics import Metrics
@@ -286,7 +287,9 @@ def create_app(
         yield
         state.stop()
 
-    app = FastAPI(
+    # docs assets come from the fastapi-offline package, not a CDN: /docs works on air-gapped networks
+    app = FastAPIOffline(
+        static_url=DOCS_STATIC,
         title="tamis",
         version=_version(),
         description=(

@@ -13,6 +13,12 @@ from tamis.server.settings import LOOPBACK_HOSTS
 
 # paths served without a key: liveness, metrics scraping and the docs
 PUBLIC_PATHS = frozenset({"/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/"})
+DOCS_STATIC = "/static-offline-docs"  # Swagger UI / ReDoc assets served from the fastapi-offline package
+
+
+def is_public(path: str) -> bool:
+    """Paths readable without a key: health, metrics and the API docs (with their static assets)."""
+    return path in PUBLIC_PATHS or path.startswith(DOCS_STATIC + "/")
 
 
 class KeyChecker:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from tamis.server.auth import PUBLIC_PATHS, KeyChecker
+from tamis.server.auth import KeyChecker, is_public
 from tamis.server.errors import ApiError
 from tamis.server.metrics import Metrics
 
@@ -46,7 +46,7 @@ class ServerMiddleware:
 
         try:
             headers = _headers(scope)
-            if path not in PUBLIC_PATHS:
+            if not is_public(path):
                 try:
                     self.keys.check(headers.get("authorization"))
                 except ApiError as err:
