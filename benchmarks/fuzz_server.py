@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -30,34 +29,7 @@ from typing import Any
 import httpx
 from tqdm.auto import tqdm
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(port: int, emb: list[str], rr: list[str], log: Any) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "tamis.server", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-           "--max-inputs", "256"]
-    for m in emb:
-        cmd += ["--embedding-model", m]
-    for m in rr:
-        cmd += ["--reranker-model", m]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 180
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server not ready in 180 s")
-
+from local_server import free_port, start_server
 
 REASONS: Counter[tuple[str, int, str]] = Counter()
 
@@ -152,7 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     statuses: Counter[tuple[str, str, int]] = Counter()
     failures: list[str] = []
     with open(log_path, "w") as log:
-        proc = start_server(port, emb, rr, log)
+        server_args = ["--max-inputs", "256"]
+        for m in emb:
+            server_args += ["--embedding-model", m]
+        for m in rr:
+            server_args += ["--reranker-model", m]
+        proc = start_server(port, server_args, log)
         try:
             models = httpx.get(url + "/v1/models").json()["data"]
             emb_names = [m["id"] for m in models if m["type"] == "embedding"]

@@ -29,7 +29,6 @@ import gzip
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,6 +38,8 @@ from typing import Any
 
 import httpx
 from tqdm.auto import tqdm
+
+from local_server import free_port, start_server
 
 DATA = Path(os.environ.get("TAMIS_DATA", "/work/shared/data")) / "scifact"
 SIZES = [1, 1, 2, 4, 8, 16, 32]
@@ -93,30 +94,6 @@ def offline_throughput(model: str, texts: list[str], quiet: bool = False) -> dic
     return {"texts": len(texts), "tokens": int(sum(res.token_counts)), "seconds": dt,
             "texts_per_s": len(texts) / dt, "tokens_per_s": sum(res.token_counts) / dt,
             "torch_threads": torch.get_num_threads()}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: str, port: int, max_queued: int, log: Any) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "tamis.server", "--host", "127.0.0.1", "--port", str(port), "--no-reranker",
-           "--embedding-model", model, "--max-queued-inputs", str(max_queued), "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}; see its log")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not become ready in 120 s")
 
 
 def percentile(xs: list[float], p: float) -> float:
@@ -259,7 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://127.0.0.1:{port}"
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"tamis-load-server-{port}.log"
     with open(log_path, "w") as log:
-        proc = start_server(args.model, port, args.max_queued_inputs, log)
+        proc = start_server(port, ["--no-reranker", "--embedding-model", args.model,
+                                   "--max-queued-inputs", str(args.max_queued_inputs)], log, timeout_s=120)
         try:
             bodies = [json.dumps({"model": None, "input": r, "truncate": True, "encoding_format": "base64"}).encode()
                       for r in requests]
