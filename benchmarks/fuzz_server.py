@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import re
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -29,7 +28,7 @@ from typing import Any
 import httpx
 from tqdm.auto import tqdm
 
-from local_server import free_port, start_server
+from local_server import free_port, start_server, stop_server
 
 REASONS: Counter[tuple[str, int, str]] = Counter()
 
@@ -161,11 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             health = httpx.get(url + "/health").status_code
             alive = proc.poll() is None
         finally:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
 
     total = sum(statuses.values())
     print(f"\n{total} requests ({fuzz_s:.0f} s of schema fuzzing), server alive: {alive}, /health after: {health}")

@@ -30,7 +30,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from typing import Any
 import httpx
 from tqdm.auto import tqdm
 
-from local_server import free_port, start_server
+from local_server import free_port, start_server, stop_server
 
 DATA = Path(os.environ.get("TAMIS_DATA", "/work/shared/data")) / "scifact"
 SIZES = [1, 1, 2, 4, 8, 16, 32]
@@ -249,11 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             load["server"] = server_stats(httpx.get(url + "/metrics").text, load["seconds"])
             burst = asyncio.run(run_burst(url, args.burst_requests, args.burst_size, args.seed))
         finally:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
 
     # the machine may be shared: offline is measured again after the server run and the ratio uses the
     # faster of the two (other load only slows a run down, so the faster one is the fairer baseline)

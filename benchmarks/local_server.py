@@ -34,3 +34,11 @@ def start_server(port: int, server_args: list[str], log: Any, timeout_s: float =
         time.sleep(0.2)
     proc.kill()
     raise RuntimeError(f"server not ready in {timeout_s:.0f} s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()

@@ -409,15 +409,13 @@ class Embedder:
         enc = self.tokenizer.encode([prefix + text], max_length=None)[0]
         owner = assign_tokens(enc, spans, prefix + text, len(prefix))
         states = self._long_states(enc, task, overlap)
-        pooled = torch.zeros(len(spans), self.dimension, dtype=torch.float32)
-        counts = []
-        for j in range(len(spans)):
-            rows = [t for t, o in enumerate(owner) if o == j]
-            if not rows:
-                raise InvalidInputError(f"chunk {j} has no tokens (empty or whitespace only); remove it")
-            pooled[j] = states[rows].mean(dim=0)
-            counts.append(len(rows))
-        return pooled, counts
+        index = torch.tensor(owner, dtype=torch.long)
+        counts = torch.bincount(index, minlength=len(spans))
+        empty = (counts == 0).nonzero().flatten().tolist()
+        if empty:
+            raise InvalidInputError(f"chunk {empty[0]} has no tokens (empty or whitespace only); remove it")
+        sums = torch.zeros(len(spans), states.shape[1], dtype=torch.float32).index_add_(0, index, states)
+        return sums / counts[:, None].float(), counts.tolist()
 
     @torch.inference_mode()
     def _long_states(self, enc: Encoded, task: str | None, overlap: int) -> torch.Tensor:

@@ -18,8 +18,8 @@ import torch
 from tokenizers import Encoding
 from tokenizers import Tokenizer as HFTokenizer
 
-from tamis.errors import InputTooLongError
-from tamis.models.loading import ModelNotFoundError, read_json
+from tamis.errors import InputTooLongError, ModelNotFoundError
+from tamis.models.loading import read_json
 
 # tokenizer_config.json uses int(1e30) to mean "no limit"
 _NO_LIMIT = 10**12

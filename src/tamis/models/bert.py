@@ -24,17 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tamis.errors import UnsupportedModelError
+from tamis.models.activations import ACTIVATIONS
 from tamis.models.loading import apply_key_map, load_config, load_state_dict
-
-ACTIVATIONS = {
-    "gelu": lambda x: F.gelu(x),
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_fast": lambda x: F.gelu(x, approximate="tanh"),
-    "relu": F.relu,
-    "silu": F.silu,
-    "swish": F.silu,
-}
 
 
 @dataclass
