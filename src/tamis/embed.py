@@ -34,6 +34,7 @@ from tamis.models.loading import (
     DEFAULT_MODEL_ALIASES,
     load_config,
     read_json,
+    resolve_device,
     resolve_dtype,
     resolve_model_dir,
 )
@@ -156,7 +157,7 @@ class Embedder:
         self.model_dir = resolve_model_dir(model)
         self.config = load_config(self.model_dir)
         self.family = detect_family(self.config)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.name = _model_name(model, self.model_dir)
         self.max_tokens_per_batch = max_tokens_per_batch or default_token_budget(self.device)

@@ -22,9 +22,13 @@ class ModelNotFoundError(TamisError, FileNotFoundError):
             f"model {name!r} was not found locally. Looked in:\n{where}\n"
             "tamis never downloads. Provide the model as a local directory (config.json, model.safetensors, "
             "tokenizer.json), or put it in the Hugging Face cache (HF_HUB_CACHE / HF_HOME), e.g. on a "
-            "machine with network access: `huggingface-cli download <id>` and copy the cache over. "
+            "machine with network access: `hf download <id>` (huggingface_hub's CLI) and copy the cache over. "
             "Use 'default' (or no name) for the bundled all-MiniLM-L6-v2."
         )
+
+
+class DeviceError(TamisError, ValueError):
+    """The requested device cannot be used by this torch build on this machine (e.g. CUDA on a CPU-only torch)."""
 
 
 class UnsupportedModelError(TamisError, ValueError):

@@ -7,7 +7,8 @@ Resolution is strictly offline:
    ``~/.cache/huggingface/hub``), using ``refs/main`` (or ``refs/<revision>``) to pick the snapshot.
 Anything else raises :class:`~tamis.errors.ModelNotFoundError` naming every place looked in.
 
-Only safetensors are read (never pickle), and no remote code is run.
+Only safetensors are read (never pickle), and no remote code is run. torch is imported only by the
+functions that need it, so resolving a name (and failing fast on a missing model) costs no torch import.
 """
 
 from __future__ import annotations
@@ -15,12 +16,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-from safetensors import safe_open
+from tamis.errors import CheckpointError, DeviceError, ModelNotFoundError
 
-from tamis.errors import CheckpointError, ModelNotFoundError
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_MODEL = "default"
 DEFAULT_MODEL_ALIASES = {
@@ -29,25 +30,72 @@ DEFAULT_MODEL_ALIASES = {
     "sentence-transformers/all-minilm-l6-v2",
 }
 
+# accepted spellings -> torch dtype attribute
 DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
+    "float32": "float32",
+    "fp32": "float32",
+    "bfloat16": "bfloat16",
+    "bf16": "bfloat16",
+    "float16": "float16",
+    "fp16": "float16",
 }
 
 
 def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    import torch
+
     if dtype is None:
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     try:
-        return DTYPES[dtype.lower()]
+        return getattr(torch, DTYPES[dtype.lower()])
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(set(DTYPES))}") from None
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """Parse ``device`` and check that this torch can use it, before any weights move.
+
+    Raises :class:`~tamis.errors.DeviceError` with the reason (a CPU-only torch build, no visible GPU, an
+    index past the last GPU, an unknown device string) instead of torch's assertion deep in a ``.to()``.
+    """
+    import torch
+
+    if device is None:
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeviceError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N, mps (or another torch device type)") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        if not torch.backends.cuda.is_built():
+            raise DeviceError(
+                f"device {str(device)!r} is not available: torch {torch.__version__} is a CPU-only build "
+                "(compiled without CUDA); run on the CPU, or install a CUDA build of torch"
+            )
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise DeviceError(
+                f"device {str(device)!r} is not available: torch {torch.__version__} has CUDA support but sees "
+                "no GPU (check the driver with nvidia-smi, and CUDA_VISIBLE_DEVICES)"
+            )
+        if dev.index is not None and dev.index >= n:
+            raise DeviceError(f"device {str(device)!r} is not available: {n} GPU(s) visible (cuda:0 to cuda:{n - 1})")
+        return dev
+    if dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            why = "this torch has no MPS support" if not torch.backends.mps.is_built() else "no MPS device is visible"
+            raise DeviceError(f"device {str(device)!r} is not available: {why}")
+        return dev
+    try:  # other backends (xpu, hpu, ...): let torch say whether it can allocate there
+        torch.empty(0, device=dev)
+    except (RuntimeError, AssertionError, AttributeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DeviceError(f"device {str(device)!r} is not available: {first}") from None
+    return dev
 
 
 def bundled_default_dir() -> Path:
@@ -153,6 +201,8 @@ def safetensors_files(model_dir: Path) -> list[Path]:
 
 def load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     """All tensors of the checkpoint, in their stored dtype, on CPU."""
+    from safetensors import safe_open
+
     state: dict[str, torch.Tensor] = {}
     for file in safetensors_files(model_dir):
         with safe_open(str(file), framework="pt") as f:

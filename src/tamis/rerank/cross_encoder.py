@@ -11,7 +11,7 @@ import torch
 
 from tamis.batching import DEFAULT_MAX_BATCH_SIZE, default_token_budget, plan_batches
 from tamis.models import bert
-from tamis.models.loading import load_config, resolve_dtype
+from tamis.models.loading import load_config, resolve_device, resolve_dtype
 from tamis.rerank.base import document_texts, query_text
 from tamis.rerank.results import RankedResults, rank
 from tamis.tokenize import Tokenizer
@@ -45,7 +45,7 @@ class CrossEncoderReranker:
             raise ValueError(f"activation must be one of {ACTIVATIONS}")
         self.model_dir = Path(model_dir)
         self.name = name or self.model_dir.name
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.config = load_config(self.model_dir)
         self.model = bert.from_pretrained(self.model_dir, self.device, resolve_dtype(dtype), classification=True)
         self.tokenizer = Tokenizer.from_dir(self.model_dir, self.config)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from tamis.errors import CheckpointError, InvalidInputError
-from tamis.models.loading import load_config, resolve_dtype, resolve_model_dir
+from tamis.models.loading import load_config, resolve_device, resolve_dtype, resolve_model_dir
 from tamis.models.qwen3 import JinaListwiseModel
 from tamis.rerank.base import document_texts, query_text
 from tamis.rerank.results import RankedResults, rank
@@ -125,7 +125,7 @@ class ListwiseReranker:
             raise InvalidInputError("block_size, max_query_length and max_doc_length must be positive")
         self.model_dir = resolve_model_dir(model_dir)
         self.name = name or _display_name(str(model_dir), self.model_dir)
-        self.device = torch.device(device)
+        self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype)
         self.block_size = int(block_size)
         self.max_query_length = int(max_query_length)
