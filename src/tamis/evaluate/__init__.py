@@ -6,32 +6,26 @@
 0.679...
 """
 
-from tamis.evaluate.datasets import (
-    Corpus,
-    Dataset,
-    DatasetError,
-    Pair,
-    Qrels,
-    Run,
-    load_corpus,
-    load_dataset,
-    load_pairs,
-    load_qrels,
-    load_queries,
-    load_run,
-    save_run,
-)
-from tamis.evaluate.first_stage import (
-    BM25Index,
-    EmbeddingCache,
-    bm25_search,
-    dense_search,
-    encode,
-    exact_topk,
-    rrf,
-)
-from tamis.evaluate.metrics import Metrics, compute_metrics, cut_run
-from tamis.evaluate.pipeline import EvalReport, StageResult, evaluate, rerank_run
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# public name -> submodule that defines it; imported on first use (PEP 562), so registering the `eval` and
+# `bench` commands (tamis.evaluate.cli) imports neither torch nor the IR libraries
+_LAZY = {
+    **dict.fromkeys(
+        ["Corpus", "Dataset", "DatasetError", "Pair", "Qrels", "Run", "load_corpus", "load_dataset", "load_pairs",
+         "load_qrels", "load_queries", "load_run", "save_run"],
+        "tamis.evaluate.datasets",
+    ),
+    **dict.fromkeys(
+        ["BM25Index", "EmbeddingCache", "bm25_search", "dense_search", "encode", "exact_topk", "rrf"],
+        "tamis.evaluate.first_stage",
+    ),
+    **dict.fromkeys(["Metrics", "compute_metrics", "cut_run"], "tamis.evaluate.metrics"),
+    **dict.fromkeys(["EvalReport", "StageResult", "evaluate", "rerank_run"], "tamis.evaluate.pipeline"),
+}
 
 __all__ = [
     "BM25Index",
@@ -62,3 +56,44 @@ __all__ = [
     "rrf",
     "save_run",
 ]
+
+if TYPE_CHECKING:
+    from tamis.evaluate.datasets import (
+        Corpus,
+        Dataset,
+        DatasetError,
+        Pair,
+        Qrels,
+        Run,
+        load_corpus,
+        load_dataset,
+        load_pairs,
+        load_qrels,
+        load_queries,
+        load_run,
+        save_run,
+    )
+    from tamis.evaluate.first_stage import (
+        BM25Index,
+        EmbeddingCache,
+        bm25_search,
+        dense_search,
+        encode,
+        exact_topk,
+        rrf,
+    )
+    from tamis.evaluate.metrics import Metrics, compute_metrics, cut_run
+    from tamis.evaluate.pipeline import EvalReport, StageResult, evaluate, rerank_run
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tamis.evaluate' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
