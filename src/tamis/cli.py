@@ -1,180 +1,361 @@
-"""Command line: ``tamis embed | rerank | serve | eval | bench``."""
+"""Command line: ``tamis embed | rerank | serve | eval | bench``.
+
+Start-up is kept light: this module imports only the standard library and :mod:`tamis.errors` at load
+time. ``embed`` and ``rerank`` import torch when they run; the commands of other packages (``serve``,
+``eval``, ``bench``, ...) are listed in :data:`PACKAGE_COMMANDS` and their ``register(subparsers)`` module
+is imported only when one of its commands is chosen. So ``tamis --help`` and argument errors answer at once.
+
+Errors take one path (:func:`main`): the kinds listed in :func:`error_message` become one ``tamis: error:``
+line (``-v`` adds the traceback), Ctrl-C exits with status 130, a closed stdout pipe exits quietly.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
+import importlib
 import logging
+import os
 import sys
-from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, TextIO
+import traceback
+from collections.abc import Collection
+from typing import Any
 
-import numpy as np
+from tamis.errors import InvalidInputError, TamisError
 
-from tamis.errors import TamisError
+# Commands registered by other packages: command -> (module whose ``register(subparsers)`` adds it, one-line
+# help for ``tamis --help``). A package adds its command here, with one line; its register module should
+# import only argparse-level code at load time (heavy imports inside the command's function).
+PACKAGE_COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("tamis.server.cli",
+              "serve embedding and reranker models over HTTP (Jina / OpenAI / Cohere compatible)"),
+    "eval": ("tamis.evaluate.cli",
+             "evaluate retrieval (BM25 / dense / hybrid / a run file) and reranking on a data set"),
+    "bench": ("tamis.evaluate.cli",
+              "throughput of embedding and reranking on real texts (optionally vs sentence-transformers)"),
+}
 
-
-def _open_input(path: str | None) -> TextIO:
-    if path in (None, "-"):
-        return sys.stdin
-    p = Path(path)
-    if not p.is_file():
-        raise SystemExit(f"tamis: input file {path} does not exist")
-    if p.suffix == ".gz":
-        import gzip
-
-        return gzip.open(p, "rt", encoding="utf-8")
-    return open(p, encoding="utf-8")
-
-
-def read_records(path: str | None, fmt: str = "auto") -> Iterator[dict[str, Any]]:
-    """Lines of text, or JSONL objects with a "text" field (optionally "title", "id"/"_id")."""
-    with _open_input(path) as f:
-        for n, line in enumerate(f, 1):
-            line = line.rstrip("\n")
-            if not line.strip():
-                continue
-            is_json = fmt == "jsonl" or (fmt == "auto" and line.lstrip().startswith("{"))
-            if not is_json:
-                yield {"text": line}
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SystemExit(f"tamis: line {n} is not valid JSON: {exc}") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise SystemExit(f'tamis: line {n} has no "text" string')
-            yield obj
+# the library's embedding types (tamis.embed.EMBEDDING_TYPES; a test keeps them equal), known here so that
+# a wrong --embedding-type is an argument error before torch is imported
+EMBEDDING_TYPES = ("float", "base64", "binary", "ubinary")
+NPY_TYPES = {"float": "float32", "binary": "int8", "ubinary": "uint8"}
+DEFAULT_WRITE_EVERY = 1024
+SHOW_PROGRESS_FROM = 64  # inputs
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    return value
+# ------------------------------------------------------------------------------------------- embed
+
+
+def _fmt(n: int) -> str:
+    return f"{n:,}"
+
+
+def _note(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(f"tamis: {message}", file=sys.stderr)
+
+
+def _note_blank(args: argparse.Namespace, data: Any) -> None:
+    from tamis.cli_io import line_list
+
+    if data.blank_lines:
+        n = len(data.blank_lines)
+        _note(args, f"skipped {n} blank line{'s' * (n != 1)} of {data.source} (line{'s' * (n != 1)} "
+                    f"{line_list(data.blank_lines)}); each output row gives its input \"line\"")
+
+
+def _note_truncated(args: argparse.Namespace, what: str, lines: list[int], total: int, why: str, hint: str = "") -> None:
+    from tamis.cli_io import line_list
+
+    if lines:
+        _note(args, f"{len(lines)} of {_fmt(total)} {what} {why} (line{'s' * (len(lines) != 1)} {line_list(lines)})"
+                    + (f"; {hint}" if hint else ""))
+
+
+def _check_no_truncation(emb: Any, texts: list[str], records: list[Any], task: str | None, step: int) -> None:
+    """--no-truncate: find an over-long input before computing anything."""
+    for start in range(0, len(texts), step):
+        counts = emb.count_tokens(texts[start : start + step], task)
+        for j, n in enumerate(counts):
+            if n > emb.max_length:
+                raise InvalidInputError(
+                    f"line {records[start + j].line} has {n} tokens, more than the model's limit of "
+                    f"{emb.max_length}; shorten it, or leave out --no-truncate to cut inputs at the limit"
+                )
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from tamis.embed import Embedder
+    from tamis.cli_io import EmbeddingOutput, input_digest, read_records
+    from tamis.models.loading import resolve_model_dir
 
-    records = list(read_records(args.input, args.format))
+    types: list[str] = args.embedding_type
+    to_npy = bool(args.output) and args.output.endswith(".npy")
+    if to_npy and (len(types) != 1 or types[0] not in NPY_TYPES):
+        raise InvalidInputError(".npy output takes one --embedding-type of float, binary or ubinary")
+    if args.resume and args.output in (None, "-"):
+        raise InvalidInputError("--resume needs an output file (-o FILE): stdout cannot be resumed")
+
+    data = read_records(args.input, args.format)
+    records = data.records
     if not records:
-        raise SystemExit("tamis: no input texts")
-    texts = [(r.get("title", "") + " " + r["text"]).strip() if args.with_title else r["text"] for r in records]
-    types = args.embedding_type.split(",") if "," in args.embedding_type else args.embedding_type
+        raise InvalidInputError(f"no input texts in {data.source}" + (" (only blank lines)" if data.blank_lines else ""))
+    if to_npy and data.inner_blank_lines:
+        raise InvalidInputError(
+            f"{data.source} line {data.inner_blank_lines[0]} is blank: .npy rows have no line numbers, so rows after "
+            f"it would not match input lines; remove blank lines (e.g. `grep -v '^[[:space:]]*$'`), or write JSONL "
+            f"(-o FILE.jsonl), whose rows give their input \"line\""
+        )
+    texts = [(r.title + " " + r.text).strip() if args.with_title else r.text for r in records]
+    model_dir = resolve_model_dir(args.model)  # a missing model fails here, before torch is imported
+    fingerprint = {
+        "model": str(model_dir), "dtype": args.dtype, "task": args.task, "dimensions": args.dimensions,
+        "normalized": not args.no_normalize, "embedding_type": types, "truncate": not args.no_truncate,
+        "late_chunking": args.late_chunking, "with_title": args.with_title,
+        "inputs": len(texts), "input_sha256": input_digest(records, texts),
+    }
+    output = EmbeddingOutput(args.output, len(texts), fingerprint, resume=args.resume, input_path=args.input)
+    _note_blank(args, data)
+
+    import warnings
+
+    from tqdm.auto import tqdm
+
+    from tamis.embed import Embedder, TruncationWarning
+
     emb = Embedder(args.model, device=args.device, dtype=args.dtype)
-    if not args.quiet:
-        print(f"tamis: {emb!r}: embedding {len(texts)} texts", file=sys.stderr)
-    result = emb.embed_result(
-        texts, task=args.task, dimensions=args.dimensions, normalized=not args.no_normalize,
-        embedding_type=types, truncate=not args.no_truncate, late_chunking=args.late_chunking,
-        show_progress=False if args.quiet else len(texts) >= 64,
-    )
-    out = result.embeddings
-    if args.output and args.output.endswith(".npy"):
-        if not isinstance(out, np.ndarray):
-            raise SystemExit("tamis: .npy output needs --embedding-type float, binary or ubinary")
-        np.save(args.output, out)
-    else:
-        sink = open(args.output, "w", encoding="utf-8") if args.output else sys.stdout
-        try:
-            for i, rec in enumerate(records):
-                row: dict[str, Any] = {"index": i}
-                rid = rec.get("id", rec.get("_id"))
-                if rid is not None:
-                    row["id"] = rid
-                row["embedding"] = _jsonable({k: v[i] for k, v in out.items()} if isinstance(out, dict) else out[i])
-                sink.write(json.dumps(row) + "\n")
-        finally:
-            if sink is not sys.stdout:
-                sink.close()
-    if not args.quiet:
-        msg = f"tamis: {len(texts)} embeddings, {sum(result.token_counts)} tokens"
-        if result.truncated:
-            msg += f", {len(result.truncated)} truncated to {emb.max_length} tokens (indices {result.truncated[:10]})"
-        print(msg, file=sys.stderr)
+    emb.check_task(args.task)
+    emb.check_dimensions(args.dimensions)
+    step = len(texts) if args.late_chunking else args.write_every
+    if args.no_truncate and not args.late_chunking:
+        _check_no_truncation(emb, texts, records, args.task, step)
+    n = len(texts)
+    width = args.dimensions or emb.dimension
+    output.open(-(-width // 8) if types[0] in ("binary", "ubinary") else width, NPY_TYPES.get(types[0]))
+    resumed = f", resuming after {_fmt(output.done)} done" if output.done else ""
+    _note(args, f"{emb!r}: embedding {_fmt(n)} texts into {output.where}{resumed}")
+
+    etype: str | list[str] = types[0] if len(types) == 1 else types
+    truncated: list[int] = []
+    tokens = 0
+    bar = tqdm(total=n, initial=output.done, desc="embed", unit="text", file=sys.stderr,
+               disable=args.quiet or n < SHOW_PROGRESS_FROM)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TruncationWarning)  # reported below as one line
+            for start in range(output.done, n, step):
+                res = emb.embed_result(
+                    texts[start : start + step], task=args.task, dimensions=args.dimensions,
+                    normalized=not args.no_normalize, embedding_type=etype, truncate=not args.no_truncate,
+                    late_chunking=args.late_chunking, show_progress=False,
+                )
+                output.write(start, records[start : start + step], res.embeddings)
+                truncated += [records[start + i].line for i in res.truncated]
+                tokens += sum(res.token_counts)
+                bar.update(len(res.token_counts))
+    except KeyboardInterrupt:
+        bar.close()
+        output.close()
+        kept = (f"; they are in {output.where}: run the same command with --resume to continue"
+                if output.path is not None and output.done else "")
+        print(f"tamis: interrupted: {_fmt(output.done)} of {_fmt(n)} inputs done{kept}", file=sys.stderr)
+        return 130
+    bar.close()
+    output.finish()
+    _note_truncated(args, "inputs", truncated, n, f"were longer than {emb.max_length} tokens and were cut",
+                    "--no-truncate makes that an error")
+    _note(args, f"wrote {_fmt(n)} embeddings to {output.where} ({_fmt(tokens)} tokens embedded by this run)")
     return 0
+
+
+# ------------------------------------------------------------------------------------------ rerank
 
 
 def cmd_rerank(args: argparse.Namespace) -> int:
+    import json
+    import warnings
+
+    from tamis.cli_io import read_records
+
+    data = read_records(args.documents, args.format)
+    records = data.records
+    if not records:
+        raise InvalidInputError(f"no documents in {data.source}" + (" (only blank lines)" if data.blank_lines else ""))
+    _note_blank(args, data)
+
+    from tamis.embed import TruncationWarning
     from tamis.rerank import Reranker
 
-    records = list(read_records(args.documents, args.format))
-    if not records:
-        raise SystemExit("tamis: no documents")
     rr = Reranker(args.model, device=args.device, dtype=args.dtype)
-    if not args.quiet:
-        print(f"tamis: {rr!r}", file=sys.stderr)
-    res = rr.rerank(args.query, [r["text"] for r in records], top_n=args.top_n)
+    _note(args, repr(rr))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TruncationWarning)  # reported below as one line
+        res = rr.rerank(args.query, [r.text for r in records], top_n=args.top_n)
     if args.json:
         for rank, r in enumerate(res, 1):
-            row = {"rank": rank, "index": r.index, "relevance_score": r.relevance_score, "document": r.document}
-            rid = records[r.index].get("id", records[r.index].get("_id"))
-            if rid is not None:
-                row["id"] = rid
+            rec = records[r.index]
+            row = {"rank": rank, "index": r.index, "line": rec.line, "relevance_score": r.relevance_score,
+                   "document": r.document}
+            if rec.id is not None:
+                row["id"] = rec.id
             print(json.dumps(row))
-        return 0
-    print(f"{'rank':>4}  {'score':>8}  {'index':>5}  document")
-    for rank, r in enumerate(res, 1):
-        text = " ".join(str(r.document).split())
-        print(f"{rank:>4}  {r.relevance_score:>8.4f}  {r.index:>5}  {text[:100]}{'…' if len(text) > 100 else ''}")
-    if res.truncated and not args.quiet:
-        print(f"tamis: {len(res.truncated)} documents were truncated to fit the model", file=sys.stderr)
+    else:
+        print(f"{'rank':>4}  {'score':>8}  {'line':>5}  document")
+        for rank, r in enumerate(res, 1):
+            text = " ".join(str(r.document).split())
+            line = records[r.index].line
+            print(f"{rank:>4}  {r.relevance_score:>8.4f}  {line:>5}  {text[:100]}{'…' if len(text) > 100 else ''}")
+    _note_truncated(args, "documents", [records[i].line for i in res.truncated], len(records),
+                    "were cut to fit the model's context")
     return 0
+
+
+# ------------------------------------------------------------------------------------------ parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _embedding_types(text: str) -> list[str]:
+    types = [t.strip() for t in text.split(",")]
+    bad = [t for t in types if t not in EMBEDDING_TYPES]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"unknown type {bad[0]!r}; use {', '.join(EMBEDDING_TYPES)}, or several separated by commas"
+        )
+    twice = sorted({t for t in types if types.count(t) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"{twice[0]!r} is listed twice")
+    return types
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local directory or HF id in the local cache (default: bundled)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N, mps")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--format", default="auto", choices=["auto", "lines", "jsonl"], help="input format")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or notes on stderr")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tamis", description="Self-hosted embeddings and reranking.")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("embed", help="embed text lines or JSONL {'text': ...} into JSONL vectors or .npy")
+def _add_embed(sub: Any) -> None:
+    p = sub.add_parser(
+        "embed", help="embed text lines or JSONL {'text': ...} into JSONL vectors or .npy",
+        description="Embed each non-blank input line (text, or JSONL with a \"text\" field). JSONL output rows "
+        "carry \"index\" (row), \"line\" (input line number), \"id\" (when the input has one) and \"embedding\"; "
+        "they are written as they are computed, so an interrupted run keeps its rows and --resume continues it. "
+        ".npy output fills <output>.partial and renames it when complete. Blank lines are skipped (and reported).",
+    )
     p.add_argument("input", nargs="?", default=None, help="file (lines, JSONL, .gz) or - for stdin (default)")
     _common(p)
     p.add_argument("-o", "--output", default=None, help="output file (.npy or JSONL); default stdout JSONL")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run into the same -o file (same input and options)")
+    p.add_argument("--write-every", type=_positive_int, default=DEFAULT_WRITE_EVERY, metavar="N",
+                   help=f"inputs computed between writes to the output, the work lost at most on an interruption "
+                        f"(default {DEFAULT_WRITE_EVERY})")
     p.add_argument("--task", default=None, help="task (jina-embeddings-v3: retrieval.query, retrieval.passage, ...)")
-    p.add_argument("--dimensions", type=int, default=None, help="Matryoshka: keep the first N dimensions")
-    p.add_argument("--embedding-type", default="float", help="float, base64, binary, ubinary (comma list for several)")
+    p.add_argument("--dimensions", type=_positive_int, default=None, help="Matryoshka: keep the first N dimensions")
+    p.add_argument("--embedding-type", type=_embedding_types, default=["float"], metavar="TYPE[,TYPE]",
+                   help="float (default), base64, binary, ubinary; several separated by commas (JSONL output)")
     p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise")
-    p.add_argument("--no-truncate", action="store_true", help="error on over-long inputs instead of cutting them")
+    p.add_argument("--no-truncate", action="store_true",
+                   help="error on over-long inputs instead of cutting them at the model's limit")
     p.add_argument("--late-chunking", action="store_true", help="treat the inputs as consecutive chunks of one text")
     p.add_argument("--with-title", action="store_true", help='JSONL: embed "title" + " " + "text"')
     p.set_defaults(func=cmd_embed)
 
+
+def _add_rerank(sub: Any) -> None:
     p = sub.add_parser("rerank", help="rank documents for a query")
     p.add_argument("--query", required=True)
     p.add_argument("--documents", required=True, help="file of documents (lines or JSONL), - for stdin")
-    p.add_argument("--top-n", type=int, default=None)
+    p.add_argument("--top-n", type=_positive_int, default=None)
     p.add_argument("--json", action="store_true", help="JSONL output")
     _common(p)
     p.set_defaults(func=cmd_rerank)
 
-    from tamis.evaluate.cli import register as register_eval
-    from tamis.server.cli import register as register_serve
 
-    register_serve(sub)
-    register_eval(sub)
+def build_parser(load: Collection[str] | None = None) -> argparse.ArgumentParser:
+    """The ``tamis`` parser.
+
+    ``load``: the package commands whose modules are imported and registered (``None``: all of them). The
+    others are listed by name and help only, so building the parser imports nothing heavy.
+    """
+    from tamis import __version__
+
+    parser = argparse.ArgumentParser(prog="tamis", description="Self-hosted embeddings and reranking.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more, and show tracebacks of errors")
+    parser.add_argument("--version", action="version", version=f"tamis {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_embed(sub)
+    _add_rerank(sub)
+    wanted = set(PACKAGE_COMMANDS) if load is None else set(load)
+    for module in dict.fromkeys(m for c, (m, _) in PACKAGE_COMMANDS.items() if c in wanted):
+        importlib.import_module(module).register(sub)
+    for command, (_, help_text) in PACKAGE_COMMANDS.items():
+        if command not in sub.choices:  # listed only: parsed for real once it is chosen
+            sub.add_parser(command, help=help_text, add_help=False)
     return parser
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Parse in two steps: the command first (nothing heavy imported), then with its package registered."""
+    parser = build_parser(load=())
+    first, _ = parser.parse_known_args(argv)
+    if first.command in PACKAGE_COMMANDS:
+        parser = build_parser(load=[first.command])
+    return parser.parse_args(argv)
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def error_message(exc: BaseException) -> tuple[str, int] | None:
+    """One-line message and exit status for the error kinds a user can fix; None for bugs (traceback)."""
+    if isinstance(exc, TamisError):
+        return str(exc), 2
+    if isinstance(exc, UnicodeDecodeError):
+        return f"text is not valid UTF-8 ({exc.reason} at byte {exc.start})", 2
+    if isinstance(exc, OSError):
+        what = exc.strerror or str(exc) or type(exc).__name__
+        return (f"{what}: {exc.filename}" if exc.filename else what), 1
+    if isinstance(exc, MemoryError):
+        return "out of memory; use a smaller model or fewer inputs at a time (--write-every)", 1
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    verbose = False
     try:
+        args = parse_args(argv)
+        verbose = args.verbose
+        logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                            format="%(levelname)s %(name)s: %(message)s")
         return int(args.func(args) or 0)
-    except TamisError as exc:
-        print(f"tamis: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("tamis: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # the reader of stdout went away (e.g. `tamis embed ... | head`): stop quietly, as other tools do
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return 141
+    except Exception as exc:
+        known = error_message(exc)
+        if known is None:
+            raise
+        if verbose:
+            traceback.print_exc()
+        print(f"tamis: error: {known[0]}", file=sys.stderr)
+        return known[1]
 
 
 if __name__ == "__main__":
