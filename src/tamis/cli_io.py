@@ -217,7 +217,6 @@ class EmbeddingOutput:
         self.fingerprint = fingerprint
         self.total = total
         self.done = 0
-        self._state: dict[str, Any] | None = None
         self._sink: Any = None
         if self.path is None:
             if resume:
@@ -244,7 +243,6 @@ class EmbeddingOutput:
                     )
                 return  # nothing was started: a fresh run
             self._check_same_job(state)
-            self._state = state
             self.done = self._state_done(state)
 
     # ------------------------------------------------------------------ resume state
