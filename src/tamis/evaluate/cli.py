@@ -36,8 +36,9 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--data", required=True, help="data set directory (corpus.jsonl.gz, queries.jsonl.gz, qrels/)")
     p.add_argument("--split", default="test", help="qrels split (qrels/<split>.tsv); default test")
-    p.add_argument("--first-stage", default="bm25", metavar="bm25|dense|hybrid|run:FILE",
-                   help="first stage; run:FILE reads a run file (relative to --data unless absolute)")
+    p.add_argument("--first-stage", default="bm25", metavar="bm25|dense|hybrid|pool|run:FILE",
+                   help="first stage; run:FILE reads a run file (relative to --data unless absolute); pool: "
+                        "each query's judged documents (fixed candidate lists, e.g. NovelEval)")
     p.add_argument("--model", default=None, help="embedding model for dense / hybrid (default: bundled MiniLM)")
     p.add_argument("--reranker", default=None, help="rerank the first stage's top --depth ('default' or a model)")
     p.add_argument("--depth", type=int, default=100, help="candidates per query given to the reranker")
