@@ -138,7 +138,7 @@ def main() -> int:
                                                                   if m in r) for r in rows))
     if "bench" in stages:
         subprocess.run([sys.executable, "-m", "tamis.cli", "bench", "--task", "rerank", "--data", str(data_root),
-                        "--reranker", str(work / "teacher" / "model"), "--vs-reranker", str(work / "student" / "model"),
+                        "--reranker", str(work / "teacher" / "model"), "--compare-reranker", str(work / "student" / "model"),
                         "--repeats", "3", "--json", str(work / "bench.json")], check=True)
     if "ship" in stages:
         ship(work)
