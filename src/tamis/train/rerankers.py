@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -74,6 +75,10 @@ class ListConfig:
     loss: str = "infonce"
     temperature: float = 1.0
     pos_weight: float | None = None
+    # A seeded sample of this many training lists, each cut to ``n_negatives`` negatives: fewer pairs
+    # for an expensive teacher (a cross-encoder) to score; several epochs then reuse them.
+    max_lists: int | None = None
+    max_dev: int | None = None  # a seeded sample of this many dev queries (cheaper periodic evaluation)
 
 
 @dataclass
@@ -132,6 +137,22 @@ def prepare_data(specs: Sequence[str], work_dir: str | Path, mining: MiningConfi
     return PreparedData(merged, lists, dev_run, sizes)
 
 
+def subsample(prepared: PreparedData, max_lists: int | None, n_negatives: int, max_dev: int | None,
+              seed: int = 0) -> PreparedData:
+    """A seeded sample of ``max_lists`` training lists (each cut to ``n_negatives`` negatives, chosen at
+    random) and of ``max_dev`` dev queries; ``None`` keeps everything."""
+    train, dev = prepared.train, prepared.dev_run
+    if max_lists is not None and max_lists < len(train):
+        rng = random.Random(f"lists:{seed}")
+        train = [TrainList(t.qid, t.positives, rng.sample(t.negatives, min(n_negatives, len(t.negatives))), t.labelled)
+                 for t in rng.sample(train, max_lists)]
+    if max_dev is not None and max_dev < len(dev):
+        keep = random.Random(f"dev:{seed}").sample(sorted(dev), max_dev)
+        dev = {q: dev[q] for q in sorted(keep)}
+    sizes = {**prepared.sizes, "used": {"train_lists": len(train), "dev_queries": len(dev)}}
+    return PreparedData(prepared.data, train, dev, sizes)
+
+
 def teacher_scores(spec: str | Any, prepared: PreparedData, cache_dir: str | Path, device: str = "cpu",
                    weights: Sequence[float] | None = None, emb_cache: EmbeddingCache | None = None,
                    show_progress: bool = True) -> tuple[dict[str, dict[str, float]], str, dict[str, Any]]:
@@ -173,6 +194,7 @@ def train_reranker(
     resume: bool = False,
     cache_dir: str | Path | None = None,
     save_dtype: str = "float32",
+    data_dir: str | Path | None = None,
     name: str | None = None,
     command: str | None = None,
     show_progress: bool = True,
@@ -183,7 +205,8 @@ def train_reranker(
     those layers are kept (a student initialised from its teacher). ``teacher``: a reranker path or
     scorer spec (see :func:`tamis.train.teachers.build_scorer`) whose scores feed distillation losses
     (``lists.loss`` such as ``"kl"`` or ``"infonce+kl"``). ``freeze``: ``"word"`` or ``"all"``
-    embeddings frozen.
+    embeddings frozen. ``data_dir``: where the mined lists are cached (default ``out_dir/data``; share
+    it between a teacher and its student so mining runs once).
     """
     lists = lists or ListConfig()
     mining = mining or MiningConfig()
@@ -192,7 +215,9 @@ def train_reranker(
     out.mkdir(parents=True, exist_ok=True)
     emb_cache = EmbeddingCache(cache_dir) if cache_dir is not None else EmbeddingCache()
     t0 = time.perf_counter()
-    prepared = prepare_data(data, out / "data", mining, config.seed, emb_cache, show_progress)
+    prepared = prepare_data(data, Path(data_dir) if data_dir else out / "data", mining, config.seed, emb_cache,
+                            show_progress)
+    prepared = subsample(prepared, lists.max_lists, lists.n_negatives, lists.max_dev, config.seed)
     teacher_info: dict[str, Any] = {}
     table = None
     teacher_name = None
@@ -216,6 +241,7 @@ def train_reranker(
         "negatives": f"{'+'.join(mining.methods)} mined, top {mining.skip_top} skipped, depth {mining.depth}",
         "teacher": teacher_name or "none (labels only)", "frozen": freeze or "nothing", "seed": config.seed,
         "device": config.device, "bf16": config.bf16,
+        "lists used": f"{len(prepared.train)} (sampled)" if lists.max_lists else f"{len(prepared.train)} (all)",
     }
 
     def save(directory: Path) -> None:
