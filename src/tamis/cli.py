@@ -1,4 +1,4 @@
-"""Command line: ``tamis embed | rerank | serve | eval | bench``.
+"""Command line: ``tamis embed | rerank | serve | eval | bench | train``.
 
 Start-up is kept light: this module imports only the standard library and :mod:`tamis.errors` at load
 time. ``embed`` and ``rerank`` import torch when they run; the commands of other packages (``serve``,
@@ -32,6 +32,8 @@ PACKAGE_COMMANDS: dict[str, tuple[str, str]] = {
              "evaluate retrieval (BM25 / dense / hybrid / a run file) and reranking on a data set"),
     "bench": ("tamis.evaluate.cli",
               "throughput of embedding and reranking on real texts (optionally vs sentence-transformers)"),
+    "train": ("tamis.train.cli",
+              "train rerankers: fine-tune a cross-encoder, or distil a teacher into a smaller student"),
 }
 
 # the library's embedding types (tamis.embed.EMBEDDING_TYPES; a test keeps them equal), known here so that

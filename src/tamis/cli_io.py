@@ -13,12 +13,15 @@ Only this module knows these file layouts.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import json
 import os
+import signal
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +37,22 @@ STATE_VERSION = 1
 
 
 # ----------------------------------------------------------------------------------------------- input
+
+
+@contextlib.contextmanager
+def sigint_deferred() -> Iterator[None]:
+    """Hold Ctrl-C until the block ends, so rows on disk and the count of rows done always agree."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
 
 
 @dataclass
@@ -319,6 +338,10 @@ class EmbeddingOutput:
         """Rows ``start .. start+len(records)`` (``embeddings``: array, list, or dict of these by type)."""
         if start != self.done:
             raise ValueError(f"rows must be written in order: expected row {self.done}, got {start}")
+        with sigint_deferred():
+            self._write(start, records, embeddings)
+
+    def _write(self, start: int, records: Sequence[Record], embeddings: Any) -> None:
         n = len(records)
         if self.npy:
             self._sink[start : start + n] = embeddings
