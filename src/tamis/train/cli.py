@@ -46,6 +46,16 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _dev(text: str) -> float:
     value = float(text)
     if value < 0:
@@ -97,6 +107,11 @@ def _common(p: argparse.ArgumentParser, distill: bool) -> None:
     t.add_argument("--pos-weight", type=float, default=None, help="bce: weight of positives (default none)")
     t.add_argument("--negatives", type=int, default=7, help="negatives per list in a step (default 7)")
     t.add_argument("--lists-per-batch", type=int, default=4)
+    t.add_argument("--max-lists", type=_positive, default=None, metavar="N",
+                   help="train on a seeded sample of N lists, each cut to --negatives negatives: fewer pairs for "
+                        "an expensive teacher to score (more epochs reuse them)")
+    t.add_argument("--max-dev", type=_positive, default=None, metavar="N",
+                   help="evaluate on a seeded sample of N dev queries (cheaper periodic evaluation)")
     t.add_argument("--max-length", type=int, default=256, help="tokens per (query, document) pair")
     t.add_argument("--freeze-embeddings", choices=["word", "all"], default=None)
     o = p.add_argument_group("optimisation")
@@ -167,7 +182,8 @@ def train_command(args: argparse.Namespace) -> int:
                          eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, device=args.device,
                          select_metric="nDCG@10" if args.dev else None, show_progress=not args.quiet)
     lists = ListConfig(n_negatives=args.negatives, lists_per_batch=args.lists_per_batch, max_length=args.max_length,
-                       loss=args.loss, temperature=args.temperature, pos_weight=args.pos_weight)
+                       loss=args.loss, temperature=args.temperature, pos_weight=args.pos_weight,
+                       max_lists=args.max_lists, max_dev=args.max_dev)
     mining = MiningConfig(methods=methods, n_negatives=args.mine_negatives, skip_top=args.skip_top,
                           depth=args.mine_depth, strategy=args.mine_strategy, dev=args.dev,
                           max_dev_per_source=args.max_dev_per_source, dev_depth=args.dev_depth,
