@@ -160,12 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_rerank)
 
     from tamis.evaluate.cli import register as register_eval
-    from tamis.scale.cli import register as register_batch
     from tamis.server.cli import register as register_serve
 
     register_serve(sub)
     register_eval(sub)
-    register_batch(sub)
     return parser
 
 

@@ -1,19 +1,24 @@
 """``tamis batch embed|rerank INPUT OUTPUT``: resumable batch jobs, in-process or on Ray.
 
-Registered by ``tamis.cli`` through :func:`register`; importing this module imports only argparse.
+Registered by ``tamis.cli`` through :func:`register`; importing this module imports only argparse (the
+engines, pyarrow and torch are imported when a job runs). ``python -m tamis.scale.cli embed|rerank ...``
+runs the same command on its own (for ``ray job submit -- python -m tamis.scale.cli ...``).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Any
+
+HELP = "embed or rerank Parquet/JSONL files into Parquet shards (resumable; --ray for Ray Data)"
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "batch",
-        help="embed or rerank Parquet/JSONL files into Parquet shards (resumable; --ray for Ray Data)",
+        help=HELP,
         description=(
             "Map every row of INPUT (a .parquet / .jsonl(.gz) file or a directory of them) into Parquet shards "
             "under OUTPUT: part-FFFFF-SSSSS.parquet, one per --shard-size rows, written atomically. A rerun "
@@ -66,6 +71,7 @@ def _io(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_batch(args: argparse.Namespace) -> int:
+    from tamis.errors import InvalidInputError
     from tamis.scale.job import run_job
     from tamis.scale.mapper import EmbedBatch, RerankBatch
 
@@ -78,6 +84,8 @@ def cmd_batch(args: argparse.Namespace) -> int:
             import ray  # noqa: F401
         except ImportError:
             raise SystemExit("tamis batch --ray: Ray is not installed: pip install 'tamis[ray]'") from None
+    if not args.ray and (args.workers is not None or args.ray_address is not None):
+        raise InvalidInputError("--workers and --ray-address need --ray")
     bad_rows = "skip" if args.skip_bad_rows else "flag"
     mapper: EmbedBatch | RerankBatch
     if args.batch_command == "embed":
@@ -95,3 +103,33 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(f"tamis batch: {report.summary()}", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``tamis batch ARGS`` on its own: ``python -m tamis.scale.cli embed IN OUT ...``.
+
+    Errors a user can fix (bad input, a job mismatch, a missing file) are one line, exit status 2 (1 for
+    file-system errors); Ctrl-C exits with 130.
+    """
+    from tamis.errors import TamisError
+
+    parser = argparse.ArgumentParser(prog="tamis", description="Resumable batch embedding and reranking.")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["batch", *(sys.argv[1:] if argv is None else argv)])
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("tamis batch: interrupted", file=sys.stderr)
+        return 130
+    except TamisError as exc:
+        print(f"tamis batch: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        what = exc.strerror or str(exc) or type(exc).__name__
+        print(f"tamis batch: error: {what}{f': {exc.filename}' if exc.filename else ''}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
