@@ -34,6 +34,8 @@ PACKAGE_COMMANDS: dict[str, tuple[str, str]] = {
               "throughput of embedding and reranking on real texts (optionally vs sentence-transformers)"),
     "train": ("tamis.train.cli",
               "train rerankers: fine-tune a cross-encoder, or distil a teacher into a smaller student"),
+    "batch": ("tamis.scale.cli",
+              "embed or rerank Parquet/JSONL files into Parquet shards (resumable; --ray for Ray Data)"),
 }
 
 # the library's embedding types (tamis.embed.EMBEDDING_TYPES; a test keeps them equal), known here so that
