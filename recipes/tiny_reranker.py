@@ -20,7 +20,8 @@ Stages (each cached under --work, so a rerun continues where it stopped):
             top-100, SciFact BM25 top-100, NovelEval, lyft dense top-20); none of their test queries
             is used before this stage
   bench     reranking throughput of teacher vs student (tamis bench, same process, same machine)
-  ship      the student as float16 safetensors + model card into src/tamis/rerank/weights/
+  ship      only if the student beats the embedding reranker on every set and keeps >= 90 % of the
+            teacher on DL21 and SciFact: float16 safetensors + model card into src/tamis/rerank/weights/
 
 Data never leaves ../shared/data; no test query is trained on or used for selection.
 """
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -110,7 +112,7 @@ def main() -> int:
         if out.is_file():
             results = json.loads(out.read_text())
         for name, model in (("student", work / "student" / "model"), ("teacher", work / "teacher" / "model"),
-                            ("embedding", "embedding")):
+                            ("embedding", "default")):
             if name in results:
                 continue
             log(f"evaluate: {name}")
@@ -135,6 +137,9 @@ def ship(work: Path) -> None:
     import torch
     from safetensors.torch import load_file, save_file
 
+    short = ship_gate(json.loads((work / "eval.json").read_text()))
+    if short:
+        raise SystemExit("ship: the student does not meet the bar for a default reranker: " + "; ".join(short))
     src = work / "student" / "model"
     SHIP_DIR.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
@@ -145,6 +150,20 @@ def ship(work: Path) -> None:
               metadata={"format": "pt"})
     (SHIP_DIR / "README.md").write_text(ship_card(work))
     log(f"ship: {SHIP_DIR} ({sum(f.stat().st_size for f in SHIP_DIR.iterdir()) / 1e6:.1f} MB)")
+
+
+def ship_gate(evals: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """What keeps the student from shipping as the default: it must beat the embedding reranker on every
+    set (nDCG@10, or Hit@3 and MRR@10 on lyft) and keep >= 90 % of the teacher's nDCG@10 on DL21 and SciFact."""
+    short = []
+    for i, row in enumerate(evals["student"]):
+        for metric in [m for m in ("nDCG@10", "Hit@3", "MRR@10") if m in row][:2 if "Hit@3" in row else 1]:
+            if row[metric] <= evals["embedding"][i][metric]:
+                short.append(f"{row['set']} {metric} {row[metric]:.4f} <= embedding {evals['embedding'][i][metric]:.4f}")
+        teacher = evals["teacher"][i].get("nDCG@10")
+        if teacher and any(k in row["set"].lower() for k in ("dl21", "scifact")) and row["nDCG@10"] < 0.9 * teacher:
+            short.append(f"{row['set']} nDCG@10 {row['nDCG@10']:.4f} < 90 % of the teacher's {teacher:.4f}")
+    return short
 
 
 def ship_card(work: Path) -> str:

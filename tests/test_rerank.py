@@ -71,19 +71,8 @@ def test_long_query_keeps_room_for_the_document(v1):
     assert sum(enc.type_ids) >= 3  # the document's tokens (type 1) survive
 
 
-def test_default_reranker_is_the_shipped_cross_encoder():
+def test_default_reranker_is_embedding_based_and_says_so():
     rr = tamis.Reranker()
-    assert isinstance(rr, CrossEncoderReranker) and rr.name == "tamis-reranker-tiny"
-    assert rr.model.cfg.num_hidden_layers <= 3
-    assert tamis.Reranker("default").name == rr.name
-    docs = ["Paris is the capital of France.", "Bananas are rich in potassium.", "France's capital city is Paris."]
-    res = rr.rerank("What is the capital of France?", docs)
-    assert set(res.indices[:2]) == {0, 2} and res.indices[2] == 1
-    assert all(0.0 <= s <= 1.0 for s in res.scores)
-
-
-def test_embedding_reranker_stays_reachable_by_name_and_says_so():
-    rr = tamis.Reranker("embedding")
     assert isinstance(rr, EmbeddingReranker) and rr.kind == "embedding"
     assert "cosine similarity of all-MiniLM-L6-v2 embeddings" in repr(rr)
     docs = ["Paris is the capital of France.", "Bananas are rich in potassium.", "France's capital city is Paris."]

@@ -261,7 +261,7 @@ def test_rerank_metrics_on_real_dev_slice():
     data = load_training_data(SHARED / "data" / "scifact")
     _, dev = split_dev(data, 5, seed=0)
     runs = first_stage_runs(data, dev, methods=("bm25",), depth=10, show_progress=False)
-    bm25 = RerankerScorer(tamis.Reranker("embedding"), show_progress=False)
+    bm25 = RerankerScorer(tamis.Reranker(), show_progress=False)
     m = rerank_metrics(bm25.reranker, data, runs["bm25"])
     assert 0.0 <= m["nDCG@10"] <= 1.0 and set(m) == {"nDCG@10", "MRR@10", "Hit@10"}
 

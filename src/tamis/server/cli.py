@@ -40,7 +40,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         help="serve embedding and reranker models over HTTP (Jina / OpenAI / Cohere compatible)",
         description=(
             "Serve models over HTTP. With no arguments: the default embedding model (all-MiniLM-L6-v2) and the "
-            "default reranker (tamis-reranker-tiny, a 2-layer cross-encoder) on 127.0.0.1:8080. Routes: POST /v1/embeddings, /v1/rerank, /v2/rerank; "
+            "default reranker on 127.0.0.1:8080. Routes: POST /v1/embeddings, /v1/rerank, /v2/rerank; "
             "GET /v1/models, /health, /metrics, /docs."
         ),
     )
@@ -55,8 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="embedding model: local dir, HF id in the local cache, or 'default'; repeat to serve several "
                         "(requests pick one with their 'model' field); NAME= sets the served name")
     p.add_argument("--reranker-model", action="append", default=None, metavar="[NAME=]MODEL",
-                   help="reranker model: a cross-encoder or listwise checkpoint, 'default' (the shipped "
-                        "tamis-reranker-tiny) or 'embedding' (cosine of the default embedding model); repeatable")
+                   help="reranker model (cross-encoder, listwise, or 'default' = embedding similarity); repeatable")
     p.add_argument("--no-embedding", action="store_true", help="serve no embedding model")
     p.add_argument("--no-reranker", action="store_true", help="serve no reranker")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"bind address (default {DEFAULT_HOST})")
@@ -108,7 +107,7 @@ def load_models(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load models by spec; served name = ``NAME=`` if given, else the model's own name."""
     import tamis
-    from tamis.rerank import EMBEDDING_RERANKER_ALIASES, EmbeddingReranker
+    from tamis.rerank import EmbeddingReranker
 
     embedders: dict[str, Any] = {}
     rerankers: dict[str, Any] = {}
@@ -120,10 +119,9 @@ def load_models(
         _add(embedders, name or emb.name, emb, "embedding")
     for spec in reranker_specs:
         name, model = parse_model_spec(spec)
-        shared = "default" if model.lower() in EMBEDDING_RERANKER_ALIASES else model
-        if shared in by_spec and model != "default":
+        if model in by_spec:
             # the same embedding model on both routes: one copy in memory, one worker per route
-            rr = EmbeddingReranker(by_spec[shared], name=by_spec[shared].name)
+            rr = EmbeddingReranker(by_spec[model], name=by_spec[model].name)
         else:
             rr = tamis.Reranker(None if model == "default" else model, device=device, dtype=dtype)
         _add(rerankers, name or rr.name, rr, "reranker")

@@ -19,7 +19,7 @@ or pair sets with pairs.jsonl.gz).
   reranker  fine-tune a cross-encoder from any BERT-family encoder (fresh 1-logit head) or continue a
             cross-encoder, on labels (InfoNCE, BCE, LambdaLoss, ListNet) and/or a teacher's scores
   distill   distil a teacher (a reranker or an ensemble of scorers) into a smaller cross-encoder,
-            e.g. the teacher's lower layers: --layers 0,1
+            e.g. the teacher's first and last layers: --layers 0,5
 
 Negatives are mined with BM25 and the default embedding model (the top --skip-top ranks skipped as
 likely unlabelled positives); a slice of the training queries (--dev) is held out and reranked for
@@ -90,7 +90,7 @@ def _common(p: argparse.ArgumentParser, distill: bool) -> None:
                        help="teacher: a reranker directory/name, or a scorer spec (bm25, dense[=MODEL], "
                             "splade=DIR, ensemble:A,B,...)")
         t.add_argument("--layers", type=_layers, default=None,
-                       help="student = these layers of the teacher (a cross-encoder), e.g. 0,1")
+                       help="student = these layers of the teacher (a cross-encoder), e.g. 0,5")
         t.add_argument("--student", default=None,
                        help="student from another checkpoint instead (encoder + fresh head, or cross-encoder)")
         t.add_argument("--loss", default="kl", help="loss spec, e.g. kl, margin-mse, kl+0.5*infonce (default kl)")
@@ -168,7 +168,7 @@ def train_command(args: argparse.Namespace) -> int:
         if args.layers is not None and args.student is not None:
             raise SystemExit("tamis train distill: give --layers (student from the teacher) or --student, not both")
         if args.student is None and args.layers is None:
-            raise SystemExit("tamis train distill: give --layers (e.g. 0,1) or --student MODEL")
+            raise SystemExit("tamis train distill: give --layers (e.g. 0,5) or --student MODEL")
         model = args.student if args.student is not None else args.teacher
     else:
         model = args.model
