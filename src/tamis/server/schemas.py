@@ -22,9 +22,10 @@ class TextDoc(BaseModel):
     text: str | None = Field(None, description="the text")
 
 
-# What the schema documents is stricter than what parses: empty strings, empty lists, token ids and image
-# documents parse, then get a 400 that names the offending input (clearer than a schema error).
-_TEXT = {"type": "string", "minLength": 1}
+# What the schema documents is stricter than what parses: blank strings, empty lists, repeated output types,
+# token ids and image documents parse, then get a 400 that names the offending input (clearer than a
+# schema error).
+_TEXT = {"type": "string", "pattern": "\\S"}  # not empty, not only whitespace
 _TEXT_DOC = {"type": "object", "properties": {"text": _TEXT}, "required": ["text"]}
 _INPUT_SCHEMA = {
     "anyOf": [_TEXT, _TEXT_DOC, {"type": "array", "minItems": 1, "items": {"anyOf": [_TEXT, _TEXT_DOC]}}],
@@ -34,8 +35,11 @@ _QUERY = {"type": "string", "pattern": "\\S"}
 _QUERY_SCHEMA = {"anyOf": [_QUERY, {"type": "object", "properties": {"text": _QUERY}, "required": ["text"]}],
                  "title": "Query"}
 _DOCUMENTS_SCHEMA = {"type": "array", "minItems": 1, "title": "Documents",
-                     "items": {"anyOf": [{"type": "string"}, {"type": "object", "properties": {"text": {"type": "string"}},
-                                                                "required": ["text"]}]}}
+                     "items": {"anyOf": [_TEXT, {"type": "object", "properties": {"text": _TEXT}, "required": ["text"]}]}}
+_TYPES = ["float", "base64", "binary", "ubinary"]
+_TYPES_SCHEMA = {"anyOf": [{"enum": _TYPES}, {"type": "array", "items": {"enum": _TYPES}, "minItems": 1,
+                                               "uniqueItems": True}, {"type": "null"}]}
+OutputTypes = Annotated[EmbeddingType | list[EmbeddingType] | None, WithJsonSchema(_TYPES_SCHEMA)]
 
 
 class EmbeddingRequest(BaseModel):
@@ -63,14 +67,12 @@ class EmbeddingRequest(BaseModel):
     late_chunking: bool | None = Field(
         False, description="treat the inputs as consecutive chunks of one document: one sequence, one vector each"
     )
-    embedding_type: EmbeddingType | list[EmbeddingType] | None = Field(
+    embedding_type: OutputTypes = Field(
         None, description="float (default), base64 (little-endian float32), binary, ubinary, or a list of these "
                           "(each at most once: the embedding is then an object with one key per type)"
     )
-    encoding_type: EmbeddingType | list[EmbeddingType] | None = Field(None, description="alias of embedding_type")
-    encoding_format: EmbeddingType | list[EmbeddingType] | None = Field(
-        None, description="OpenAI's name for embedding_type"
-    )
+    encoding_type: OutputTypes = Field(None, description="alias of embedding_type")
+    encoding_format: OutputTypes = Field(None, description="OpenAI's name for embedding_type")
     return_multivector: bool | None = Field(None, description="not supported: true is answered 400")
     user: str | None = Field(None, description="OpenAI field, ignored")
 
