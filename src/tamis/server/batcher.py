@@ -190,7 +190,9 @@ class ModelWorker:
             self._thread = threading.Thread(target=self._run, name=f"tamis-worker-{self.name}", daemon=True)
             self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop the thread (waiting ``timeout`` for a running model call; the thread is a daemon) and
+        answer whatever is still admitted with 503."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
