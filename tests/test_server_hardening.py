@@ -655,3 +655,29 @@ def test_rss_and_time_of_a_rejected_million_object_body() -> None:
         sampler.join()
     grown = peak[0] - before
     assert r.status_code == 413 and seconds < 3.0 and grown < 150, (seconds, grown)
+
+
+# ---------------------------------------------------------------------------- start-up (item 6, server side)
+def test_serve_parser_imports_nothing_heavy() -> None:
+    """``tamis serve --help`` built its parser by importing the app (FastAPI) and torch: ~6 s before any
+    output. Only what ``tamis`` itself imports may be loaded before the command runs."""
+    code = textwrap.dedent("""
+        import argparse, contextlib, io, sys
+        import tamis
+        before = set(sys.modules)
+        import tamis.server, tamis.server.cli
+        parser = argparse.ArgumentParser(prog="tamis")
+        tamis.server.cli.register(parser.add_subparsers())
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+            parser.parse_args(["serve", "--help"])
+        heavy = ("fastapi", "starlette", "uvicorn", "pydantic", "torch", "numpy", "prometheus_client")
+        print(sorted({m.split(".")[0] for m in set(sys.modules) - before} & set(heavy)))
+        print("--request-timeout" in out.getvalue())
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["[]", "True"], out.stdout
+    # and the lazy names still resolve
+    from tamis.server import ApiError, ServerSettings, create_app  # noqa: F401

@@ -1,7 +1,9 @@
 """``tamis serve``: the command line of the HTTP server.
 
 The lead's ``tamis.cli`` calls :func:`register` on its subparsers; ``python -m tamis.server`` runs the same
-command standalone.
+command standalone. Building the parser imports only the standard library and :mod:`tamis.server.settings`
+(no FastAPI, uvicorn or torch), so ``tamis serve --help`` and argument errors answer at once; the app, the
+models and uvicorn are imported when the command runs.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from tamis.server.auth import startup_message
 from tamis.server.settings import ServerSettings, keys_from_env
 
 logger = logging.getLogger("tamis.server")
@@ -158,6 +159,7 @@ def _add(table: dict[str, Any], name: str, model: Any, kind: str) -> None:
 
 def serve_command(args: argparse.Namespace) -> int:
     from tamis.server.app import create_app
+    from tamis.server.auth import startup_message
     from tamis.server.runner import run
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
