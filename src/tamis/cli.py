@@ -1,4 +1,4 @@
-"""Command line: ``tamis embed | rerank | serve | eval | bench``."""
+"""Command line: ``tamis embed | rerank | serve | eval | bench | train``."""
 
 from __future__ import annotations
 
@@ -161,9 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from tamis.evaluate.cli import register as register_eval
     from tamis.server.cli import register as register_serve
+    from tamis.train.cli import register as register_train
 
     register_serve(sub)
     register_eval(sub)
+    register_train(sub)
     return parser
 
 

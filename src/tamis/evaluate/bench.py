@@ -454,6 +454,7 @@ def run_bench(
     embed_data: str | os.PathLike[str] | None = None,
     rerank_data: str | os.PathLike[str] | None = None,
     show_progress: bool = True,
+    compare_rerankers: Sequence[Any] = (),
 ) -> BenchReport:
     """Benchmark embedding (SciFact documents) and reranking (TREC DL 21 BM25 candidates), and with
     ``vs="sentence-transformers"`` the same calls through sentence-transformers, passes interleaved."""
@@ -511,10 +512,32 @@ def run_bench(
                             "pairs": sum(len(g[1]) for g in groups)}
         rr = load_reranker(reranker, device, dtype)
         ours = tamis_rerank_workload(rr, groups)
-        measure("rerank", ours, lambda: st_rerank_workload(rr, groups, device, batch_size), groups[:3])
+        if compare_rerankers:
+            # several tamis rerankers (e.g. a teacher and its distilled student), interleaved call by call
+            others = [tamis_rerank_workload(load_reranker(c, device, dtype), groups) for c in compare_rerankers]
+            _distinct_names([ours, *others], [reranker, *compare_rerankers])
+            timed = time_workloads([ours, *others], repeats, device=device, show_progress=show_progress)
+            results.extend(_result(w, t, repeats) for w, t in zip([ours, *others], timed))
+            for w, t in zip(others, timed[1:]):
+                ratios[f"rerank:{w.model}/{ours.model}"] = t["docs_per_second"] / timed[0]["docs_per_second"]
+                ratios[f"rerank:{w.model}/{ours.model}_paired_median"] = paired_speedup(t["latencies"],
+                                                                                       timed[0]["latencies"])
+        else:
+            measure("rerank", ours, lambda: st_rerank_workload(rr, groups, device, batch_size), groups[:3])
         del rr, ours
         gc.collect()
     return BenchReport(results, ratios, checks, config, skipped)
+
+
+def _distinct_names(workloads: Sequence[Workload], specs: Sequence[Any]) -> None:
+    """Two rerankers loaded from directories named alike (``teacher/model``, ``student/model``) get their
+    paths' last two parts as names, so the report tells them apart."""
+    names = [w.model for w in workloads]
+    if len(set(names)) == len(names):
+        return
+    for w, spec in zip(workloads, specs):
+        if isinstance(spec, str | os.PathLike) and Path(spec).is_dir():
+            w.model = "/".join(Path(spec).resolve().parts[-2:])
 
 
 def _threads() -> int:

@@ -36,8 +36,9 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--data", required=True, help="data set directory (corpus.jsonl.gz, queries.jsonl.gz, qrels/)")
     p.add_argument("--split", default="test", help="qrels split (qrels/<split>.tsv); default test")
-    p.add_argument("--first-stage", default="bm25", metavar="bm25|dense|hybrid|run:FILE",
-                   help="first stage; run:FILE reads a run file (relative to --data unless absolute)")
+    p.add_argument("--first-stage", default="bm25", metavar="bm25|dense|hybrid|pool|run:FILE",
+                   help="first stage; run:FILE reads a run file (relative to --data unless absolute); pool: "
+                        "each query's judged documents (fixed candidate lists, e.g. NovelEval)")
     p.add_argument("--model", default=None, help="embedding model for dense / hybrid (default: bundled MiniLM)")
     p.add_argument("--reranker", default=None, help="rerank the first stage's top --depth ('default' or a model)")
     p.add_argument("--depth", type=int, default=100, help="candidates per query given to the reranker")
@@ -78,6 +79,9 @@ def register(subparsers: Any) -> None:
     b.add_argument("--task", choices=["embed", "rerank", "both"], default="both")
     b.add_argument("--model", default=None, help="embedding model (default: bundled MiniLM)")
     b.add_argument("--reranker", default="default", help="reranker (default: embedding similarity)")
+    b.add_argument("--compare-reranker", action="append", default=[], metavar="MODEL",
+                   help="also time this reranker on the same candidates, interleaved with --reranker, and print "
+                        "its throughput relative to --reranker (repeatable; e.g. a teacher vs its student)")
     b.add_argument("--docs", type=int, default=1000, help="SciFact documents to embed per pass")
     b.add_argument("--batch-size", type=int, default=32, help="documents per embedding call")
     b.add_argument("--queries", type=int, default=10, help="TREC DL 21 queries to rerank per pass")
@@ -194,6 +198,7 @@ def bench_command(args: argparse.Namespace) -> int:
             args.data, model=args.model, reranker=args.reranker, tasks=tasks, n_docs=args.docs,
             batch_size=args.batch_size, n_queries=args.queries, depth=args.depth, repeats=args.repeats,
             vs=args.vs, device=args.device, dtype=args.dtype, show_progress=not args.quiet,
+            compare_rerankers=args.compare_reranker,
         )
     except (TamisError, ValueError, FileNotFoundError) as exc:
         print(f"tamis bench: error: {exc}", file=sys.stderr)
@@ -206,6 +211,11 @@ def bench_command(args: argparse.Namespace) -> int:
         if task in report.ratios:
             paired = report.ratios.get(f"{task}_paired_median", float("nan"))
             print(f"{task}: tamis / sentence-transformers throughput = {report.ratios[task]:.2f}x "
+                  f"(median of paired per-call speedups: {paired:.2f}x)", file=out)
+    for key, value in report.ratios.items():
+        if key.startswith("rerank:") and not key.endswith("_paired_median"):
+            paired = report.ratios.get(f"{key}_paired_median", float("nan"))
+            print(f"rerank: {key.removeprefix('rerank:')} throughput = {value:.2f}x "
                   f"(median of paired per-call speedups: {paired:.2f}x)", file=out)
     for name, value in report.checks.items():
         print(f"check {name}: {value:.6g}" if isinstance(value, float) else f"check {name}: {value}", file=out)

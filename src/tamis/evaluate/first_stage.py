@@ -97,6 +97,15 @@ class BM25Index:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def scores(self, query: str) -> np.ndarray:
+        """BM25 score of every indexed document for one query (zeros when no query term survives)."""
+        tokens = self._bm25s.tokenize([query], stopwords=self.stopwords, stemmer=self.stemmer,
+                                      return_ids=False, show_progress=False)[0]
+        known = [t for t in tokens if t in self.retriever.vocab_dict]
+        if not known:
+            return np.zeros(len(self.ids), dtype=np.float32)
+        return np.asarray(self.retriever.get_scores(known), dtype=np.float32)
+
     def search(self, queries: Mapping[str, str], k: int = 1000, show_progress: bool = True) -> Run:
         if not queries:
             return {}

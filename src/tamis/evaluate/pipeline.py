@@ -24,7 +24,7 @@ from tamis.evaluate.first_stage import (
 )
 from tamis.evaluate.metrics import DEFAULT_K_VALUES, Metrics, compute_metrics
 
-FIRST_STAGES = ("bm25", "dense", "hybrid", "run")
+FIRST_STAGES = ("bm25", "dense", "hybrid", "run", "pool")
 
 
 @dataclass
@@ -77,11 +77,14 @@ class EvalReport:
 
 
 def parse_first_stage(spec: str) -> tuple[str, str | None]:
-    """``"bm25" | "dense" | "hybrid" | "run" | "run:FILE"`` -> (kind, file)."""
+    """``"bm25" | "dense" | "hybrid" | "pool" | "run" | "run:FILE"`` -> (kind, file).
+
+    ``pool``: each query's judged documents are its candidates (the protocol of sets that come as
+    fixed candidate lists, such as NovelEval's 20 passages per question)."""
     kind, _, arg = spec.partition(":")
     kind = kind.strip().lower()
     if kind not in FIRST_STAGES:
-        raise ValueError(f"unknown first stage {spec!r}; use bm25, dense, hybrid or run:FILE")
+        raise ValueError(f"unknown first stage {spec!r}; use bm25, dense, hybrid, pool or run:FILE")
     if kind == "run":
         return kind, arg or None
     if arg:
@@ -229,6 +232,8 @@ def evaluate(
         path = dataset.run_file(run_file)
         config["run_file"] = str(path)
         runs["run"] = load_run(path)
+    if kind == "pool":  # judged documents in file order, scores falling so the order is kept
+        runs["pool"] = {q: {d: -float(i) for i, d in enumerate(dataset.qrels[q])} for q in dataset.queries}
     if kind == "hybrid":
         first = rrf([runs["bm25"], runs["dense"]], k=rrf_k, depth=top_k)
         config["rrf_k"] = rrf_k

@@ -12,7 +12,7 @@ from typing import Any
 
 from tamis.errors import UnsupportedModelError
 
-BERT_TYPES = {"bert", "roberta", "xlm-roberta", "camembert", "jina_bert"}
+BERT_TYPES = {"bert", "roberta", "xlm-roberta", "camembert", "jina_bert", "mpnet"}
 
 
 def detect_family(config: dict[str, Any]) -> str:
@@ -22,7 +22,7 @@ def detect_family(config: dict[str, Any]) -> str:
         return "xlmr-lora"
     if model_type == "qwen3" or "JinaForRanking" in archs:
         return "qwen3-listwise"
-    if model_type in BERT_TYPES or any(a.startswith(("Bert", "JinaBert", "Roberta", "XLMRoberta")) for a in archs):
+    if model_type in BERT_TYPES or any(a.startswith(("Bert", "JinaBert", "Roberta", "XLMRoberta", "MPNet")) for a in archs):
         return "bert"
     raise UnsupportedModelError(
         f"model_type {model_type!r} / architectures {archs} is not implemented by tamis; supported: "

@@ -4,12 +4,16 @@ One module tree covers:
 - BERT (absolute position table, GELU MLP): all-MiniLM-L6-v2, BGE, ms-marco cross-encoders;
 - RoBERTa-style absolute positions (offset by ``pad_token_id + 1``);
 - JinaBERT (symmetric ALiBi, no position table, GEGLU ``mlp.gated_layers``): jina-embeddings-v2 and
-  jina-reranker-v1-tiny/turbo (``bert.`` prefix + pooler + ``classifier``).
+  jina-reranker-v1-tiny/turbo (``bert.`` prefix + pooler + ``classifier``);
+- MPNet (RoBERTa-style positions, no token types, a T5-style relative position bias shared by all
+  layers): all-mpnet-base-v2;
+- a masked-LM head (``cls.predictions``) for SPLADE-style sparse encoders.
 
-Module names follow the official checkpoints, so the key map only strips the ``bert.``/``roberta.``
-prefix, renames old ``gamma``/``beta`` LayerNorm names and drops non-persistent buffers.
-All layers are post-LayerNorm. Attention is ``scaled_dot_product_attention`` with an additive mask
-(ALiBi bias + padding).
+Module names follow the official BERT checkpoints, so the key map only strips the ``bert.``/``roberta.``
+prefix, renames old ``gamma``/``beta`` LayerNorm names, maps MPNet's ``attn.q/k/v/o`` names onto the
+BERT ones and drops non-persistent buffers. :func:`hf_state_dict` inverts it, so a trained module is
+saved in the layout it was loaded from. All layers are post-LayerNorm. Attention is
+``scaled_dot_product_attention`` with an additive mask (ALiBi or relative bias + padding).
 """
 
 from __future__ import annotations
@@ -47,13 +51,15 @@ class BertConfig:
     classifier_style: str = "bert"  # "bert": pooler + classifier; "roberta": classifier.dense + out_proj
     emb_pooler: str | None = None
     prefix: str = ""  # checkpoint key prefix of the encoder ("", "bert.", "roberta.")
+    relative_attention_num_buckets: int = 0  # MPNet: > 0 adds a relative position bias
+    model_type: str = "bert"
 
     @classmethod
     def from_dict(cls, c: dict[str, Any]) -> BertConfig:
         model_type = c.get("model_type", "bert")
         archs = c.get("architectures") or []
         is_cls = any("SequenceClassification" in a for a in archs)
-        roberta = model_type in ("roberta", "xlm-roberta", "camembert")
+        roberta = model_type in ("roberta", "xlm-roberta", "camembert", "mpnet")
         pos = c.get("position_embedding_type", "absolute") or "absolute"
         if pos not in ("absolute", "alibi"):
             raise UnsupportedModelError(f"position_embedding_type {pos!r} is not supported by the BERT family")
@@ -68,7 +74,7 @@ class BertConfig:
             intermediate_size=c["intermediate_size"],
             hidden_act=act,
             max_position_embeddings=c.get("max_position_embeddings", 512),
-            type_vocab_size=c.get("type_vocab_size", 2),
+            type_vocab_size=0 if model_type == "mpnet" else c.get("type_vocab_size", 2),
             layer_norm_eps=c.get("layer_norm_eps", 1e-12),
             pad_token_id=c.get("pad_token_id") if c.get("pad_token_id") is not None else (1 if roberta else 0),
             position_embedding_type=pos,
@@ -77,7 +83,9 @@ class BertConfig:
             num_labels=(len(c.get("id2label") or {}) or c.get("num_labels", 1)) if is_cls else 0,
             classifier_style="roberta" if roberta else "bert",
             emb_pooler=c.get("emb_pooler"),
-            prefix="roberta." if roberta else "bert.",
+            prefix="mpnet." if model_type == "mpnet" else "roberta." if roberta else "bert.",
+            relative_attention_num_buckets=c.get("relative_attention_num_buckets", 0) if model_type == "mpnet" else 0,
+            model_type=model_type,
         )
 
     @property
@@ -117,11 +125,14 @@ class Embeddings(nn.Module):
         self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
         if cfg.position_embedding_type == "absolute":
             self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
-        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        if cfg.type_vocab_size:
+            self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)
+        x = self.word_embeddings(input_ids)
+        if self.cfg.type_vocab_size:
+            x = x + self.token_type_embeddings(token_type_ids)
         if self.cfg.position_embedding_type == "absolute":
             if self.cfg.position_offset:
                 # RoBERTa: positions count real tokens only, starting after the padding index
@@ -212,10 +223,33 @@ class Layer(nn.Module):
         return self.output.LayerNorm(x + self.output.dense(self.act(self.intermediate.dense(x))))
 
 
+def relative_position_buckets(length: int, num_buckets: int, max_distance: int = 128,
+                              device: torch.device | None = None) -> torch.Tensor:
+    """MPNet's (T5's bidirectional) bucket of every key-minus-query offset, [L, L]: exact below
+    ``num_buckets // 4``, log-spaced up to ``max_distance``, the sign in the upper half."""
+    pos = torch.arange(length, device=device)
+    n = pos[:, None] - pos[None, :]  # query - key = -(key - query)
+    half = num_buckets // 2
+    out = (n < 0).long() * half
+    n = n.abs()
+    exact = half // 2
+    large = exact + (
+        torch.log(n.float().clamp_min(1) / exact) / math.log(max_distance / exact) * (half - exact)
+    ).long()
+    return out + torch.where(n < exact, n, large.clamp_max(half - 1))
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.layer = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
+        if cfg.relative_attention_num_buckets:
+            self.relative_attention_bias = nn.Embedding(cfg.relative_attention_num_buckets, cfg.num_attention_heads)
+
+    def position_bias(self, length: int, device: torch.device) -> torch.Tensor:
+        """MPNet's relative position bias [1, H, L, L], shared by every layer."""
+        buckets = relative_position_buckets(length, self.relative_attention_bias.num_embeddings, device=device)
+        return self.relative_attention_bias(buckets).permute(2, 0, 1).unsqueeze(0)
 
 
 class BertModel(nn.Module):
@@ -237,6 +271,8 @@ class BertModel(nn.Module):
         if self.cfg.position_embedding_type == "alibi":
             alibi = alibi_bias(self.cfg.num_attention_heads, n, attention_mask.device).to(dtype)
             bias = (bias + alibi).clamp_min(neg)
+        elif self.cfg.relative_attention_num_buckets:
+            bias = (bias + self.encoder.position_bias(n, attention_mask.device).to(dtype)).clamp_min(neg)
         return bias
 
     def forward(
@@ -294,8 +330,75 @@ class BertForSequenceClassification(nn.Module):
         return self.classifier(self.bert.pool_cls(hidden))
 
 
+class PredictionHeadTransform(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+
+class LMPredictions(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.transform = PredictionHeadTransform(cfg)
+        self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
+
+
+class LMHead(nn.Module):
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.predictions = LMPredictions(cfg)
+
+
+class BertForMaskedLM(nn.Module):
+    """Encoder + masked-LM head (decoder tied to the word embeddings); ``forward`` returns vocabulary
+    logits [B, L, V]. SPLADE sparse encoders are this module plus a log-saturated max pooling."""
+
+    def __init__(self, cfg: BertConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.bert = BertModel(cfg)
+        del self.bert.pooler
+        self.cls = LMHead(cfg)
+        self.act = ACTIVATIONS[cfg.hidden_act]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        hidden = self.bert(input_ids, attention_mask, token_type_ids)
+        t = self.cls.predictions.transform
+        hidden = t.LayerNorm(self.act(t.dense(hidden)))
+        return F.linear(hidden, self.bert.embeddings.word_embeddings.weight, self.cls.predictions.bias)
+
+
+def select_layers(module: BertModel | BertForSequenceClassification, layers: list[int]) -> None:
+    """Keep only the encoder layers ``layers`` (in that order), in place: a student initialised from
+    a teacher by layer selection (e.g. ``[0, 1]`` of 6)."""
+    encoder_model = module.encoder_model if isinstance(module, BertForSequenceClassification) else module
+    n = len(encoder_model.encoder.layer)
+    if not layers or any(not 0 <= i < n for i in layers):
+        raise ValueError(f"layers must be a non-empty list of indices in 0..{n - 1}, got {layers}")
+    encoder_model.encoder.layer = nn.ModuleList(encoder_model.encoder.layer[i] for i in layers)
+    module.cfg.num_hidden_layers = len(layers)
+    if encoder_model.cfg is not module.cfg:
+        encoder_model.cfg.num_hidden_layers = len(layers)
+
+
 # ---------------------------------------------------------------------------- checkpoint loading
-_RENAME = {".gamma": ".weight", ".beta": ".bias"}
+_RENAME = {
+    ".gamma": ".weight",
+    ".beta": ".bias",
+    # MPNet names onto the BERT module tree
+    ".attention.attn.q.": ".attention.self.query.",
+    ".attention.attn.k.": ".attention.self.key.",
+    ".attention.attn.v.": ".attention.self.value.",
+    ".attention.attn.o.": ".attention.output.dense.",
+    ".attention.LayerNorm.": ".attention.output.LayerNorm.",
+}
+_MPNET_INVERSE = {v: k for k, v in _RENAME.items() if ".attention." in k}
 _IGNORE = ("embeddings.position_ids", "embeddings.token_type_ids", "lm_head.", "cls.", "encoder.alibi")
 
 
@@ -305,14 +408,33 @@ def _map_keys(state: dict[str, torch.Tensor], module: nn.Module, cfg: BertConfig
         state = {k if (k.startswith(head) or k.startswith("classifier.")) else head + k: v for k, v in state.items()}
         ignore = tuple(head + i for i in _IGNORE) + _IGNORE
         return apply_key_map(state, module, rename=_RENAME, ignore=ignore)
+    if isinstance(module, BertForMaskedLM):
+        state = {k if k.startswith(("bert.", "cls.")) else "bert." + k: v for k, v in state.items()}
+        state = {k: v for k, v in state.items() if not k.startswith("cls.predictions.decoder")}  # tied
+        ignore = ("bert.embeddings.position_ids", "bert.embeddings.token_type_ids", "bert.pooler.")
+        return apply_key_map(state, module, rename=_RENAME, ignore=ignore)
     # plain encoder: keys at the root, or under the architecture's prefix; no pooler is fine
     has_pooler = any(k.endswith("pooler.dense.weight") for k in state)
     if not has_pooler and hasattr(module, "pooler"):
         del module.pooler
     return apply_key_map(
-        state, module, rename=_RENAME, strip_prefixes=("bert.", "roberta.", "model."),
+        state, module, rename=_RENAME, strip_prefixes=("bert.", "roberta.", "mpnet.", "model."),
         ignore=_IGNORE + ("classifier.", "pooler.") if not has_pooler else _IGNORE + ("classifier.",),
     )
+
+
+def hf_state_dict(module: BertModel | BertForSequenceClassification | BertForMaskedLM) -> dict[str, torch.Tensor]:
+    """The module's tensors under the official checkpoint names (the inverse of the key map), contiguous
+    and detached: what ``save_file`` writes so that Hugging Face / sentence-transformers load it."""
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    if module.cfg.model_type == "mpnet":
+        renamed = {}
+        for k, v in state.items():
+            for ours, theirs in _MPNET_INVERSE.items():
+                k = k.replace(ours, theirs)
+            renamed[k] = v
+        state = renamed
+    return state
 
 
 def from_pretrained(
@@ -320,15 +442,21 @@ def from_pretrained(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     classification: bool | None = None,
-) -> BertModel | BertForSequenceClassification:
-    """Load a BERT-family checkpoint. ``classification=None`` follows the config's architectures."""
+    masked_lm: bool = False,
+) -> BertModel | BertForSequenceClassification | BertForMaskedLM:
+    """Load a BERT-family checkpoint. ``classification=None`` follows the config's architectures;
+    ``masked_lm=True`` loads the encoder with its masked-LM head (SPLADE)."""
     config = load_config(Path(model_dir))
     cfg = BertConfig.from_dict(config)
-    if classification is False:
+    if classification is False or masked_lm:
         cfg.num_labels = 0
     elif classification and cfg.num_labels == 0:
         cfg.num_labels = 1
-    module: nn.Module = BertForSequenceClassification(cfg) if cfg.num_labels else BertModel(cfg)
+    module: nn.Module
+    if masked_lm:
+        module = BertForMaskedLM(cfg)
+    else:
+        module = BertForSequenceClassification(cfg) if cfg.num_labels else BertModel(cfg)
     state = _map_keys(load_state_dict(Path(model_dir)), module, cfg)
     module.load_state_dict(state, strict=True)
     return module.to(device=device, dtype=dtype).eval()

@@ -35,6 +35,7 @@ from torch import nn
 from tamis.errors import CheckpointError, UnknownTaskError, UnsupportedModelError
 from tamis.models.activations import ACTIVATIONS
 from tamis.models.loading import apply_key_map, load_config, load_state_dict, resolve_dtype
+from tamis.models.lora import AdapterRoute, linear_delta, route_adapters
 
 # official checkpoint name fragment -> ours (substring replacement, after stripping "roberta.")
 KEY_MAP = {
@@ -99,42 +100,6 @@ class XLMRConfig:
 
 
 # ---------------------------------------------------------------------------------------------- adapters
-@dataclass(frozen=True)
-class AdapterRoute:
-    """Which rows of a batch get which adapter; built once per forward, shared by every layer."""
-
-    rows: torch.Tensor | None  # [b] row indices that have an adapter; None = every row
-    ids: torch.Tensor | None  # [b] adapter index of each selected row; None when ``single`` is set
-    single: int | None  # every selected row uses this adapter
-
-
-def route_adapters(
-    adapter_ids: torch.Tensor | list[int] | None, batch: int, n_adapters: int, device: torch.device
-) -> AdapterRoute | None:
-    """Validate ``adapter_ids`` ([batch], -1 = base weights) and plan the per-row LoRA deltas."""
-    if adapter_ids is None:
-        return None
-    ids = torch.as_tensor(adapter_ids).reshape(-1).to("cpu", torch.long)  # tiny; planning happens on the host
-    if ids.numel() != batch:
-        raise ValueError(f"adapter_ids has {ids.numel()} entries for a batch of {batch}")
-    if batch == 0:
-        return None
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < -1 or hi >= n_adapters:
-        raise ValueError(
-            f"adapter_ids must lie in [-1, {n_adapters - 1}] (this model has {n_adapters} adapters)"
-        )
-    has = ids >= 0
-    n = int(has.sum())
-    if n == 0:
-        return None
-    rows = None if n == batch else has.nonzero().squeeze(1).to(device)
-    sel = ids[has]
-    if bool((sel == sel[0]).all()):
-        return AdapterRoute(rows=rows, ids=None, single=int(sel[0]))
-    return AdapterRoute(rows=rows, ids=sel.to(device), single=None)
-
-
 def _add_delta(y: torch.Tensor, delta: torch.Tensor, route: AdapterRoute, scaling: float) -> torch.Tensor:
     if route.rows is None:
         return y.add_(delta, alpha=scaling)
@@ -157,22 +122,7 @@ class LoRALinear(nn.Module):
         y = F.linear(x, self.weight, self.bias)
         if route is None or self.lora_A is None or self.lora_B is None:
             return y
-        xs = x if route.rows is None else x.index_select(0, route.rows)
-        if route.single is not None:
-            xa = F.linear(xs, self.lora_A[route.single])  # [b, L, r]
-            bt = self.lora_B[route.single].t()  # [r, out]
-            if route.rows is None:  # accumulate in place: no [B, L, out] temporary
-                y.view(-1, y.shape[-1]).addmm_(xa.reshape(-1, xa.shape[-1]), bt, alpha=self.scaling)
-                return y
-            delta = xa @ bt
-        else:
-            a = self.lora_A.index_select(0, route.ids)  # [b, r, in]
-            bt = self.lora_B.index_select(0, route.ids).transpose(1, 2)  # [b, r, out]
-            xa = torch.bmm(xs, a.transpose(1, 2))  # [b, L, r]
-            if route.rows is None:
-                return y.baddbmm_(xa, bt, alpha=self.scaling)
-            delta = torch.bmm(xa, bt)
-        return y.index_add_(0, route.rows, delta, alpha=self.scaling)
+        return linear_delta(y, x, self.lora_A, self.lora_B, route, self.scaling)
 
 
 class LoRAEmbedding(nn.Module):

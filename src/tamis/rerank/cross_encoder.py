@@ -15,9 +15,16 @@ from tamis.models import bert
 from tamis.models.loading import load_config, resolve_dtype
 from tamis.rerank.base import document_texts, query_text
 from tamis.rerank.results import RankedResults, rank
-from tamis.tokenize import Tokenizer
+from tamis.tokenize import Batch, Tokenizer
 
 ACTIVATIONS = ("sigmoid", "none")
+
+
+def relevance_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """One relevance logit per pair of a padded batch: the logit of a 1-label head, or
+    logit(relevant) - logit(not relevant) of a 2-label head. Inference and training both call this."""
+    logits = model(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+    return logits[:, 0] if logits.shape[1] == 1 else logits[:, -1] - logits[:, 0]
 
 
 class CrossEncoderReranker:
@@ -42,19 +49,45 @@ class CrossEncoderReranker:
         max_tokens_per_batch: int | None = None,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
     ):
+        self.model_dir = Path(model_dir)
+        self.config = load_config(self.model_dir)
+        model = bert.from_pretrained(self.model_dir, torch.device(device), resolve_dtype(dtype), classification=True)
+        tokenizer = Tokenizer.from_dir(self.model_dir, self.config)
+        self._setup(model, tokenizer, name or self.model_dir.name, max_length, activation, max_tokens_per_batch,
+                    max_batch_size)
+
+    def _setup(self, model: bert.BertForSequenceClassification, tokenizer: Tokenizer, name: str,
+               max_length: int | None, activation: str, max_tokens_per_batch: int | None, max_batch_size: int) -> None:
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}")
-        self.model_dir = Path(model_dir)
-        self.name = name or self.model_dir.name
-        self.device = torch.device(device)
-        self.config = load_config(self.model_dir)
-        self.model = bert.from_pretrained(self.model_dir, self.device, resolve_dtype(dtype), classification=True)
-        self.tokenizer = Tokenizer.from_dir(self.model_dir, self.config)
-        limits = [x for x in (self.model.cfg.max_length, self.tokenizer.model_max_length, max_length) if x]
+        self.name = name
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = next(model.parameters()).device
+        limits = [x for x in (model.cfg.max_length, tokenizer.model_max_length, max_length) if x]
         self.max_length = min(limits) if limits else 512
         self.activation = activation
         self.max_tokens_per_batch = max_tokens_per_batch or default_token_budget(self.device)
         self.max_batch_size = max_batch_size
+
+    @classmethod
+    def from_module(
+        cls,
+        model: bert.BertForSequenceClassification,
+        tokenizer: Tokenizer,
+        name: str = "in-memory",
+        max_length: int | None = None,
+        activation: str = "sigmoid",
+        max_tokens_per_batch: int | None = None,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+    ) -> CrossEncoderReranker:
+        """Wrap a module being trained (or built in memory) with the exact inference path, so that
+        dev evaluation during training scores pairs the way the saved model will be scored."""
+        rr = cls.__new__(cls)
+        rr.model_dir = Path(name)
+        rr.config = {}
+        rr._setup(model, tokenizer, name, max_length, activation, max_tokens_per_batch, max_batch_size)
+        return rr
 
     def __repr__(self) -> str:
         return f"CrossEncoderReranker(name={self.name!r}, max_length={self.max_length}, activation={self.activation!r})"
@@ -80,10 +113,7 @@ class CrossEncoderReranker:
         done = 0
         for idx in plan_batches([len(e) for e in encodings], self.max_tokens_per_batch, self.max_batch_size):
             batch = self.tokenizer.pad([encodings[i] for i in idx], self.device)
-            logits = self.model(batch.input_ids, batch.attention_mask, batch.token_type_ids).float()
-            # one label: the relevance logit; two labels: logit(relevant) - logit(not relevant)
-            col = logits[:, 0] if logits.shape[1] == 1 else logits[:, -1] - logits[:, 0]
-            out[idx] = col.cpu().numpy()
+            out[idx] = relevance_logits(self.model, batch).float().cpu().numpy()
             done += len(idx)
             if progress is not None:
                 progress(done, len(docs))

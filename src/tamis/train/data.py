@@ -1,0 +1,210 @@
+"""Training data: BEIR-layout qrels and pair sets -> queries, documents and labels -> training lists.
+
+A :class:`RerankData` holds what every training recipe needs: documents and queries by id, and
+relevance labels (``qrels``: label > 0 relevant; label 0 a *known* non-relevant document, as pair sets
+give them). Data sets are read from the layout of ``../shared/data`` (see
+:mod:`tamis.evaluate.datasets`):
+
+- a BEIR directory with ``qrels/<split>.tsv`` (e.g. ``scifact`` with ``split="train"``);
+- a pair set directory with ``pairs.jsonl.gz`` (e.g. ``ares-pairs``): pairs are grouped by query text,
+  documents deduplicated, ids derived from the text (stable across runs).
+
+:func:`split_dev` holds out a deterministic slice of the *training* queries for model selection.
+:class:`TrainList` is one query with its positives and (labelled or mined) negatives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tamis.evaluate.datasets import DatasetError, Qrels, load_dataset, load_pairs
+
+
+def text_id(prefix: str, text: str) -> str:
+    return f"{prefix}{hashlib.sha1(text.encode('utf-8')).hexdigest()[:16]}"
+
+
+@dataclass
+class RerankData:
+    """Documents, queries and labels of one (or several merged) training sets."""
+
+    name: str
+    corpus: dict[str, str]
+    queries: dict[str, str]
+    qrels: Qrels
+    sources: dict[str, str] = field(default_factory=dict)  # query id -> sub-set name (pair sets, merges)
+
+    def positives(self, qid: str) -> list[str]:
+        return [d for d, rel in self.qrels.get(qid, {}).items() if rel > 0]
+
+    def labelled_negatives(self, qid: str) -> list[str]:
+        return [d for d, rel in self.qrels.get(qid, {}).items() if rel <= 0]
+
+    def trainable_queries(self) -> list[str]:
+        """Queries with at least one relevant document, in file order."""
+        return [q for q in self.queries if self.positives(q)]
+
+    def sizes(self) -> dict[str, int]:
+        return {
+            "documents": len(self.corpus),
+            "queries": len(self.queries),
+            "trainable_queries": len(self.trainable_queries()),
+            "positives": sum(len(self.positives(q)) for q in self.queries),
+        }
+
+
+def from_beir(directory: str | os.PathLike[str], split: str = "train", with_title: bool = True) -> RerankData:
+    """A BEIR-layout set's corpus, the queries of ``split`` and their qrels."""
+    ds = load_dataset(directory, split=split)
+    docs = ds.corpus.documents(with_title=with_title)
+    corpus = dict(zip(ds.corpus.ids, docs))
+    name = f"{ds.name}-{split}"
+    return RerankData(name, corpus, dict(ds.queries), ds.qrels, {q: name for q in ds.queries})
+
+
+def from_pairs(directory: str | os.PathLike[str], name: str | None = None) -> RerankData:
+    """A pair set (``pairs.jsonl.gz``: query, document, label) as queries, documents and qrels.
+
+    Labels > 0 are relevant (rounded to integer grades, at least 1), labels <= 0 known non-relevant.
+    The pair's ``source`` field (if any) is kept per query, for balanced dev splits.
+    """
+    path = Path(directory).expanduser()
+    name = name or path.name
+    corpus: dict[str, str] = {}
+    queries: dict[str, str] = {}
+    qrels: Qrels = {}
+    sources: dict[str, str] = {}
+    for pair in load_pairs(path):
+        if not pair.query.strip() or not pair.document.strip():
+            continue
+        qid, did = text_id("q", pair.query), text_id("d", pair.document)
+        queries[qid] = pair.query
+        corpus[did] = pair.document
+        rel = max(1, round(pair.label)) if pair.label > 0 else 0
+        qrels.setdefault(qid, {})[did] = max(rel, qrels.get(qid, {}).get(did, 0))
+        sources[qid] = f"{name}/{pair.extras['source']}" if "source" in pair.extras else name
+    return RerankData(name, corpus, queries, qrels, sources)
+
+
+def load_training_data(spec: str | os.PathLike[str], with_title: bool = True) -> RerankData:
+    """``DIR`` (a pair set, or a BEIR set's ``train`` split) or ``DIR:SPLIT``."""
+    text = str(spec)
+    split = "train"
+    if ":" in text and not Path(text).exists():
+        text, _, split = text.rpartition(":")
+    path = Path(text).expanduser()
+    if (path / "pairs.jsonl.gz").is_file() or (path / "pairs.jsonl").is_file():
+        return from_pairs(path)
+    if not (path / "qrels").is_dir():
+        raise DatasetError(f"{path} is neither a pair set (pairs.jsonl.gz) nor a BEIR set (qrels/<split>.tsv)")
+    if split == "test":
+        raise DatasetError(f"refusing to train on {path}'s test split: test queries are for evaluation only")
+    return from_beir(path, split, with_title)
+
+
+def merge(datasets: Sequence[RerankData]) -> RerankData:
+    """One data set from several; ids are prefixed with each set's name so they cannot collide."""
+    if len(datasets) == 1:
+        return datasets[0]
+    corpus: dict[str, str] = {}
+    queries: dict[str, str] = {}
+    qrels: Qrels = {}
+    sources: dict[str, str] = {}
+    for d in datasets:
+        p = f"{d.name}/"
+        corpus.update({p + k: v for k, v in d.corpus.items()})
+        queries.update({p + k: v for k, v in d.queries.items()})
+        qrels.update({p + q: {p + k: v for k, v in rels.items()} for q, rels in d.qrels.items()})
+        sources.update({p + q: d.sources.get(q, d.name) for q in d.queries})
+    return RerankData("+".join(d.name for d in datasets), corpus, queries, qrels, sources)
+
+
+def _rank_key(seed: int, qid: str) -> str:
+    return hashlib.sha1(f"{seed}:{qid}".encode()).hexdigest()
+
+
+def split_dev(data: RerankData, dev: int | float = 0.05, seed: int = 0,
+              max_dev_per_source: int | None = None) -> tuple[list[str], list[str]]:
+    """Hold out training queries for development: ``(train_qids, dev_qids)``.
+
+    ``dev`` is a count or a fraction of the trainable queries; the slice is taken per source (pair-set
+    sub-sets, merged sets) in proportion, by a seeded hash of the query id, so it is the same on every
+    run and does not depend on file order. Only queries with a relevant document are returned.
+    """
+    qids = data.trainable_queries()
+    by_source: dict[str, list[str]] = {}
+    for q in qids:
+        by_source.setdefault(data.sources.get(q, data.name), []).append(q)
+    total = len(qids)
+    n_dev = int(round(dev * total)) if isinstance(dev, float) and dev < 1 else int(dev)
+    dev_set: set[str] = set()
+    for _, members in sorted(by_source.items()):
+        share = int(round(n_dev * len(members) / max(total, 1)))
+        if max_dev_per_source is not None:
+            share = min(share, max_dev_per_source)
+        dev_set.update(sorted(members, key=lambda q: _rank_key(seed, q))[:share])
+    train = [q for q in qids if q not in dev_set]
+    return train, [q for q in qids if q in dev_set]
+
+
+@dataclass
+class TrainList:
+    """One training query: its relevant documents and its negatives (labelled ones first, then mined)."""
+
+    qid: str
+    positives: list[str]
+    negatives: list[str]
+    labelled: int = 0  # the first `labelled` negatives are judged non-relevant; the rest are mined
+
+    def to_json(self) -> dict[str, object]:
+        return {"qid": self.qid, "positives": self.positives, "negatives": self.negatives, "labelled": self.labelled}
+
+
+def save_lists(lists: Iterable[TrainList], path: str | os.PathLike[str]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for item in lists:
+            f.write(json.dumps(item.to_json()) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def load_lists(path: str | os.PathLike[str]) -> list[TrainList]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                row = json.loads(line)
+                out.append(TrainList(row["qid"], list(row["positives"]), list(row["negatives"]),
+                                     int(row.get("labelled", 0))))
+    return out
+
+
+def make_groups(lists: Sequence[TrainList], n_negatives: int, epoch: int, seed: int) -> list[tuple[str, list[str]]]:
+    """One ``(qid, [positive, negative_1 .. negative_k])`` group per training list for an epoch.
+
+    The positive cycles through the list's positives from epoch to epoch; the ``k`` negatives are the
+    labelled ones first, then mined ones drawn at random (seeded by epoch). Lists with fewer
+    negatives than ``k`` are dropped (a fixed list size keeps the batch a dense tensor).
+    """
+    rng = random.Random(f"{seed}:{epoch}")
+    groups = []
+    for item in lists:
+        if not item.positives or len(item.negatives) < n_negatives:
+            continue
+        pos = item.positives[epoch % len(item.positives)]
+        labelled = [d for d in item.negatives[: item.labelled] if d != pos][:n_negatives]
+        mined = [d for d in item.negatives[item.labelled :] if d != pos and d not in labelled]
+        need = n_negatives - len(labelled)
+        if len(mined) < need:
+            continue
+        groups.append((item.qid, [pos, *labelled, *rng.sample(mined, need)]))
+    return groups

@@ -1,0 +1,177 @@
+"""Ranking and distillation losses on lists of scores.
+
+Every listwise loss takes ``scores`` of shape ``[B, L]``: B lists (one query each) of L candidates, the
+model's raw scores (logits). Labels and teacher scores have the same shape. ``mask`` (``[B, L]``, bool,
+optional) marks real candidates when lists are padded to a common length; masked entries take no part.
+Losses are averaged over lists unless stated otherwise.
+
+Pointwise:   :func:`bce` (with ``pos_weight``), :func:`mse`.
+Listwise:    :func:`softmax_ce` (InfoNCE over 1+ positives and k negatives), :func:`listnet`,
+             :func:`lambda_loss` (LambdaLoss, NDCG-Loss2++ weighting).
+Distillation on cached teacher scores: :func:`mse`, :func:`margin_mse`, :func:`kl_div`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+NEG_INF = -1e9  # a large negative used instead of -inf so that softmax rows stay finite
+
+
+def _mask(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return torch.ones_like(scores, dtype=torch.bool) if mask is None else mask.bool()
+
+
+def bce(scores: torch.Tensor, labels: torch.Tensor, pos_weight: float | None = None,
+        mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Pointwise binary cross-entropy on logits: mean over candidates of
+    ``-(w·y·log σ(s) + (1-y)·log(1-σ(s)))``, ``w = pos_weight`` (sentence-transformers sets it to the
+    number of negatives per positive, so positives and negatives weigh the same in total)."""
+    m = _mask(scores, mask)
+    weight = None if pos_weight is None else torch.tensor(pos_weight, dtype=scores.dtype, device=scores.device)
+    losses = F.binary_cross_entropy_with_logits(scores, labels.to(scores.dtype), pos_weight=weight, reduction="none")
+    return losses[m].mean()
+
+
+def softmax_ce(scores: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Listwise softmax cross-entropy (InfoNCE): ``-log Σ_{i∈pos} exp(s_i/τ) / Σ_j exp(s_j/τ)`` per list.
+
+    ``labels > 0`` marks positives (several positives share the probability mass). Lists without a
+    positive are skipped.
+    """
+    m = _mask(scores, mask)
+    logits = (scores / temperature).masked_fill(~m, NEG_INF)
+    pos = (labels > 0) & m
+    keep = pos.any(dim=1)
+    if not keep.any():
+        return scores.sum() * 0.0
+    log_denominator = torch.logsumexp(logits, dim=1)
+    log_numerator = torch.logsumexp(logits.masked_fill(~pos, NEG_INF), dim=1)
+    return (log_denominator - log_numerator)[keep].mean()
+
+
+def listnet(scores: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+            mask: torch.Tensor | None = None) -> torch.Tensor:
+    """ListNet (top-one probabilities): cross-entropy ``-Σ_i softmax(t)_i · log softmax(s/τ)_i`` between
+    the distribution of the targets (graded labels or teacher scores) and the model's."""
+    m = _mask(scores, mask)
+    target = F.softmax(targets.to(scores.dtype).masked_fill(~m, NEG_INF), dim=1)
+    log_p = F.log_softmax((scores / temperature).masked_fill(~m, NEG_INF), dim=1)
+    return -(target * log_p).masked_fill(~m, 0.0).sum(dim=1).mean()
+
+
+def kl_div(scores: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0,
+           mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Distillation over lists: ``τ² · KL(softmax(t/τ) ‖ softmax(s/τ))`` per list (Hinton et al.; τ² keeps
+    gradient sizes comparable across temperatures)."""
+    m = _mask(scores, mask)
+    log_q = F.log_softmax((scores / temperature).masked_fill(~m, NEG_INF), dim=1)
+    log_p = F.log_softmax((teacher.to(scores.dtype) / temperature).masked_fill(~m, NEG_INF), dim=1)
+    kl = (log_p.exp() * (log_p - log_q)).masked_fill(~m, 0.0).sum(dim=1)
+    return kl.mean() * temperature**2
+
+
+def mse(scores: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Pointwise distillation: mean of ``(s - t)²`` over candidates."""
+    m = _mask(scores, mask)
+    return ((scores - teacher.to(scores.dtype)) ** 2)[m].mean()
+
+
+def margin_mse(scores: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """MarginMSE (Hofstätter et al.): mean over negatives j ≥ 1 of ``((s_0 - s_j) - (t_0 - t_j))²``,
+    candidate 0 of each list being the positive."""
+    m = _mask(scores, mask)
+    t = teacher.to(scores.dtype)
+    diff = (scores[:, :1] - scores[:, 1:]) - (t[:, :1] - t[:, 1:])
+    return (diff**2)[m[:, 1:]].mean()
+
+
+def lambda_loss(scores: torch.Tensor, labels: torch.Tensor, sigma: float = 1.0, mu: float = 10.0,
+                mask: torch.Tensor | None = None, eps: float = 1e-10) -> torch.Tensor:
+    """LambdaLoss with the NDCG-Loss2++ weighting (Wang et al., CIKM 2018), summed over pairs, mean
+    over lists.
+
+    Candidates are put in the model's order; for every pair (i, j) with ``y_i > y_j`` the loss is
+    ``-log2 σ(σ·(s_i - s_j))^{w_ij}`` with ``w_ij = μ·δ_ij·|G_i - G_j| + ρ_ij·|G_i - G_j|`` where
+    ``G = (2^y - 1) / maxDCG``, ``δ_ij = |1/D(|i-j|) - 1/D(|i-j|+1)|`` (NDCG-Loss2) and
+    ``ρ_ij = |1/D(i) - 1/D(j)|`` (LambdaRank), ``D(r) = log2(1 + r)`` for 1-based ranks r.
+    """
+    m = _mask(scores, mask)
+    y = labels.to(scores.dtype).masked_fill(~m, -1.0)  # padded entries sink below every real label
+    s = scores.masked_fill(~m, NEG_INF)
+    s_sorted, order = s.sort(dim=1, descending=True)
+    y_by_pred = y.gather(1, order)
+    y_ideal, _ = y.sort(dim=1, descending=True)
+    n = scores.shape[1]
+    ranks = torch.arange(1, n + 1, device=scores.device, dtype=scores.dtype)
+    discount = torch.log2(1.0 + ranks)  # D(r)
+    gains_ideal = (torch.pow(2.0, y_ideal.clamp_min(0)) - 1.0) / discount
+    max_dcg = gains_ideal.sum(dim=1).clamp_min(eps)
+    g = (torch.pow(2.0, y_by_pred.clamp_min(0)) - 1.0) / max_dcg[:, None]
+    gain_diff = (g[:, :, None] - g[:, None, :]).abs()
+    # NDCG-Loss2: delta depends on the rank distance |i - j|
+    dist = (ranks[:, None] - ranks[None, :]).abs()
+    delta = (1.0 / torch.log2(1.0 + dist).clamp_min(eps) - 1.0 / torch.log2(2.0 + dist)).abs()
+    delta = delta.masked_fill(dist == 0, 0.0)
+    rho = (1.0 / discount[:, None] - 1.0 / discount[None, :]).abs()
+    weights = mu * delta[None] * gain_diff + rho[None] * gain_diff
+    valid = (y_by_pred[:, :, None] > y_by_pred[:, None, :]) & (y_by_pred[:, None, :] >= 0)
+    diffs = (s_sorted[:, :, None] - s_sorted[:, None, :]).clamp(-1e8, 1e8)
+    log_probs = torch.log2(torch.sigmoid(sigma * diffs).clamp_min(eps)) * weights
+    per_list = -(log_probs * valid).sum(dim=(1, 2))
+    return per_list.mean()
+
+
+LOSSES = {
+    "bce": "pointwise binary cross-entropy on labels (pos_weight = negatives per positive)",
+    "infonce": "listwise softmax cross-entropy over 1 positive + k negatives",
+    "listnet": "ListNet cross-entropy against graded labels (or teacher scores)",
+    "lambda": "LambdaLoss (NDCG-Loss2++) on labels",
+    "mse": "distillation: MSE to teacher scores",
+    "margin-mse": "distillation: MarginMSE on teacher(pos) - teacher(neg)",
+    "kl": "distillation: KL divergence between teacher and student softmax over each list",
+}
+
+
+def compute(name: str, scores: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor | None,
+            mask: torch.Tensor | None, temperature: float = 1.0, pos_weight: float | None = None) -> torch.Tensor:
+    """One named loss (see :data:`LOSSES`) on a batch of lists."""
+    if name in ("mse", "margin-mse", "kl") and teacher is None:
+        raise ValueError(f"loss {name!r} needs teacher scores (score the training lists with a teacher first)")
+    if name == "bce":
+        return bce(scores, labels, pos_weight, mask)
+    if name == "infonce":
+        return softmax_ce(scores, labels, temperature, mask)
+    if name == "listnet":
+        return listnet(scores, labels if teacher is None else teacher, temperature, mask)
+    if name == "lambda":
+        return lambda_loss(scores, labels, mask=mask)
+    if name == "mse":
+        return mse(scores, teacher, mask)
+    if name == "margin-mse":
+        return margin_mse(scores, teacher, mask)
+    if name == "kl":
+        return kl_div(scores, teacher, temperature, mask)
+    raise ValueError(f"unknown loss {name!r}; use one of {', '.join(LOSSES)}")
+
+
+def parse_loss_spec(spec: str) -> list[tuple[str, float]]:
+    """``"infonce+0.5*kl"`` -> ``[("infonce", 1.0), ("kl", 0.5)]``; each name from :data:`LOSSES`."""
+    terms = []
+    for part in spec.replace(" ", "").split("+"):
+        if not part:
+            continue
+        weight, _, name = part.rpartition("*")
+        w = float(weight) if weight else 1.0
+        if name not in LOSSES:
+            raise ValueError(f"unknown loss {name!r} in {spec!r}; use one of {', '.join(LOSSES)}")
+        if not math.isfinite(w) or w < 0:
+            raise ValueError(f"loss weight must be a non-negative number, got {weight!r}")
+        terms.append((name, w))
+    if not terms:
+        raise ValueError("empty loss specification")
+    return terms

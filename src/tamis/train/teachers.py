@@ -1,0 +1,316 @@
+"""Teacher scores: score (query, candidates) lists once with any scorer, cache them, combine scorers.
+
+A scorer maps lists ``[(query id, [doc id, ...]), ...]`` of a :class:`~tamis.train.data.RerankData` to
+one score array per list:
+
+- :class:`RerankerScorer`: any ``tamis.Reranker`` (cross-encoders give raw logits);
+- :class:`DenseScorer`: cosine of any ``tamis.Embedder`` (each distinct text embedded once, cached);
+- :class:`BM25Scorer`: lexical BM25 against the data set's own corpus statistics;
+- :class:`SpladeScorer`: a SPLADE sparse encoder (masked-LM logits, ``log(1 + relu)`` max-pooled);
+- :class:`EnsembleScorer`: a weighted sum of per-list standardised scores of several scorers, with
+  given weights or weights learned on labelled lists (:meth:`EnsembleScorer.fit`).
+
+:func:`score_cached` scores only what a JSONL cache file does not hold yet, so a teacher runs once per
+(query, document) pair however many trainings read its scores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from tamis.train.data import RerankData
+
+Lists = Sequence[tuple[str, Sequence[str]]]
+
+
+class ListScorer(Protocol):
+    name: str
+
+    def score(self, data: RerankData, lists: Lists) -> list[np.ndarray]: ...
+
+
+class RerankerScorer:
+    """Scores with a ``tamis.Reranker``: raw logits for cross-encoders, relevance scores otherwise."""
+
+    def __init__(self, reranker: Any, name: str | None = None, show_progress: bool = True):
+        self.reranker = reranker
+        self.name = name or f"reranker:{getattr(reranker, 'name', type(reranker).__name__)}"
+        self.show_progress = show_progress
+
+    def score(self, data: RerankData, lists: Lists) -> list[np.ndarray]:
+        out = []
+        for qid, docs in tqdm(lists, desc=self.name, unit="list", disable=not self.show_progress):
+            texts = [data.corpus[d] for d in docs]
+            if hasattr(self.reranker, "logits"):
+                logits, _, _ = self.reranker.logits(data.queries[qid], texts)
+                out.append(np.asarray(logits, dtype=np.float32))
+                continue
+            res = self.reranker.rerank(data.queries[qid], texts, return_documents=False)
+            scores = np.empty(len(texts), dtype=np.float32)
+            for r in res:
+                scores[r.index] = r.relevance_score
+            out.append(scores)
+        return out
+
+
+class DenseScorer:
+    """Cosine similarity of an embedding model's query and document vectors."""
+
+    def __init__(self, embedder: Any, cache: Any = None, show_progress: bool = True):
+        self.embedder = embedder
+        self.cache = cache
+        self.name = f"dense:{getattr(embedder, 'name', 'model')}"
+        self.show_progress = show_progress
+
+    def score(self, data: RerankData, lists: Lists) -> list[np.ndarray]:
+        from tamis.evaluate.first_stage import encode
+
+        qids = sorted({q for q, _ in lists})
+        dids = list(data.corpus)  # the whole corpus, in file order: the same cache entry as dense mining
+        qv = encode(self.embedder, [data.queries[q] for q in qids], getattr(self.embedder, "query_task", None),
+                    self.cache, self.show_progress, "queries")
+        dv = encode(self.embedder, [data.corpus[d] for d in dids], getattr(self.embedder, "passage_task", None),
+                    self.cache, self.show_progress, "documents")
+        qi = {q: i for i, q in enumerate(qids)}
+        di = {d: i for i, d in enumerate(dids)}
+        return [dv[[di[d] for d in docs]] @ qv[qi[q]] for q, docs in lists]
+
+
+class BM25Scorer:
+    """BM25 (Lucene variant, the project's first stage) with the statistics of the data set's corpus."""
+
+    name = "bm25"
+
+    def __init__(self, show_progress: bool = True):
+        self.show_progress = show_progress
+        self._index: tuple[str, Any, dict[str, int]] | None = None
+
+    def _index_for(self, data: RerankData) -> tuple[Any, dict[str, int]]:
+        from tamis.evaluate.first_stage import BM25Index
+
+        if self._index is None or self._index[0] != data.name:
+            ids = list(data.corpus)
+            index = BM25Index([data.corpus[d] for d in ids], ids, show_progress=self.show_progress)
+            self._index = (data.name, index, {d: i for i, d in enumerate(ids)})
+        return self._index[1], self._index[2]
+
+    def score(self, data: RerankData, lists: Lists) -> list[np.ndarray]:
+        index, pos = self._index_for(data)
+        out = []
+        for qid, docs in tqdm(lists, desc="bm25", unit="list", disable=not self.show_progress):
+            all_scores = index.scores(data.queries[qid])
+            out.append(all_scores[[pos[d] for d in docs]])
+        return out
+
+
+class SpladeScorer:
+    """SPLADE: ``w_t = max_i log(1 + relu(logit_{i,t}))`` over the tokens of a text, score = ``q · d``.
+
+    ``model_dir`` holds a BERT masked-LM checkpoint trained as a SPLADE encoder (e.g. SPLADE-tiny).
+    Vectors are kept sparse (only non-zero terms), each distinct text encoded once.
+    """
+
+    def __init__(self, model_dir: str | os.PathLike[str], device: str = "cpu", max_length: int = 256,
+                 max_tokens_per_batch: int = 8192, show_progress: bool = True):
+        from tamis.models import bert
+        from tamis.models.loading import load_config
+        from tamis.tokenize import Tokenizer
+
+        self.model_dir = Path(model_dir)
+        self.name = f"splade:{self.model_dir.name}"
+        self.device = torch.device(device)
+        self.model = bert.from_pretrained(self.model_dir, self.device, masked_lm=True)
+        self.tokenizer = Tokenizer.from_dir(self.model_dir, load_config(self.model_dir))
+        self.max_length = max_length
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self.show_progress = show_progress
+
+    @torch.inference_mode()
+    def encode(self, texts: Sequence[str], desc: str = "splade") -> list[tuple[np.ndarray, np.ndarray]]:
+        """Sparse vectors as ``(term ids, weights)`` per text."""
+        from tamis.batching import plan_batches
+
+        encodings = self.tokenizer.encode(list(texts), self.max_length, truncate=True)
+        out: list[Any] = [None] * len(encodings)
+        batches = plan_batches([len(e) for e in encodings], self.max_tokens_per_batch)
+        with tqdm(total=len(encodings), desc=desc, unit="text", disable=not self.show_progress) as bar:
+            for idx in batches:
+                batch = self.tokenizer.pad([encodings[i] for i in idx], self.device)
+                logits = self.model(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+                weights = torch.log1p(torch.relu(logits.float())) * batch.attention_mask[..., None]
+                pooled = weights.amax(dim=1).cpu()
+                for row, i in enumerate(idx):
+                    nz = pooled[row].nonzero().flatten()
+                    out[i] = (nz.numpy(), pooled[row, nz].numpy())
+                bar.update(len(idx))
+        return out
+
+    def score(self, data: RerankData, lists: Lists) -> list[np.ndarray]:
+        qids = sorted({q for q, _ in lists})
+        dids = sorted({d for _, docs in lists for d in docs})
+        qv = dict(zip(qids, self.encode([data.queries[q] for q in qids], "splade queries")))
+        dv = dict(zip(dids, self.encode([data.corpus[d] for d in dids], "splade documents")))
+        out = []
+        for q, docs in lists:
+            terms, weights = qv[q]
+            lookup = dict(zip(terms.tolist(), weights.tolist()))
+            row = np.empty(len(docs), dtype=np.float32)
+            for j, d in enumerate(docs):
+                dt, dw = dv[d]
+                row[j] = sum(lookup.get(t, 0.0) * w for t, w in zip(dt.tolist(), dw.tolist()))
+            out.append(row)
+        return out
+
+
+def standardize(scores: np.ndarray) -> np.ndarray:
+    """Per-list z-scores (a constant list maps to zeros): puts scorers with different scales on one."""
+    scores = np.asarray(scores, dtype=np.float32)
+    std = scores.std()
+    return (scores - scores.mean()) / std if std > 1e-8 else np.zeros_like(scores)
+
+
+class EnsembleScorer:
+    """Weighted sum of standardised scores of several scorers: ``Σ_m w_m · z_m``, then ``· scale``.
+
+    ``scale`` sets the spread of the combined scores (z-scores have unit spread per list), which
+    matters to softmax-based distillation; :meth:`fit` learns both the weights and the scale.
+    """
+
+    def __init__(self, scorers: Sequence[Any], weights: Sequence[float] | None = None, scale: float = 1.0):
+        self.scorers = list(scorers)
+        if weights is not None and len(weights) != len(self.scorers):
+            raise ValueError("one weight per scorer")
+        self.weights = list(weights) if weights is not None else [1.0 / len(self.scorers)] * len(self.scorers)
+        self.scale = scale
+
+    @property
+    def name(self) -> str:
+        parts = [f"{w:.3g}*{s.name}" for s, w in zip(self.scorers, self.weights)]
+        return f"ensemble({' + '.join(parts)})x{self.scale:.3g}"
+
+    def components(self, data: RerankData, lists: Lists, cache_dir: str | os.PathLike[str] | None = None
+                   ) -> list[list[np.ndarray]]:
+        """Each scorer's standardised scores per list (from the cache when ``cache_dir`` is given)."""
+        per = []
+        for s in self.scorers:
+            raw = score_cached(s, data, lists, cache_dir) if cache_dir is not None else s.score(data, lists)
+            per.append([standardize(x) for x in raw])
+        return per
+
+    def combine(self, components: list[list[np.ndarray]]) -> list[np.ndarray]:
+        n = len(components[0])
+        return [self.scale * sum(w * comp[i] for w, comp in zip(self.weights, components)) for i in range(n)]
+
+    def score(self, data: RerankData, lists: Lists) -> list[np.ndarray]:
+        return self.combine(self.components(data, lists))
+
+    def fit(self, components: list[list[np.ndarray]], labels: list[np.ndarray], l2: float = 1e-3,
+            steps: int = 300) -> EnsembleScorer:
+        """Learn weights (and scale) that maximise the listwise likelihood of the relevant documents:
+        minimise ``-log Σ_{rel} softmax(Σ_m v_m z_m)`` over labelled lists (L-BFGS, L2 penalty), then
+        ``scale = ‖v‖₁`` and ``weights = v / ‖v‖₁``. Lists without a relevant document are ignored."""
+        keep = [i for i, y in enumerate(labels) if np.any(y > 0)]
+        if not keep:
+            raise ValueError("no list has a relevant document: cannot learn ensemble weights")
+        width = max(len(labels[i]) for i in keep)
+        m = len(components)
+        z = torch.zeros(len(keep), width, m)
+        pos = torch.zeros(len(keep), width, dtype=torch.bool)
+        valid = torch.zeros(len(keep), width, dtype=torch.bool)
+        for r, i in enumerate(keep):
+            k = len(labels[i])
+            for c in range(m):
+                z[r, :k, c] = torch.from_numpy(np.asarray(components[c][i], dtype=np.float32))
+            pos[r, :k] = torch.from_numpy(np.asarray(labels[i]) > 0)
+            valid[r, :k] = True
+        v = torch.full((m,), 1.0 / m, requires_grad=True)
+        opt = torch.optim.LBFGS([v], lr=0.5, max_iter=steps, line_search_fn="strong_wolfe")
+
+        def closure() -> torch.Tensor:
+            opt.zero_grad()
+            logits = (z @ v).masked_fill(~valid, -1e9)
+            loss = (torch.logsumexp(logits, 1) - torch.logsumexp(logits.masked_fill(~pos, -1e9), 1)).mean()
+            loss = loss + l2 * (v**2).sum()
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+        raw = v.detach()
+        total = float(raw.abs().sum()) or 1.0
+        self.weights = [float(x) / total for x in raw]
+        self.scale = total
+        return self
+
+
+def _cache_file(cache_dir: str | os.PathLike[str], scorer: Any, data: RerankData) -> Path:
+    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{data.name}--{scorer.name}")
+    if len(slug) > 150:
+        import hashlib
+
+        slug = slug[:100] + "-" + hashlib.sha1(slug.encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{slug}.jsonl"
+
+
+def score_cached(scorer: Any, data: RerankData, lists: Lists, cache_dir: str | os.PathLike[str]
+                 ) -> list[np.ndarray]:
+    """``scorer.score`` with a JSONL cache (one line per query: ``{"qid", "scores": {doc id: score}}``):
+    only (query, document) pairs missing from the cache are scored, and they are appended to it."""
+    path = _cache_file(cache_dir, scorer, data)
+    known: dict[str, dict[str, float]] = {}
+    if path.is_file():
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    known.setdefault(row["qid"], {}).update(row["scores"])
+    todo = []
+    for qid, docs in lists:
+        missing = [d for d in docs if d not in known.get(qid, {})]
+        if missing:
+            todo.append((qid, missing))
+    if todo:
+        fresh = scorer.score(data, todo)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            for (qid, docs), scores in zip(todo, fresh):
+                row = {d: float(s) for d, s in zip(docs, scores)}
+                known.setdefault(qid, {}).update(row)
+                f.write(json.dumps({"qid": qid, "scores": row}) + "\n")
+    return [np.array([known[qid][d] for d in docs], dtype=np.float32) for qid, docs in lists]
+
+
+def build_scorer(spec: str, device: str = "cpu", cache: Any = None, show_progress: bool = True) -> Any:
+    """A scorer from a command-line spec.
+
+    - ``PATH`` or model name: a ``tamis.Reranker`` (cross-encoder logits; embedding models: cosine);
+    - ``bm25``; ``dense`` (bundled MiniLM) or ``dense=MODEL``; ``splade=DIR``; ``reranker=MODEL``;
+    - ``ensemble:A,B,...`` of the above (weights learned on the training lists unless given).
+    """
+    spec = spec.strip()
+    if spec.startswith("ensemble:"):
+        parts = [p for p in spec[len("ensemble:"):].split(",") if p.strip()]
+        if len(parts) < 2:
+            raise ValueError("an ensemble needs at least two scorers, e.g. ensemble:bm25,dense")
+        return EnsembleScorer([build_scorer(p, device, cache, show_progress) for p in parts])
+    kind, _, arg = spec.partition("=")
+    if kind == "bm25" and not arg:
+        return BM25Scorer(show_progress)
+    if kind == "dense":
+        from tamis.embed import Embedder
+
+        return DenseScorer(Embedder(arg or None, device=device), cache, show_progress)
+    if kind == "splade":
+        if not arg:
+            raise ValueError("splade needs a model directory: splade=DIR")
+        return SpladeScorer(arg, device=device, show_progress=show_progress)
+    from tamis.rerank import Reranker
+
+    return RerankerScorer(Reranker(arg if kind == "reranker" else spec, device=device), show_progress=show_progress)

@@ -1,0 +1,285 @@
+"""Reranker training: data and dev splits, mining, teachers, trainer (loss goes down, resume is exact),
+checkpoints in the Hugging Face layout that tamis and sentence-transformers load with the same scores."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import tamis
+from tamis.models import bert
+from tamis.models.loading import bundled_default_dir
+from tamis.train import ListConfig, MiningConfig, TrainConfig, train_reranker
+from tamis.train.cross_encoder import (
+    ListBatcher,
+    ListStep,
+    init_cross_encoder,
+    rerank_metrics,
+    save_cross_encoder,
+)
+from tamis.train.data import TrainList, from_pairs, load_training_data, make_groups, split_dev
+from tamis.train.mining import first_stage_runs, mine_lists
+from tamis.train.teachers import BM25Scorer, EnsembleScorer, RerankerScorer, score_cached, standardize
+from tamis.train.trainer import Trainer
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+needs_data = pytest.mark.skipif(not (SHARED / "data" / "scifact").is_dir(), reason="../shared/data not present")
+
+TOPICS = {
+    "cats": ["Cats purr when they are content.", "A cat sleeps most of the day.", "Kittens are young cats."],
+    "rust": ["Rust is a systems programming language.", "Cargo builds Rust projects.", "The borrow checker in Rust."],
+    "paris": ["Paris is the capital of France.", "The Eiffel Tower stands in Paris.", "Paris hosts the Louvre."],
+    "tea": ["Green tea contains catechins.", "Black tea is fermented.", "Tea is brewed from leaves."],
+    "mars": ["Mars is the red planet.", "Rovers explore the surface of Mars.", "Mars has two small moons."],
+    "piano": ["The piano has 88 keys.", "Chopin composed for the piano.", "A piano is tuned by a technician."],
+}
+QUESTIONS = {
+    "cats": ["why do cats purr", "how long do cats sleep", "what is a kitten"],
+    "rust": ["what is rust programming", "how to build rust code", "what does the borrow checker do"],
+    "paris": ["capital of france", "where is the eiffel tower", "where is the louvre"],
+    "tea": ["what is in green tea", "how is black tea made", "what is tea made from"],
+    "mars": ["which planet is red", "what explores mars", "how many moons does mars have"],
+    "piano": ["how many keys on a piano", "who wrote piano music", "who tunes pianos"],
+}
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("pairs")
+    rows = []
+    for topic, docs in TOPICS.items():
+        for q, doc in zip(QUESTIONS[topic], docs):
+            rows.append({"source": "toy", "query": q, "document": doc, "label": 1})
+    rows.append({"source": "toy", "query": "why do cats purr", "document": TOPICS["tea"][0], "label": 0})
+    with gzip.open(d / "pairs.jsonl.gz", "wt", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT encoder with random weights and MiniLM's tokenizer."""
+    d = tmp_path_factory.mktemp("tiny-encoder")
+    src = bundled_default_dir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (src / name).is_file():
+            shutil.copy(src / name, d / name)
+    config = {"architectures": ["BertModel"], "model_type": "bert", "vocab_size": 30522, "hidden_size": 32,
+              "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "hidden_act": "gelu",
+              "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12, "pad_token_id": 0}
+    (d / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    model = bert.BertModel(bert.BertConfig.from_dict(config))
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+    return d
+
+
+def test_pairs_become_queries_documents_and_labels(pairs_dir):
+    data = from_pairs(pairs_dir)
+    assert len(data.queries) == 18 and len(data.corpus) == 18
+    qid = next(q for q, t in data.queries.items() if t == "why do cats purr")
+    assert [data.corpus[d] for d in data.positives(qid)] == [TOPICS["cats"][0]]
+    assert [data.corpus[d] for d in data.labelled_negatives(qid)] == [TOPICS["tea"][0]]
+    assert load_training_data(pairs_dir).queries == data.queries
+
+
+def test_dev_split_is_deterministic_disjoint_and_refuses_test(pairs_dir, tmp_path):
+    data = from_pairs(pairs_dir)
+    train, dev = split_dev(data, 4, seed=1)
+    assert len(dev) == 4 and not set(train) & set(dev) and len(train) + len(dev) == 18
+    assert split_dev(data, 4, seed=1) == (train, dev)
+    assert split_dev(data, 4, seed=2)[1] != dev
+    (tmp_path / "qrels").mkdir()
+    (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n")
+    with pytest.raises(Exception, match="test split"):
+        load_training_data(f"{tmp_path}:test")
+
+
+def test_mining_skips_positives_and_top_ranks(pairs_dir):
+    data = from_pairs(pairs_dir)
+    qids = data.trainable_queries()
+    runs = first_stage_runs(data, qids, methods=("bm25",), depth=20, show_progress=False)
+    full = mine_lists(data, qids, runs, n_negatives=20, skip_top=0)
+    skipped = mine_lists(data, qids, runs, n_negatives=20, skip_top=2)
+    for a, b in zip(full, skipped):
+        assert not set(a.positives) & set(a.negatives)
+        labelled = data.labelled_negatives(a.qid)
+        assert a.negatives[: len(labelled)] == labelled and a.labelled == len(labelled)
+        mined_a, mined_b = a.negatives[a.labelled:], b.negatives[b.labelled:]
+        assert mined_b == [d for d in mined_a if d not in mined_a[:2]]  # the two top-ranked are skipped
+    groups = make_groups(full, 3, epoch=0, seed=0)
+    assert all(len(docs) == 4 and docs[0] in data.positives(q) for q, docs in groups)
+    cat_q = next(q for q, t in data.queries.items() if t == "why do cats purr")
+    assert dict(groups)[cat_q][1] == data.labelled_negatives(cat_q)[0]  # judged negatives come first
+
+
+def test_teacher_scores_cached_and_ensemble_learns_weights(pairs_dir, tmp_path):
+    data = from_pairs(pairs_dir)
+    lists = [(q, list(data.corpus)[:6]) for q in data.trainable_queries()]
+
+    class Counting(BM25Scorer):
+        calls = 0
+
+        def score(self, data, lists):
+            Counting.calls += 1
+            return super().score(data, lists)
+
+    scorer = Counting(show_progress=False)
+    first = score_cached(scorer, data, lists, tmp_path)
+    again = score_cached(scorer, data, lists, tmp_path)
+    assert Counting.calls == 1 and all(np.array_equal(a, b) for a, b in zip(first, again))
+    np.testing.assert_allclose(standardize(np.array([1.0, 2.0, 3.0])), [-1.2247449, 0.0, 1.2247449], rtol=1e-6)
+
+    class Noise:
+        name = "noise"
+
+        def score(self, data, lists):
+            rng = np.random.default_rng(0)
+            return [rng.normal(size=len(d)).astype(np.float32) for _, d in lists]
+
+    full_lists = [(q, data.positives(q) + [d for d in data.corpus if d not in data.positives(q)][:5])
+                  for q in data.trainable_queries()]
+    ens = EnsembleScorer([BM25Scorer(show_progress=False), Noise()])
+    comps = ens.components(data, full_lists)
+    labels = [np.array([1.0] + [0.0] * 5) for _ in full_lists]
+    ens.fit(comps, labels)
+    assert ens.weights[0] > abs(ens.weights[1]) and ens.scale > 0  # the informative scorer dominates
+
+
+def _all_other_docs(data) -> list[TrainList]:
+    return [TrainList(q, data.positives(q), [d for d in data.corpus if d not in data.positives(q)])
+            for q in data.trainable_queries()]
+
+
+def test_two_training_steps_lower_the_loss_and_write_a_loadable_checkpoint(pairs_dir, tiny_encoder, tmp_path):
+    data = from_pairs(pairs_dir)
+    lists = _all_other_docs(data)
+    ce = init_cross_encoder(tiny_encoder, seed=0)
+    assert ce.model.cfg.num_labels == 1 and "fresh 1-logit head" in ce.init
+    batcher = ListBatcher(data, lists, ce.tokenizer, n_negatives=3, lists_per_batch=9, max_length=64)
+    step = ListStep(ce, data, "infonce", max_length=64)
+
+    def mean_loss() -> float:
+        with torch.no_grad():
+            return float(np.mean([step(b).loss.item() for b in batcher(0)]))
+
+    before = mean_loss()
+    cfg = TrainConfig(lr=3e-3, max_steps=2, warmup=0, schedule="constant", log_every=1, show_progress=False)
+    out = tmp_path / "run"
+    Trainer(ce.model, cfg, out, batcher, step, lambda d: save_cross_encoder(ce, d, max_length=64)).train()
+    after = mean_loss()
+    assert after < before
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log if "loss" in r] == [1, 2] and (out / "curve.png").stat().st_size > 1000
+    rr = tamis.Reranker(out / "model")
+    docs = list(data.corpus.values())[:5]
+    want = ce.reranker(64).logits("why do cats purr", docs)[0]
+    np.testing.assert_allclose(rr.rerank("why do cats purr", docs, raw_scores=True).scores,
+                               sorted(want, reverse=True), atol=1e-5)
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["architectures"] == ["BertForSequenceClassification"] and config["num_hidden_layers"] == 2
+
+
+def test_resume_continues_exactly(pairs_dir, tiny_encoder, tmp_path):
+    data = from_pairs(pairs_dir)
+    lists = _all_other_docs(data)
+
+    def run(out: Path, fail_at: int | None, resume: bool) -> dict[str, torch.Tensor]:
+        ce = init_cross_encoder(tiny_encoder, seed=0)
+        batcher = ListBatcher(data, lists, ce.tokenizer, n_negatives=3, lists_per_batch=4, max_length=64)
+        inner = ListStep(ce, data, "infonce", max_length=64)
+        calls = {"n": 0}
+
+        def step(batch):
+            calls["n"] += 1
+            if fail_at is not None and calls["n"] == fail_at:
+                raise KeyboardInterrupt
+            return inner(batch)
+
+        cfg = TrainConfig(lr=1e-3, epochs=2, warmup=1, save_every=2, log_every=1, show_progress=False)
+        Trainer(ce.model, cfg, out, batcher, step, lambda d: save_cross_encoder(ce, d)).train(resume=resume)
+        return {k: v.clone() for k, v in ce.model.state_dict().items()}
+
+    ce = init_cross_encoder(tiny_encoder, seed=0)
+    n_batches = len(ListBatcher(data, lists, ce.tokenizer, 3, 4, 64)(0))
+    assert n_batches >= 3
+    straight = run(tmp_path / "a", None, False)
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b", fail_at=n_batches + 2, resume=False)  # dies in epoch 2, after a checkpoint
+    state = json.loads((tmp_path / "b" / "checkpoint" / "trainer_state.json").read_text())
+    assert 0 < state["step"] <= n_batches + 1 and state["step"] % 2 == 0
+    resumed = run(tmp_path / "b", None, True)
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k], rtol=0, atol=1e-6)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "b" / "train_log.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == list(range(1, 2 * n_batches + 1))  # each step logged once, none lost or repeated
+
+
+def test_student_by_layer_selection_and_sentence_transformers_interop(pairs_dir, tiny_encoder, tmp_path):
+    teacher = init_cross_encoder(tiny_encoder, seed=0)
+    save_cross_encoder(teacher, tmp_path / "teacher", max_length=128)
+    student = init_cross_encoder(tmp_path / "teacher", layers=[1])
+    assert student.model.cfg.num_hidden_layers == 1
+    torch.testing.assert_close(student.model.bert.encoder.layer[0].attention.self.query.weight,
+                               teacher.model.bert.encoder.layer[1].attention.self.query.weight)
+    save_cross_encoder(student, tmp_path / "student", max_length=128, dtype=torch.float16)
+    st = pytest.importorskip("sentence_transformers")
+    data = from_pairs(pairs_dir)
+    docs = list(data.corpus.values())
+    ours = tamis.Reranker(tmp_path / "student").score("why do cats purr", docs)
+    theirs = st.CrossEncoder(str(tmp_path / "student"), device="cpu").predict([("why do cats purr", d) for d in docs])
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
+def test_train_reranker_end_to_end_with_teacher_and_dev(pairs_dir, tiny_encoder, tmp_path):
+    summary = train_reranker(
+        [str(pairs_dir)], tmp_path / "run", model=str(tiny_encoder), teacher="ensemble:bm25,bm25",
+        lists=ListConfig(n_negatives=3, lists_per_batch=4, max_length=64, loss="infonce+kl"),
+        mining=MiningConfig(methods=("bm25",), n_negatives=8, skip_top=0, dev=4, dev_depth=10),
+        config=TrainConfig(lr=1e-3, max_steps=3, eval_every=3, select_metric="nDCG@10", show_progress=False),
+        cache_dir=tmp_path / "cache", show_progress=False)
+    assert summary["steps"] == 3 and summary["best_dev"] is not None
+    assert set(summary["last_dev"]) >= {"nDCG@10", "MRR@10", "Hit@10"}
+    card = (tmp_path / "run" / "model" / "README.md").read_text()
+    assert "Apache" in card and "infonce+kl" in card
+    assert isinstance(tamis.Reranker(tmp_path / "run" / "model"), tamis.rerank.CrossEncoderReranker)
+
+
+@needs_data
+def test_rerank_metrics_on_real_dev_slice():
+    data = load_training_data(SHARED / "data" / "scifact")
+    _, dev = split_dev(data, 5, seed=0)
+    runs = first_stage_runs(data, dev, methods=("bm25",), depth=10, show_progress=False)
+    bm25 = RerankerScorer(tamis.Reranker(), show_progress=False)
+    m = rerank_metrics(bm25.reranker, data, runs["bm25"])
+    assert 0.0 <= m["nDCG@10"] <= 1.0 and set(m) == {"nDCG@10", "MRR@10", "Hit@10"}
+
+
+def test_train_cli_help_and_bad_arguments(capsys):
+    from tamis.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "reranker" in out and "distill" in out
+    with pytest.raises(SystemExit):
+        main(["train", "distill", "--help"])
+    out = capsys.readouterr().out
+    assert all(opt in out for opt in ("--teacher", "--layers", "--device", "--resume", "--eval-data"))
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "distill", "--data", "x", "--out", "y", "--teacher", "t"])
+    assert "give --layers" in str(exc.value.code)
+    with pytest.raises(SystemExit):
+        main(["train", "reranker", "--data", "x", "--out", "y", "--layers", "a,b"])
