@@ -544,9 +544,6 @@ def test_connections_time_out_and_are_capped() -> None:
         silent = [socket.create_connection(addr) for _ in range(3)]
         partial = socket.create_connection(addr)
         partial.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\n")
-        time.sleep(0.1)
-        extra = socket.create_connection(addr)  # the fifth: over the cap
-        over, over_s = _recv_all(extra, 2)
         head, _ = _recv_all(partial, 3)
         closed = [(_recv_all(s, 3)[0], time.perf_counter() - opened) for s in silent]
         slow_body = socket.create_connection(addr)
@@ -554,13 +551,82 @@ def test_connections_time_out_and_are_capped() -> None:
                           b"Content-Length: 100\r\n\r\n{\"input\": ")
         body_reply, body_s = _recv_all(slow_body, 3)
         ok = httpx.post(srv.url + "/v1/embeddings", json={"input": "still serving"}, timeout=5)
-        for s in [*silent, partial, extra, slow_body]:
+        for s in [*silent, partial, slow_body]:
             s.close()
-    assert over == b"" and over_s < 0.3  # closed at once
     assert head.startswith(b"HTTP/1.1 408")
     assert all(data == b"" and 0.4 < s < 3.0 for data, s in closed), closed  # closed after the 0.5 s timeout
     assert body_reply.startswith(b"HTTP/1.1 408") and b"body_timeout" in body_reply and body_s < 2.0
     assert ok.status_code == 200
+
+
+def _is_open(sock: socket.socket) -> bool:
+    return _recv_all(sock, 0.1)[0] == b"<still open>"
+
+
+def test_connection_cap_closes_waiting_connections_first() -> None:
+    """Item 17: at the cap, a new connection closes the oldest one that is only waiting (silent, or idle on
+    keep-alive), so silent clients cannot lock real ones out; when all are busy, the new one is closed."""
+    settings = ServerSettings(header_timeout_s=10.0, keep_alive_timeout_s=10.0, max_connections=4)
+    rr = SteppingReranker(steps=6, step_s=0.1)  # 0.6 s per rerank, one at a time
+    with LiveServer(create_app({"fake": FakeEmbedder()}, {"slow": rr}, settings), settings=settings) as srv:
+        addr = ("127.0.0.1", srv.port)
+
+        def connect(head: bytes = b"") -> socket.socket:
+            s = socket.create_connection(addr)
+            if head:
+                s.sendall(head)
+            time.sleep(0.1)  # the server has seen it: ages follow the order of opening
+            return s
+
+        def request(c: Any = httpx) -> int:
+            status = c.post(srv.url + "/v1/embeddings", json={"input": "real"}, timeout=5).status_code
+            time.sleep(0.2)  # the server has seen its connection close (or go idle)
+            return status
+
+        silent = [connect() for _ in range(3)]
+        partial = connect(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\n")  # the cap (4) is full
+        statuses = [request()]  # makes room by closing silent[0], the oldest
+        closed_first = [not _is_open(s) for s in silent]
+        keep_alive = httpx.Client()
+        statuses.append(request(keep_alive))  # fills the cap again: its connection stays open, idle
+        statuses.append(request())  # closes silent[1]
+        silent.append(connect())
+        statuses.append(request())  # closes silent[2]
+        silent.append(connect())
+        statuses.append(request())  # closes the partial head, with a 408
+        partial_reply, _ = _recv_all(partial, 1)
+        silent.append(connect())
+        statuses.append(request())  # closes the idle keep-alive connection (the oldest waiting one now)
+        statuses.append(request(keep_alive))  # whose client reconnects
+        still_open = [_is_open(s) for s in silent]
+        for s in [*silent, partial]:
+            s.close()
+        keep_alive.close()
+        time.sleep(0.2)
+
+        # four reranks in flight hold all four connections: none can be closed, the fifth one is refused
+        results: list[int] = []
+
+        def one() -> None:
+            results.append(httpx.post(srv.url + "/v1/rerank", json={"model": "slow", "query": "q",
+                                                                   "documents": ["a", "b"]}, timeout=30).status_code)
+
+        threads = [threading.Thread(target=one) for _ in range(4)]
+        for t in threads:
+            t.start()
+        time.sleep(0.4)
+        extra = socket.create_connection(addr)
+        refused, refused_s = _recv_all(extra, 2)
+        extra.close()
+        for t in threads:
+            t.join(30)
+        after = httpx.post(srv.url + "/v1/embeddings", json={"input": "after"}, timeout=5)
+    assert statuses == [200] * 7
+    assert closed_first == [True, False, False]
+    assert partial_reply.startswith(b"HTTP/1.1 408")
+    assert still_open == [False, False, False, True, True, True], still_open
+    assert refused == b"" and refused_s < 0.3, (refused, refused_s)
+    assert results == [200] * 4 and after.status_code == 200
 
 
 def test_repeated_log_lines_are_rate_limited() -> None:

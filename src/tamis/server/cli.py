@@ -84,7 +84,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"work is given up (default {d.request_timeout_s:g})")
     c = p.add_argument_group("connections")
     c.add_argument("--max-connections", type=int, default=d.max_connections,
-                   help=f"open connections beyond this are closed at once (default {d.max_connections})")
+                   help="at this many open connections a new one closes the oldest one still waiting for a request; "
+                        f"when all are busy, the new one is closed at once (default {d.max_connections})")
     c.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
                    help="seconds a connection may take to send a complete request head before it is closed "
                         f"(default {d.header_timeout_s:g})")

@@ -4,8 +4,11 @@ uvicorn (h11) never times out a connection that has not sent a complete request:
 clients would hold file descriptors until the process runs out (and asyncio then logs every failed
 ``accept``). :class:`Protocol` adds to uvicorn's HTTP/1.1 protocol:
 
-* a connection cap: connections beyond ``max_connections`` are closed as soon as they are accepted (before
-  they cost more than their socket), logged at most once per :data:`REPEAT_WINDOW_S`;
+* a connection cap: at ``max_connections`` open connections, a new one first makes room by closing the
+  oldest connection that is only *waiting* (no complete request head yet, or idle between kept-alive
+  requests; nginx reuses such connections the same way), so silent clients cannot lock out real ones;
+  only when every connection is busy with a request is the new one closed as soon as it is accepted
+  (before it costs more than its socket). Both are logged at most once per :data:`REPEAT_WINDOW_S`;
 * a request-head timeout: a connection must deliver a complete request head within ``header_timeout_s``
   of opening (or of its first byte after a kept-alive response), else it gets ``408`` (if it sent
   something) and is closed. The body has its own bound (``body_timeout_s``, in the middleware) and an idle
@@ -77,6 +80,21 @@ def quiet_repeats(names: tuple[str, ...] = ("asyncio", "uvicorn.error", "tamis.s
     return f
 
 
+class _Waiting:
+    """Per-server bookkeeping of the connection cap (kept on uvicorn's ``ServerState``)."""
+
+    def __init__(self) -> None:
+        self.waiting: dict[Protocol, None] = {}  # connections that may be closed to make room, oldest first
+        self.closing: set[Protocol] = set()  # closed by the cap, not yet gone from ``connections``
+
+
+def _waiting(server_state: Any) -> _Waiting:
+    book = getattr(server_state, "tamis_waiting", None)
+    if book is None:
+        book = server_state.tamis_waiting = _Waiting()
+    return book
+
+
 class Protocol(H11Protocol):
     """uvicorn's h11 protocol plus a connection cap and a request-head timeout (see the module docstring)."""
 
@@ -86,11 +104,19 @@ class Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_timer: asyncio.TimerHandle | None = None
-        if len(self.connections) > self.max_connections:
-            logger.warning("connection limit reached (%d open): closing new connections; raise "
-                           "--max-connections or put a proxy in front", self.max_connections)
-            transport.close()
-            return
+        book = self._book = _waiting(self.server_state)
+        if len(self.connections) - len(book.closing) > self.max_connections:
+            victim = next(iter(book.waiting), None)
+            if victim is None:
+                logger.warning("connection limit reached (%d open, all busy with requests): closing new "
+                               "connections; raise --max-connections or put a proxy in front", self.max_connections)
+                book.closing.add(self)
+                transport.close()
+                return
+            logger.warning("connection limit reached (%d open): closing the connections that waited longest "
+                           "without a request to make room", self.max_connections)
+            victim._close_waiting()
+        book.waiting[self] = None
         self._arm_head_timer()
 
     def data_received(self, data: bytes) -> None:
@@ -101,10 +127,30 @@ class Protocol(H11Protocol):
             self._arm_head_timer()  # part of a request head is here: the rest must follow in time
         else:
             self._cancel_head_timer()
+            if self.conn.their_state is not h11.IDLE:  # a request is under way: no longer evictable
+                self._book.waiting.pop(self, None)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+            self._book.waiting[self] = None  # idle between kept-alive requests: evictable again, as the newest
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        book = getattr(self, "_book", None)
+        if book is not None:
+            book.waiting.pop(self, None)
+            book.closing.discard(self)
         super().connection_lost(exc)
+
+    def _close_waiting(self) -> None:
+        """Close this waiting connection to make room for a new one (408 if it sent part of a head)."""
+        self._book.waiting.pop(self, None)
+        self._book.closing.add(self)
+        self._cancel_head_timer()
+        if self.conn.trailing_data[0]:
+            self.transport.write(_TIMEOUT_408)
+        self.transport.close()
 
     def _arm_head_timer(self) -> None:
         if getattr(self, "_head_timer", None) is None:
@@ -120,6 +166,7 @@ class Protocol(H11Protocol):
         self._head_timer = None
         if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
             return
+        self._book.waiting.pop(self, None)
         if self.conn.trailing_data[0]:
             self.transport.write(_TIMEOUT_408)
         logger.info("closed a connection that sent no complete request within %g s", self.header_timeout_s)

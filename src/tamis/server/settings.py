@@ -49,7 +49,9 @@ class ServerSettings:
             model time) gets 503 with Retry-After at that moment; its work is given up (a running rerank
             stops at its next batch).
     Connections (``tamis serve``; see :mod:`tamis.server.runner`):
-        max_connections: open connections beyond this are closed as soon as they are accepted.
+        max_connections: at this many open connections, a new one closes the oldest connection that is
+            only waiting (no complete request head yet, or idle on keep-alive); when none is, the new
+            connection is closed as soon as it is accepted.
         header_timeout_s: a connection that has not sent a complete request head this long after it
             opened (or after its first byte on a kept-alive connection) is closed.
         body_timeout_s: a request body not received in full this long after its head gets 408.
