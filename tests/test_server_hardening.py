@@ -344,7 +344,7 @@ def test_reranker_backends_truncate_false_and_progress(real_rerankers: dict[str,
 
 
 # ---------------------------------------------------------------------------- 14: SIGTERM
-SIGTERM_SCRIPT = """
+SCRIPT_SERVER = """
 import sys, time, torch
 sys.path.insert(0, {src!r})
 from tamis.server import ServerSettings, create_app
@@ -361,7 +361,7 @@ class Slow:
     def finalize(self, pooled, dimensions=None, normalized=True, embedding_type="float"):
         return pooled.numpy()
 
-settings = ServerSettings(max_batch_size=1, graceful_timeout_s=3.0)
+settings = ServerSettings({settings})
 run(create_app({{"slow": Slow()}}, {{}}, settings), settings, "127.0.0.1", {port}, "warning")
 """
 
@@ -372,22 +372,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_sigterm_finishes_what_fits_and_answers_the_rest_with_503(tmp_path: Path) -> None:
-    """Item 14: queued work at SIGTERM got plain-text 500s at the graceful-shutdown timeout."""
+def start_script_server(tmp_path: Path, settings: str, preexec: Any = None) -> tuple[subprocess.Popen, str, Any]:
+    """``tamis.server.runner.run`` in a subprocess serving a slow fake model (0.5 s per row); returns the
+    process, its URL and its open log file, once /health answers 200."""
     port = free_port()
     script = tmp_path / "serve.py"
-    script.write_text(textwrap.dedent(SIGTERM_SCRIPT.format(src=str(SRC), port=port)))
+    script.write_text(textwrap.dedent(SCRIPT_SERVER.format(src=str(SRC), port=port, settings=settings)))
     log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=log, stderr=subprocess.STDOUT, preexec_fn=preexec)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120  # importing torch takes a while on a busy machine
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url, log
+        except httpx.HTTPError:
+            time.sleep(0.1)
+    proc.kill()
+    log.close()
+    raise AssertionError(f"script server not ready: {(tmp_path / 'server.log').read_text()[-2000:]}")
+
+
+def test_sigterm_finishes_what_fits_and_answers_the_rest_with_503(tmp_path: Path) -> None:
+    """Item 14: queued work at SIGTERM got plain-text 500s at the graceful-shutdown timeout."""
+    proc, url, log = start_script_server(tmp_path, "max_batch_size=1, graceful_timeout_s=3.0")
     try:
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.1)
         results: list[tuple[int, dict, dict, float]] = []
         http = httpx.Client(base_url=url, timeout=30, limits=httpx.Limits(max_connections=32))
 
@@ -627,6 +636,43 @@ def test_connection_cap_closes_waiting_connections_first() -> None:
     assert still_open == [False, False, False, True, True, True], still_open
     assert refused == b"" and refused_s < 0.3, (refused, refused_s)
     assert results == [200] * 4 and after.status_code == 200
+
+
+def test_a_connection_flood_stays_within_a_low_open_file_limit(tmp_path: Path) -> None:
+    """Item 17: with 256 open files, 300 connections made the server's accept fail ("Too many open files",
+    logged on every retry); the cap alone still let one accept burst run past the limit."""
+    import resource
+
+    def limit_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    proc, url, log = start_script_server(tmp_path, "header_timeout_s=2.0", preexec=limit_files)
+    socks = []
+    try:
+        for _ in range(300):
+            socks.append(socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=5))
+        time.sleep(0.5)
+        during = httpx.get(url + "/health", timeout=10)  # at the cap: makes room by closing a silent one
+        time.sleep(2.5)  # past the header timeout: every silent connection is closed
+        closed = 0
+        for s in socks:
+            s.settimeout(0.5)
+            try:
+                closed += s.recv(1) == b""
+            except OSError:
+                pass
+        after = httpx.post(url + "/v1/embeddings", json={"input": "still serving"}, timeout=10)
+    finally:
+        for s in socks:
+            s.close()
+        proc.terminate()
+        proc.wait(20)
+        log.close()
+    text = (tmp_path / "server.log").read_text()
+    assert "Too many open files" not in text and "out of system resource" not in text, text
+    assert during.status_code == 200 and after.status_code == 200, text
+    assert closed == 300
+    assert "connections are capped at 120" in text  # 256 files: 64 for the process, 3 accept bursts of 24
 
 
 def test_repeated_log_lines_are_rate_limited() -> None:

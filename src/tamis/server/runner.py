@@ -202,6 +202,10 @@ def make_config(app: Any, settings: ServerSettings, **kwargs: Any) -> uvicorn.Co
     )
 
 
+ACCEPT_BACKLOG = 2048  # uvicorn's default listen backlog
+RESERVED_FILES = 64  # the process's own files: models, logs, libraries, the listening socket
+
+
 def raise_open_file_limit(wanted: int) -> int:
     """Raise the soft limit on open files towards the hard limit (as Go programs do); returns the limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -215,13 +219,29 @@ def raise_open_file_limit(wanted: int) -> int:
     return int(soft) if soft != resource.RLIM_INFINITY else wanted
 
 
+def fit_open_files(limit: int, max_connections: int, backlog: int = ACCEPT_BACKLOG) -> tuple[int, int]:
+    """(connections, listen backlog) that stay within an open-file limit.
+
+    asyncio accepts up to ``backlog`` queued sockets at each wake-up, before any of them reaches
+    :meth:`Protocol.connection_made`, and a socket closed there keeps its descriptor for a few more loop
+    turns: so a burst of connections can hold the cap plus about three backlogs of descriptors at once.
+    Beyond the limit, ``accept`` fails ("Too many open files") and asyncio stops accepting for a second.
+    """
+    if max_connections + 3 * backlog + RESERVED_FILES <= limit:
+        return max_connections, backlog
+    spare = max(limit - RESERVED_FILES, 8)
+    backlog = max(1, min(backlog, spare // 8))
+    return max(1, min(max_connections, spare - 3 * backlog)), backlog
+
+
 def run(app: Any, settings: ServerSettings, host: str, port: int, log_level: str = "info") -> None:
     """Serve ``app`` until SIGTERM / Ctrl-C, then drain (see :class:`Server`)."""
-    limit = raise_open_file_limit(settings.max_connections + 256)
-    if settings.max_connections > limit - 64:
-        logger.warning("open-file limit %d is below --max-connections %d + headroom; connections are capped at %d",
-                       limit, settings.max_connections, max(limit - 64, 1))
-        settings.max_connections = max(limit - 64, 1)
-    config = make_config(app, settings, host=host, port=port, log_level=log_level)
+    limit = raise_open_file_limit(settings.max_connections + 3 * ACCEPT_BACKLOG + RESERVED_FILES)
+    connections, backlog = fit_open_files(limit, settings.max_connections)
+    if connections < settings.max_connections:
+        logger.warning("open-file limit %d is too low for --max-connections %d: connections are capped at %d "
+                       "(raise the limit with ulimit -n)", limit, settings.max_connections, connections)
+        settings.max_connections = connections
+    config = make_config(app, settings, host=host, port=port, log_level=log_level, backlog=backlog)
     quiet_repeats()
     Server(config, app, settings.graceful_timeout_s).run()
