@@ -634,7 +634,9 @@ def test_connection_cap_closes_waiting_connections_first() -> None:
     assert closed_first == [True, False, False]
     assert partial_reply.startswith(b"HTTP/1.1 408")
     assert still_open == [False, False, False, True, True, True], still_open
-    assert refused == b"" and refused_s < 0.3, (refused, refused_s)
+    # closed by the server (b"", not "<still open>" after the 2 s wait), well before the wait ends (the bound is
+    # loose: a CPU quota can stall the event loop for ~100 ms at a time)
+    assert refused == b"" and refused_s < 1.5, (refused, refused_s)
     assert results == [200] * 4 and after.status_code == 200
 
 
