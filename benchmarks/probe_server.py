@@ -624,10 +624,11 @@ def probe_17() -> dict[str, Any]:
 
 
 def probe_leak(rounds: int = 6, arena_max: int | None = 2) -> dict[str, Any]:
-    """``arena_max``: the server's MALLOC_ARENA_MAX. glibc gives each thread that allocates its own arena
-    and keeps freed memory there, so large bodies parsed in different pool threads raise RSS by tens of MB
-    in steps that come and go (4 rounds with the default: 470, 519, 567, 520 MB); 2 arenas leave a
-    curve that a leak would show in (None: glibc's default)."""
+    """``arena_max``: the server's MALLOC_ARENA_MAX (None: glibc's default). glibc gives each thread that
+    allocates its own arena and keeps freed memory there, so large bodies parsed in different pool threads
+    move RSS by tens of MB in steps that come and go (6 rounds with the default arenas: 485, 520, 568, 520,
+    490, 496 MB); with 2 arenas the curve is flat after round 2 (504, 551, 552, 552, 552, 552 MB), where a
+    leak would show."""
     rng = random.Random(1)
     ints = b'{"input":[' + b",".join([b"1"] * 7_900_000) + b"]}"
     huge = "word " * 1_600_000
