@@ -11,12 +11,20 @@ import uvicorn
 
 
 class LiveServer:
-    def __init__(self, app: Any):
+    """``settings``: run with tamis's uvicorn protocol and limits (:func:`tamis.server.runner.make_config`)."""
+
+    def __init__(self, app: Any, settings: Any = None):
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        if settings is None:
+            config = uvicorn.Config(app, log_level="warning", lifespan="on")
+        else:
+            from tamis.server.runner import make_config
+
+            config = make_config(app, settings, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
 
     def __enter__(self) -> LiveServer:

@@ -264,7 +264,7 @@ def test_concurrent_clients_get_their_own_vectors(server: LiveServer, models: di
         assert r.status_code == 200
         got = np.array([d["embedding"] for d in r.json()["data"]])
         assert cos(got, models["mini"].embed(texts)).min() >= 0.99999
-    m = httpx.get(server.url + "/metrics").text
+    m = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text  # behind the key
     assert "tamis_batch_requests_bucket" in m
 
 

@@ -52,14 +52,20 @@ class UnknownTaskError(InvalidInputError):
 
 
 class InputTooLongError(InvalidInputError):
-    """An input exceeds the model's context and truncation was disabled."""
+    """An input exceeds the model's context and truncation was disabled.
 
-    def __init__(self, index: int, n_tokens: int, limit: int):
+    ``what`` names the input kind ("input", "document", "query"); ``index`` is None for a single input
+    such as a rerank query.
+    """
+
+    def __init__(self, index: int | None, n_tokens: int, limit: int, what: str = "input"):
         self.index = index
         self.n_tokens = n_tokens
         self.limit = limit
+        self.what = what
+        self.label = what if index is None else f"{what} {index}"
         super().__init__(
-            f"input {index} has {n_tokens} tokens, more than the model's limit of {limit}; "
+            f"{self.label} has {n_tokens} tokens, more than the model's limit of {limit}; "
             "shorten it or pass truncate=True to drop the tail"
         )
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from tamis.errors import InvalidInputError
@@ -36,9 +36,23 @@ def query_text(query: Any) -> str:
 
 @runtime_checkable
 class RerankerLike(Protocol):
+    """What every backend offers (the server relies on exactly this).
+
+    ``truncate=False``: a text over the model's limit raises :class:`~tamis.errors.InputTooLongError`
+    (``what`` "query", "document" or "query + document") instead of being cut. ``progress(done, total)``
+    is called between model batches (or listwise blocks); an exception raised there stops the rerank.
+    """
+
     name: str
     kind: str
 
     def rerank(
-        self, query: str, documents: Sequence[Any], top_n: int | None = None, return_documents: bool = True
+        self,
+        query: str,
+        documents: Sequence[Any],
+        top_n: int | None = None,
+        return_documents: bool = True,
+        *,
+        truncate: bool = True,
+        progress: Callable[[int, int], None] | None = None,
     ) -> RankedResults: ...

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from tamis.batching import DEFAULT_MAX_BATCH_SIZE, default_token_budget, plan_batches
+from tamis.errors import InputTooLongError
 from tamis.models import bert
 from tamis.models.loading import load_config, resolve_device, resolve_dtype
 from tamis.rerank.base import document_texts, query_text
@@ -92,13 +93,30 @@ class CrossEncoderReranker:
         return f"CrossEncoderReranker(name={self.name!r}, max_length={self.max_length}, activation={self.activation!r})"
 
     @torch.inference_mode()
-    def logits(self, query: str, docs: Sequence[str]) -> tuple[np.ndarray, int, list[int]]:
-        """Raw relevance logits per document, tokens used, and indices of truncated pairs."""
-        encodings = self.tokenizer.encode_pairs([query] * len(docs), docs, self.max_length, truncate=True)
+    def logits(
+        self,
+        query: str,
+        docs: Sequence[str],
+        truncate: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> tuple[np.ndarray, int, list[int]]:
+        """Raw relevance logits per document, tokens used, and indices of truncated pairs.
+
+        ``truncate=False`` raises :class:`InputTooLongError` for the first (query, document) pair over
+        ``max_length``; ``progress(done, total)`` runs after every batch (raising there stops the work).
+        """
+        try:
+            encodings = self.tokenizer.encode_pairs([query] * len(docs), docs, self.max_length, truncate=truncate)
+        except InputTooLongError as exc:
+            raise InputTooLongError(exc.index, exc.n_tokens, exc.limit, what="query + document") from None
         out = np.empty(len(docs), dtype=np.float32)
+        done = 0
         for idx in plan_batches([len(e) for e in encodings], self.max_tokens_per_batch, self.max_batch_size):
             batch = self.tokenizer.pad([encodings[i] for i in idx], self.device)
             out[idx] = relevance_logits(self.model, batch).float().cpu().numpy()
+            done += len(idx)
+            if progress is not None:
+                progress(done, len(docs))
         return out, sum(len(e) for e in encodings), [i for i, e in enumerate(encodings) if e.truncated]
 
     def score(self, query: str, docs: Sequence[str]) -> np.ndarray:
@@ -112,10 +130,15 @@ class CrossEncoderReranker:
         top_n: int | None = None,
         return_documents: bool = True,
         raw_scores: bool = False,
+        *,
+        truncate: bool = True,
+        progress: Callable[[int, int], None] | None = None,
     ) -> RankedResults:
+        """Rank documents; ``truncate`` and ``progress`` as in :meth:`logits`."""
         q = query_text(query)
         docs = document_texts(documents)
-        logits, tokens, truncated = self.logits(q, docs) if docs else (np.empty(0, np.float32), 0, [])
+        empty: tuple[np.ndarray, int, list[int]] = (np.empty(0, np.float32), 0, [])
+        logits, tokens, truncated = self.logits(q, docs, truncate, progress) if docs else empty
         scores = logits if raw_scores or self.activation == "none" else 1.0 / (1.0 + np.exp(-logits))
         return rank(q, scores.tolist(), list(documents), top_n, return_documents,
                     model=self.name, total_tokens=tokens, truncated=truncated)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
+import torch
 
+from tamis.batching import plan_batches
 from tamis.embed import Embedder
+from tamis.errors import InputTooLongError
 from tamis.rerank.base import document_texts, query_text
 from tamis.rerank.results import RankedResults, rank
 
@@ -33,15 +36,44 @@ class EmbeddingReranker:
         )
 
     def rerank(
-        self, query: Any, documents: Sequence[Any], top_n: int | None = None, return_documents: bool = True
+        self,
+        query: Any,
+        documents: Sequence[Any],
+        top_n: int | None = None,
+        return_documents: bool = True,
+        *,
+        truncate: bool = True,
+        progress: Callable[[int, int], None] | None = None,
     ) -> RankedResults:
+        """Rank documents by cosine similarity to the query.
+
+        Texts longer than the model's ``max_length`` are cut (reported in ``truncated`` and, for the
+        query, ``extras["query_truncated"]``), or with ``truncate=False`` raise :class:`InputTooLongError`.
+        ``progress(done, total)`` runs after every batch of documents (raising there stops the work).
+        """
         q = query_text(query)
         docs = document_texts(documents)
         if not docs:
             return rank(q, [], [], top_n, return_documents, model=self.name)
         emb = self.embedder
-        qr = emb.embed_result([q], task=emb.query_task, show_progress=False)
-        dr = emb.embed_result(docs, task=emb.passage_task, show_progress=False)
-        scores = (np.asarray(dr.embeddings) @ np.asarray(qr.embeddings)[0]).astype(np.float32)
+        try:
+            (q_enc,) = emb.tokenize([q], emb.query_task, truncate)
+        except InputTooLongError as exc:
+            raise InputTooLongError(None, exc.n_tokens, exc.limit, what="query") from None
+        try:
+            d_enc = emb.tokenize(docs, emb.passage_task, truncate)
+        except InputTooLongError as exc:
+            raise InputTooLongError(exc.index, exc.n_tokens, exc.limit, what="document") from None
+        pooled = torch.empty(len(docs), emb.dimension, dtype=torch.float32)
+        done = 0
+        for idx in plan_batches([len(e) for e in d_enc], emb.max_tokens_per_batch, emb.max_batch_size):
+            pooled[idx] = emb.forward([d_enc[i] for i in idx], emb.passage_task)
+            done += len(idx)
+            if progress is not None:
+                progress(done, len(docs))
+        q_vec = emb.finalize(emb.forward([q_enc], emb.query_task))[0]
+        scores = (emb.finalize(pooled) @ q_vec).astype(np.float32)
         return rank(q, scores.tolist(), list(documents), top_n, return_documents, model=self.name,
-                    total_tokens=sum(qr.token_counts) + sum(dr.token_counts), truncated=dr.truncated)
+                    total_tokens=len(q_enc) + sum(len(e) for e in d_enc),
+                    truncated=[i for i, e in enumerate(d_enc) if e.truncated],
+                    extras={"query_truncated": True} if q_enc.truncated else {})

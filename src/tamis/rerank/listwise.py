@@ -9,6 +9,7 @@ best (1 + cos) / 2, and every document is scored by cosine against that final qu
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from tamis.errors import CheckpointError, InvalidInputError
+from tamis.errors import CheckpointError, InputTooLongError, InvalidInputError
 from tamis.models.loading import load_config, resolve_device, resolve_dtype, resolve_model_dir
 from tamis.models.qwen3 import JinaListwiseModel
 from tamis.rerank.base import document_texts, query_text
@@ -153,15 +154,21 @@ class ListwiseReranker:
     def build_prompt(self, query: str, documents: list[str], instruction: str | None = None) -> str:
         return build_prompt(query, documents, instruction)
 
-    def truncate(self, texts: list[str], limit: int) -> tuple[list[str], list[int], list[bool]]:
+    def truncate(
+        self, texts: list[str], limit: int, *, refuse: str | None = None
+    ) -> tuple[list[str], list[int], list[bool]]:
         """Cut texts to ``limit`` tokens (no special tokens added) by decoding the kept ids.
 
         Returns (texts, token lengths after cutting, whether each was cut). As in the reference, a text of
-        exactly ``limit`` tokens is also replaced by its decode (a no-op for byte-level BPE).
+        exactly ``limit`` tokens is also replaced by its decode (a no-op for byte-level BPE). With
+        ``refuse`` (a name such as "document") a text over the limit raises :class:`InputTooLongError`
+        instead ("query": the single query, named without an index).
         """
         out, lengths, cut = [], [], []
-        for text, enc in zip(texts, self.tokenizer.raw(texts)):
+        for i, (text, enc) in enumerate(zip(texts, self.tokenizer.raw(texts))):
             n = len(enc.ids)
+            if refuse is not None and n > limit:
+                raise InputTooLongError(None if refuse == "query" else i, n, limit, what=refuse)
             if n >= limit:
                 text = self.tokenizer.decode(enc.ids[:limit])
             out.append(text)
@@ -199,23 +206,31 @@ class ListwiseReranker:
         *,
         instruction: str | None = None,
         show_progress: bool | None = None,
+        truncate: bool = True,
+        progress: Callable[[int, int], None] | None = None,
     ) -> RankedResults:
         """Rank ``documents`` (str or {"text": ...}) for ``query``; scores are cosines in [-1, 1].
 
-        ``show_progress=None`` shows a bar only when the list needs more than one block.
+        ``show_progress=None`` shows a bar only when the list needs more than one block. A query over
+        ``max_query_length`` tokens or a document over ``max_doc_length`` is cut (reported in
+        ``extras["query_truncated"]`` / ``truncated``), or with ``truncate=False`` raises
+        :class:`InputTooLongError`. ``progress(done, total)`` runs after every block (raising there stops
+        the work).
         """
         query = query_text(query)
         texts = document_texts(documents)
         if not texts:
             return RankedResults(query=query, results=[], model=self.name)
 
-        (query_t,), (query_len,), (query_cut,) = self.truncate([query], self.max_query_length)
-        docs_t, doc_lens, doc_cut = self.truncate(texts, self.max_doc_length)
+        strict = not truncate
+        (query_t,), (query_len,), (query_cut,) = self.truncate([query], self.max_query_length,
+                                                               refuse="query" if strict else None)
+        docs_t, doc_lens, doc_cut = self.truncate(texts, self.max_doc_length, refuse="document" if strict else None)
         blocks = plan_blocks(doc_lens, query_len, self.max_length, self.block_size, self.max_doc_length)
 
         doc_embeds = np.zeros((len(texts), self.model.config.projector_dim), dtype=np.float32)
         query_embeds, weights = [], []
-        total_tokens = 0
+        total_tokens = done = 0
         disable = (len(blocks) < 2) if show_progress is None else not show_progress
         for block in tqdm(blocks, desc="rerank blocks", unit="block", disable=disable):
             out = self.forward_block(query_t, [docs_t[i] for i in block], instruction)
@@ -223,6 +238,9 @@ class ListwiseReranker:
             query_embeds.append(out.query_embed)
             weights.append(((1.0 + out.scores) / 2.0).max())
             total_tokens += out.n_tokens
+            done += len(block)
+            if progress is not None:
+                progress(done, len(texts))
 
         query_embed = np.average(
             np.stack(query_embeds), axis=0, weights=np.asarray(weights, dtype=np.float32)

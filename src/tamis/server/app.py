@@ -2,14 +2,21 @@
 
 The routes call only the public Embedder / Reranker interfaces:
 
-* embeddings: ``emb.tokenize(texts, task, truncate)`` (in a thread) -> the model's dynamic batcher
-  (``emb.forward`` over rows of many requests) -> ``emb.finalize(pooled, dimensions, normalized, type)``;
-  a ``late_chunking`` request is one job running ``emb.embed_result(..., late_chunking=True)``;
-* rerank: one job per request running ``rr.rerank(query, documents, top_n, return_documents=False)``.
+* embeddings: ``emb.tokenize(texts, task, truncate)`` (small requests on CPU models between model calls on
+  the model thread, everything else in the thread pool) -> the model's dynamic batcher (``emb.forward`` over rows of many requests) ->
+  ``emb.finalize(pooled, dimensions, normalized, type)``; a ``late_chunking`` request is one job running
+  ``emb.embed_result(..., late_chunking=True)``;
+* rerank: one job per request running ``rr.rerank(query, documents, top_n, return_documents=False,
+  truncate=..., progress=...)``; ``progress`` stops it between batches once the request is given up on.
+
+Before any of that, bodies are parsed and bounded off the event loop (:mod:`tamis.server.body`) and every
+text is bounded by characters (``max_chars_per_token`` x the model's token limit): cut when ``truncate``
+is true (and reported), refused otherwise, so no single string can hold a tokenizer for seconds.
 
 Wire facts (field names, defaults, shapes) follow ``docs/api.md``. Server defaults that differ from the
-library's: ``truncate`` is false (Jina API: an over-long input is an error naming its index), ``normalized``
-is true.
+library's: ``truncate`` is false for embeddings (Jina API: an over-long input is an error naming its index)
+and true for rerank (as Cohere; reported in ``X-Truncated-Inputs`` / ``X-Truncated-Query``),
+``normalized`` is true.
 """
 
 from __future__ import annotations
@@ -30,10 +37,12 @@ from starlette.responses import Response
 
 from tamis.batching import default_token_budget
 from tamis.errors import InputTooLongError, UnknownModelError
+from tamis.models.loading import DEFAULT_MODEL_ALIASES
 from tamis.server import errors as err
 from tamis.server.auth import DOCS_STATIC, KeyChecker
-from tamis.server.batcher import ModelWorker, wait_for
-from tamis.server.errors import ApiError, NotReady
+from tamis.server.batcher import Job, ModelWorker, wait_for
+from tamis.server.body import read_body
+from tamis.server.errors import ApiError, NotReady, ShuttingDown, echo
 from tamis.server.metrics import Metrics
 from tamis.server.middleware import ServerMiddleware
 from tamis.server.schemas import (
@@ -59,11 +68,14 @@ logger = logging.getLogger("tamis.server")
 
 Loader = Callable[[], tuple[Mapping[str, Any], Mapping[str, Any]]]
 _IMAGE_KEYS = ("image", "url", "bytes", "pdf")
+WORKER_KIND = {"embedding": "embedding", "reranker": "rerank"}  # the ``kind`` label of queue metrics
+DRAIN_MARGIN_S = 1.0  # answer the last requests this long before the graceful-shutdown timeout
+MODEL_THREAD_CHARS = 32768  # requests up to this many characters may be tokenized on the model thread
 
 
 # ---------------------------------------------------------------------------- state
 class ServerState:
-    """Served models, their workers and aliases; readiness."""
+    """Served models, their workers and aliases; readiness and shutdown."""
 
     def __init__(self, settings: ServerSettings, metrics: Metrics):
         self.settings = settings
@@ -74,7 +86,9 @@ class ServerState:
         self.aliases: dict[str, dict[str, str]] = {"embedding": {}, "reranker": {}}
         self.ready = False
         self.load_error: str | None = None
+        self.draining = False
         self.created = int(time.time())
+        self.loop: Any = None  # the event loop, set at start-up (drain() is scheduled onto it)
 
     def register(self, embedders: Mapping[str, Any], rerankers: Mapping[str, Any]) -> None:
         s = self.settings
@@ -82,7 +96,7 @@ class ServerState:
             for name, model in models.items():
                 target[name] = model
                 self.workers[(kind, name)] = ModelWorker(
-                    name, model, self.metrics,
+                    name, model, self.metrics, kind=WORKER_KIND[kind],
                     max_batch_tokens=s.max_batch_tokens or default_token_budget(getattr(model, "device", "cpu")),
                     max_batch_size=s.max_batch_size,
                     gather_batches=s.gather_batches, max_queued_inputs=max(s.max_queued_inputs, 1),
@@ -94,8 +108,16 @@ class ServerState:
         self.metrics.ready.set(1)
         self.ready = True
 
-    def tokenize_on_worker(self, name: str) -> bool:
-        """Tokenize on the model thread (CPU models, unless configured otherwise) or in the thread pool."""
+    def tokenize_on_worker(self, name: str, n_chars: int) -> bool:
+        """Tokenize a request on the model thread, between model calls, or in the thread pool?
+
+        On a CPU the model's threads own every core while it runs, and tokenizing beside it slows both;
+        so CPU models tokenize small requests (at most :data:`MODEL_THREAD_CHARS` characters, a few
+        milliseconds of work) on the model thread. Larger requests always go to the thread pool, so no
+        request can hold the model thread: others' batches run while it is tokenized.
+        """
+        if n_chars > MODEL_THREAD_CHARS:
+            return False
         setting = self.settings.tokenize_on_model_thread
         if setting is not None:
             return bool(setting)
@@ -109,7 +131,23 @@ class ServerState:
         for w in self.workers.values():
             w.stop()
 
+    def drain(self, grace_s: float) -> None:
+        """Shutdown was asked for (event loop): refuse new work; what is admitted runs until ``grace_s``
+        minus :data:`DRAIN_MARGIN_S`, then gets 503 (so every request is answered before the server's
+        graceful-shutdown timeout cuts connections)."""
+        if self.draining:
+            return
+        self.draining = True
+        self.metrics.ready.set(0)
+        at = time.monotonic() + max(0.0, grace_s - DRAIN_MARGIN_S)
+        logger.info("shutting down: refusing new requests; answering admitted ones within %.1f s",
+                    max(0.0, grace_s - DRAIN_MARGIN_S))
+        for w in self.workers.values():
+            w.drain(at)
+
     def ensure_ready(self) -> None:
+        if self.draining:
+            raise ShuttingDown()
         if self.load_error is not None:
             raise ApiError(503, f"model loading failed: {self.load_error}", code="load_failed",
                            headers={"Retry-After": "60"})
@@ -117,26 +155,35 @@ class ServerState:
             raise NotReady()
 
     def lookup(self, kind: str, requested: str | None) -> tuple[str, Any, ModelWorker]:
+        """The served model a request names (see README "Model names")."""
         self.ensure_ready()
         models = self.embedders if kind == "embedding" else self.rerankers
         if not models:
             other = "/v1/rerank" if kind == "embedding" else "/v1/embeddings"
             raise ApiError(400, f"this server serves no {kind} model; see GET /v1/models (try {other})",
                            code="model_not_found", param="model")
-        if requested is None or requested == "":
+        key = (requested or "").lower()
+        if not key:
             name = next(iter(models))
         elif requested in models:
-            name = requested
+            name = str(requested)
+        elif key in self.aliases[kind]:
+            name = self.aliases[kind][key]
+        elif key == "default":  # the library's name for its default model; here: this route's default
+            name = next(iter(models))
         else:
-            name = self.aliases[kind].get(requested.lower(), "")
-            if not name:
-                exc = UnknownModelError(requested, list(models))
-                hint = ""
-                other_kind = "reranker" if kind == "embedding" else "embedding"
-                if requested.lower() in self.aliases[other_kind]:
-                    hint = f" ({requested!r} is a served {other_kind} model: use the other route)"
-                raise ApiError(400, f"{exc}{hint}", code="model_not_found", param="model",
-                               extra={"available": list(models)})
+            exc = UnknownModelError(str(requested), list(models))
+            hint = ""
+            other_kind = "reranker" if kind == "embedding" else "embedding"
+            if key in self.aliases[other_kind]:
+                hint = f" ({echo(requested)} is a served {other_kind} model: use the other route)"
+            elif len(models) == 1:
+                flag = "--embedding-model" if kind == "embedding" else "--reranker-model"
+                hint = (f" (to answer requests for this name with the served model, serve it under that name: "
+                        f"tamis serve {flag} NAME=MODEL)")
+            api = err.from_exception(exc)
+            api.message = api.message + hint
+            raise api
         return name, models[name], self.workers[(kind, name)]
 
 
@@ -145,19 +192,12 @@ def _aliases(name: str, model: Any) -> list[str]:
     mname = getattr(model, "name", None)
     if isinstance(mname, str) and mname:
         out += [mname, mname.rsplit("/", 1)[-1]]
+    if any(a.lower() in DEFAULT_MODEL_ALIASES for a in out):  # the library's default model: its aliases too
+        out += sorted(DEFAULT_MODEL_ALIASES)
     return out
 
 
 # ---------------------------------------------------------------------------- input checks
-def _check_text(text: str, what: str) -> str:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ApiError(400, f"{what} is not valid Unicode (it holds a lone surrogate escape)",
-                       code="invalid_input", param="input") from None
-    return text
-
-
 def _doc_text(item: Any, what: str, param: str) -> str:
     if isinstance(item, TextDoc):
         if item.text is None:
@@ -165,31 +205,53 @@ def _doc_text(item: Any, what: str, param: str) -> str:
             if any(k in _IMAGE_KEYS for k in keys):
                 raise ApiError(400, f"{what} is an image/PDF document; the served models take text only",
                                code="unsupported_input", param=param)
-            raise ApiError(400, f"{what} is an object without a 'text' field (keys: {keys})", code="invalid_input",
+            shown = ", ".join(echo(k, 32) for k in keys[:8]) + (f", ... ({len(keys)} keys)" if len(keys) > 8 else "")
+            raise ApiError(400, f"{what} is an object without a 'text' field (keys: {shown})", code="invalid_input",
                            param=param)
         item = item.text
     if not isinstance(item, str):
         raise ApiError(400, f"{what} must be a string or a {{\"text\": ...}} object", code="invalid_input",
                        param=param)
-    return _check_text(item, what)
+    if not item.strip():
+        kind = "an empty string" if item == "" else "only whitespace"
+        raise ApiError(400, f"{what} is {kind}: every input must contain text", code="empty_input", param=param)
+    return item
 
 
-def _input_texts(raw: Any, max_inputs: int) -> list[str]:
+def _input_texts(raw: Any) -> list[str]:
     items = raw if isinstance(raw, list) else [raw]
     if not items:
         raise ApiError(400, "input is an empty list: send at least one text", code="empty_input", param="input")
-    if len(items) > max_inputs:
-        raise ApiError(400, f"input has {len(items)} items, more than the largest allowed size {max_inputs}",
-                       code="too_many_inputs", param="input")
     if any(isinstance(x, int | list) for x in items):
         raise ApiError(400, "token-id inputs (arrays of integers) are not supported: send the texts as strings",
                        code="unsupported_input", param="input")
-    texts = [_doc_text(x, f"input {i}", "input") for i, x in enumerate(items)]
-    for i, t in enumerate(texts):
-        if t == "":
-            raise ApiError(400, f"input {i} is an empty string: every input must contain text",
-                           code="empty_input", param="input")
-    return texts
+    return [_doc_text(x, f"input {i}", "input") for i, x in enumerate(items)]
+
+
+def clip_texts(texts: list[str], token_limit: int | None, per_token: int, truncate: bool, what: str,
+               param: str) -> tuple[list[str], list[int]]:
+    """Bound work by characters before tokenizing: texts over ``token_limit * per_token`` characters are cut
+    to that (``truncate``; their indices are returned, they count as truncated) or refused with 400."""
+    if not token_limit:
+        return texts, []
+    cap = int(token_limit) * per_token
+    cut = [i for i, t in enumerate(texts) if len(t) > cap]
+    if not cut:
+        return texts, []
+    if not truncate:
+        i = cut[0]
+        label = what if what == "query" else f"{what} {i}"
+        raise ApiError(
+            400,
+            f"{label} has {len(texts[i])} characters, more than the {cap} that fit the model's limit of "
+            f"{token_limit} tokens (the server refuses texts over {per_token} characters per token without "
+            'tokenizing them); shorten it or send "truncate": true to drop the tail',
+            code="input_too_long", param=param, extra={"index": None if what == "query" else i,
+                                                        "n_chars": len(texts[i]), "char_limit": cap})
+    out = list(texts)
+    for i in cut:
+        out[i] = texts[i][:cap]
+    return out, cut
 
 
 def _tokenize(emb: Any, texts: list[str], task: str | None, truncate: bool, limit: int | None) -> list[Any]:
@@ -210,6 +272,26 @@ def _check_dimensions(dimensions: int | None, emb: Any) -> None:
                        code="invalid_dimensions", param="dimensions")
 
 
+def _output_type(body: EmbeddingRequest) -> str | list[str]:
+    out = body.output_type()
+    if isinstance(out, list):
+        if not out:
+            raise ApiError(400, "embedding_type is an empty list: name at least one type", code="invalid_input",
+                           param="embedding_type")
+        repeated = sorted({t for t in out if out.count(t) > 1})
+        if repeated:
+            raise ApiError(400, f"embedding_type lists {', '.join(map(repr, repeated))} more than once: the response "
+                                "holds one key per type, list each at most once", code="invalid_input",
+                           param="embedding_type")
+    return out
+
+
+def _rerank_limits(rr: Any) -> tuple[int | None, int | None]:
+    """Token limits of a reranker's query and documents (listwise models bound each separately)."""
+    ctx = getattr(rr, "max_length", None)
+    return getattr(rr, "max_query_length", None) or ctx, getattr(rr, "max_doc_length", None) or ctx
+
+
 # ---------------------------------------------------------------------------- rendering
 def _dumps(obj: Any) -> bytes:
     if orjson is not None:
@@ -217,7 +299,8 @@ def _dumps(obj: Any) -> bytes:
             return orjson.dumps(obj, option=orjson.OPT_SERIALIZE_NUMPY)
         except TypeError:  # e.g. an echoed document holding an integer beyond 64 bits
             pass
-    return json.dumps(obj, ensure_ascii=False, default=_np_default).encode("utf-8")
+    # ASCII JSON encodes whatever str it is given (a lone surrogate becomes an escape, not an exception)
+    return json.dumps(obj, ensure_ascii=True, default=_np_default).encode("ascii")
 
 
 def _np_default(o: Any) -> Any:
@@ -280,6 +363,9 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
+        import asyncio
+
+        state.loop = asyncio.get_running_loop()
         if loader is not None:
             threading.Thread(target=load, name="tamis-loader", daemon=True).start()
         else:
@@ -300,9 +386,16 @@ def create_app(
     )
     app.state.tamis = state
     err.install(app)
-    app.add_middleware(ServerMiddleware, keys=keys, metrics=metrics, max_request_bytes=settings.max_request_bytes)
+    app.add_middleware(ServerMiddleware, keys=keys, metrics=metrics, max_request_bytes=settings.max_request_bytes,
+                       body_timeout_s=settings.body_timeout_s, public_metrics=settings.public_metrics)
+    _document_bodies(app, {"/v1/embeddings": EmbeddingRequest, "/v1/rerank": RerankRequest,
+                           "/v2/rerank": RerankRequest})
 
-    common = error_responses(400, 401, 413, 422, 429, 503)
+    common = error_responses(400, 401, 408, 413, 422, 429, 503)
+    per_token = settings.max_chars_per_token
+
+    async def parse(request: Request, model: type[Any], list_field: str) -> Any:
+        return await read_body(request, model, settings.json_value_limit, {list_field: settings.max_inputs})
 
     # ------------------------------------------------------------------ embeddings
     @app.post(
@@ -312,53 +405,60 @@ def create_app(
                    **common},
         tags=["embeddings"],
         summary="Embed texts (Jina and OpenAI wire format)",
+        openapi_extra=_body_schema(EmbeddingRequest),
     )
-    async def embeddings(body: EmbeddingRequest, request: Request) -> Response:
+    async def embeddings(request: Request) -> Response:
+        state.ensure_ready()
+        body = await parse(request, EmbeddingRequest, "input")
         name, emb, worker = state.lookup("embedding", body.model)
-        texts = _input_texts(body.input, settings.max_inputs)
+        texts = _input_texts(body.input)
         task = body.task
-        if task is not None:
-            _check_text(task, "task")
         _check_dimensions(body.dimensions, emb)
         if body.return_multivector:
             raise ApiError(400, "return_multivector is not supported by the served models", code="unsupported",
                            param="return_multivector")
-        output_type = body.output_type()
+        output_type = _output_type(body)
         normalized = settings.default_normalized if body.normalized is None else body.normalized
         truncate = settings.default_truncate if body.truncate is None else body.truncate
         n = len(texts)
         worker.check_capacity(n)
-        truncated: list[int] = []
         if body.late_chunking:
+            cap = settings.max_late_chunking_tokens
+            chars = sum(map(len, texts))
+            if chars > cap * per_token:
+                raise ApiError(400, f"late_chunking joins all inputs into one sequence: {chars} characters, more than "
+                                    f"the {cap * per_token} that fit the server's limit of {cap} tokens",
+                               code="input_too_long", param="input")
             counts = await run_in_threadpool(emb.count_tokens, texts, task)
-            total, cap = int(sum(counts)), settings.max_late_chunking_tokens
+            total = int(sum(counts))
             if total > cap:
                 raise ApiError(400, f"late_chunking joins all inputs into one sequence: about {total} tokens, "
                                     f"more than the server's limit of {cap}", code="input_too_long", param="input")
 
-            def run_late() -> Any:
+            def run_late(job: Job) -> Any:
                 return emb.embed_result(texts, task=task, dimensions=body.dimensions, normalized=normalized,
                                         embedding_type=output_type, truncate=truncate, late_chunking=True,
                                         show_progress=False)
 
             job = worker.submit_call(run_late, n, settings.request_timeout_s)
             result = await wait_for(job, request.receive)
-            values, tokens = result.embeddings, int(sum(result.token_counts))
+            values, tokens, truncated = result.embeddings, int(sum(result.token_counts)), []
         else:
             check_task = getattr(emb, "check_task", None)
             if check_task is not None:
                 check_task(task)  # fail fast, before queueing
+            texts, cut = clip_texts(texts, getattr(emb, "max_length", None), per_token, truncate, "input", "input")
 
             def tokenize() -> list[Any]:
                 return _tokenize(emb, texts, task, truncate, settings.max_input_tokens)
 
-            if state.tokenize_on_worker(name):
+            if state.tokenize_on_worker(name, sum(map(len, texts))):
                 job = worker.submit_texts(n, tokenize, [task] * n, settings.request_timeout_s)
             else:
                 job = worker.submit_rows(await run_in_threadpool(tokenize), [task] * n, settings.request_timeout_s)
             pooled = await wait_for(job, request.receive)
             encodings = job.encodings or []
-            truncated = [i for i, e in enumerate(encodings) if getattr(e, "truncated", False)]
+            truncated = sorted(set(cut) | {i for i, e in enumerate(encodings) if getattr(e, "truncated", False)})
             tokens = int(sum(len(e) for e in encodings))
             values = await run_in_threadpool(emb.finalize, pooled, body.dimensions, normalized, output_type)
         payload = await run_in_threadpool(render_embeddings, name, values, n, tokens)
@@ -369,27 +469,29 @@ def create_app(
         return Response(payload, media_type="application/json", headers=_truncated_header(truncated))
 
     # ------------------------------------------------------------------ rerank
-    async def run_rerank(body: RerankRequest, request: Request, default_return: bool) -> tuple[str, int, list, list]:
+    async def run_rerank(request: Request, default_return: bool) -> tuple[str, int, dict[str, str], list]:
+        state.ensure_ready()
+        body = await parse(request, RerankRequest, "documents")
         name, rr, worker = state.lookup("reranker", body.model)
         query = _doc_text(body.query, "query", "query")
-        if not query.strip():
-            raise ApiError(400, "query is empty", code="empty_input", param="query")
         docs = body.documents
         if not docs:
             raise ApiError(400, "documents is an empty list: send at least one document", code="empty_input",
                            param="documents")
-        if len(docs) > settings.max_inputs:
-            raise ApiError(400, f"documents has {len(docs)} items, more than the largest allowed size "
-                                f"{settings.max_inputs}", code="too_many_inputs", param="documents")
         texts = [_doc_text(d, f"document {i}", "documents") for i, d in enumerate(docs)]
         if body.top_n is not None and body.top_n <= 0:
             raise ApiError(400, '"top_n" must be greater than 0', code="invalid_top_n", param="top_n")
         top_n = body.top_n
         return_documents = default_return if body.return_documents is None else body.return_documents
+        truncate = settings.default_rerank_truncate if body.truncate is None else body.truncate
+        q_limit, d_limit = _rerank_limits(rr)
+        (query,), q_cut = clip_texts([query], q_limit, per_token, truncate, "query", "query")
+        texts, d_cut = clip_texts(texts, d_limit, per_token, truncate, "document", "documents")
         worker.check_capacity(len(texts))
 
-        def call() -> Any:
-            return rr.rerank(query, texts, top_n=top_n, return_documents=False)
+        def call(job: Job) -> Any:
+            return rr.rerank(query, texts, top_n=top_n, return_documents=False, truncate=truncate,
+                             progress=job.progress)
 
         job = worker.submit_call(call, len(texts), settings.request_timeout_s)
         ranked = await wait_for(job, request.receive)
@@ -403,10 +505,14 @@ def create_app(
         tokens = int(getattr(ranked, "total_tokens", 0) or 0)
         metrics.tokens.labels(name, "rerank").inc(tokens)
         metrics.inputs.labels(name, "rerank").inc(len(texts))
-        truncated = list(getattr(ranked, "truncated", None) or [])
+        truncated = sorted(set(d_cut) | set(getattr(ranked, "truncated", None) or []))
+        query_truncated = bool(q_cut) or bool((getattr(ranked, "extras", None) or {}).get("query_truncated"))
         if truncated:
             metrics.truncated.labels(name).inc(len(truncated))
-        return name, tokens, truncated, results
+        headers = _truncated_header(truncated)
+        if query_truncated:
+            headers["X-Truncated-Query"] = "true"
+        return name, tokens, headers, results
 
     @app.post(
         "/v1/rerank",
@@ -414,11 +520,12 @@ def create_app(
         responses={200: {"model": RerankResponseV1, "description": "results sorted by relevance_score"}, **common},
         tags=["rerank"],
         summary="Rerank documents (Jina / Cohere v1 wire format)",
+        openapi_extra=_body_schema(RerankRequest),
     )
-    async def rerank_v1(body: RerankRequest, request: Request) -> Response:
-        name, tokens, truncated, results = await run_rerank(body, request, default_return=True)
+    async def rerank_v1(request: Request) -> Response:
+        name, tokens, headers, results = await run_rerank(request, default_return=True)
         return _json({"model": name, "object": "list", "usage": {"total_tokens": tokens, "prompt_tokens": tokens},
-                      "results": results}, headers=_truncated_header(truncated))
+                      "results": results}, headers=headers)
 
     @app.post(
         "/v2/rerank",
@@ -426,9 +533,10 @@ def create_app(
         responses={200: {"model": RerankResponseV2, "description": "results sorted by relevance_score"}, **common},
         tags=["rerank"],
         summary="Rerank documents (Cohere v2 wire format)",
+        openapi_extra=_body_schema(RerankRequest),
     )
-    async def rerank_v2(body: RerankRequest, request: Request) -> Response:
-        name, tokens, truncated, results = await run_rerank(body, request, default_return=False)
+    async def rerank_v2(request: Request) -> Response:
+        name, tokens, headers, results = await run_rerank(request, default_return=False)
         return _json({
             "id": str(uuid.uuid4()),
             "results": results,
@@ -437,7 +545,7 @@ def create_app(
                 "billed_units": {"search_units": 1, "input_tokens": tokens},
                 "tokens": {"input_tokens": tokens, "output_tokens": 0},
             },
-        }, headers={"X-Model": name, **_truncated_header(truncated)})
+        }, headers={"X-Model": name, **headers})
 
     # ------------------------------------------------------------------ models, health, metrics
     @app.get("/v1/models", response_model=ModelList, responses=error_responses(401, 503), tags=["info"])
@@ -464,6 +572,9 @@ def create_app(
              tags=["info"])
     async def health() -> Response:
         body: dict[str, Any] = {"embedding_models": list(state.embedders), "reranker_models": list(state.rerankers)}
+        if state.draining:
+            return _json({"status": "shutting_down", "detail": "the server is shutting down", **body}, 503,
+                         headers={"Retry-After": "5"})
         if state.ready:
             return _json({"status": "ok", **body})
         if state.load_error is not None:
@@ -474,7 +585,8 @@ def create_app(
 
     @app.get("/metrics", response_class=Response, tags=["info"],
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},
-                              "description": "Prometheus text format"}})
+                              "description": "Prometheus text format (needs the API key unless public_metrics)"},
+                        401: error_responses(401)[401]})
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 
@@ -483,6 +595,31 @@ def create_app(
         return _json({"name": "tamis", "version": _version(), "docs": "/docs", "openapi": "/openapi.json"})
 
     return app
+
+
+def _body_schema(model: type[Any]) -> dict[str, Any]:
+    """OpenAPI request body of a route that parses its own body (see :mod:`tamis.server.body`)."""
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
+def _document_bodies(app: FastAPI, models: Mapping[str, type[Any]]) -> None:
+    """Put the request models the routes parse themselves into the OpenAPI components."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in models.values():
+            js = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(js.pop("$defs", {}))
+            components[model.__name__] = js
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _truncated_header(indices: list[int]) -> dict[str, str]:

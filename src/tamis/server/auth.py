@@ -11,13 +11,15 @@ from collections.abc import Iterable
 from tamis.server.errors import ApiError
 from tamis.server.settings import LOOPBACK_HOSTS
 
-# paths served without a key: liveness, metrics scraping and the docs
-PUBLIC_PATHS = frozenset({"/health", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/"})
+# paths served without a key: liveness and the docs. /metrics needs the key (Prometheus sends it with
+# `authorization: {credentials: KEY}` in its scrape config) unless the server runs with --public-metrics:
+# it names the served models and shows the traffic, which /v1/models already keeps behind the key.
+PUBLIC_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/"})
 DOCS_STATIC = "/static-offline-docs"  # Swagger UI / ReDoc assets served from the fastapi-offline package
 
 
 def is_public(path: str) -> bool:
-    """Paths readable without a key: health, metrics and the API docs (with their static assets)."""
+    """Paths readable without a key: health and the API docs (with their static assets)."""
     return path in PUBLIC_PATHS or path.startswith(DOCS_STATIC + "/")
 
 

@@ -10,11 +10,14 @@ answers 429 at once, so there is never an unbounded backlog). Two kinds of work:
   tasks share a batch). Each request's pooled rows are scattered back into its own tensor; the request
   resolves when its last row is done.
 * ``CallJob``: a function run alone on the model thread (a late-chunking request, which must stay one
-  sequence, or a rerank request).
+  sequence, or a rerank request). It gets its job, whose :meth:`Job.progress` it calls between model
+  batches: a job given up on stops there.
 
-Queued work whose client disconnected, or that was not started before its deadline, is dropped
-(rows of a disconnected request are skipped even when already planned). Futures are
-asyncio futures resolved thread-safely on the loop that submitted them.
+Deadlines and disconnects are enforced on the waiting side: every admitted job has a timer on the event
+loop. When its deadline passes (or its client goes away, or the server drains for shutdown), the request
+is answered at once (503 with Retry-After, or 499) and the job is given up: unstarted work leaves the queue,
+rows not yet batched are skipped, a running call stops at its next batch boundary. Futures are asyncio
+futures resolved thread-safely on the loop that submitted them.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from typing import Any
 import torch
 
 from tamis.batching import plan_batches
-from tamis.server.errors import ClientDisconnected, DeadlineExceeded, NotReady, Overloaded
+from tamis.server.errors import ApiError, ClientDisconnected, DeadlineExceeded, Overloaded, ShuttingDown
 from tamis.server.metrics import Metrics
 
 logger = logging.getLogger("tamis.server")
@@ -78,6 +81,10 @@ def grow_batch(
     return sorted(order[a : b + 1])
 
 
+class JobStopped(Exception):
+    """Raised by :meth:`Job.progress` inside a running call whose request was given up on."""
+
+
 class Job:
     """One request's work on one model."""
 
@@ -93,14 +100,23 @@ class Job:
         self.finished = False
         self.cancelled = False
         self.error: BaseException | None = None
+        self.owner: ModelWorker | None = None
+        self.timer: asyncio.TimerHandle | None = None
 
     def cancel(self) -> None:
-        """Drop this job's remaining work (called from the event loop when the client goes away)."""
+        """Give up on this job because its client went away (call on the event loop)."""
         self.cancelled = True
+        if self.owner is not None:
+            self.owner.abandon(self, ClientDisconnected(), "disconnect")
 
     @property
     def dead(self) -> bool:
         return self.cancelled or self.error is not None
+
+    def progress(self, done: int = 0, total: int = 0) -> None:
+        """Called by running work between model batches: raises :class:`JobStopped` once given up on."""
+        if self.dead:
+            raise JobStopped()
 
 
 class RowsJob(Job):
@@ -123,7 +139,7 @@ class RowsJob(Job):
 
 
 class CallJob(Job):
-    def __init__(self, loop: asyncio.AbstractEventLoop, fn: Callable[[], Any], cost: int, deadline: float):
+    def __init__(self, loop: asyncio.AbstractEventLoop, fn: Callable[[Job], Any], cost: int, deadline: float):
         super().__init__(loop, cost, deadline)
         self.fn = fn
 
@@ -137,6 +153,7 @@ class ModelWorker:
         model: Any,
         metrics: Metrics | None = None,
         *,
+        kind: str = "embedding",
         max_batch_tokens: int = 16384,
         max_batch_size: int = 256,
         gather_batches: int = 4,
@@ -144,6 +161,8 @@ class ModelWorker:
         max_padding: float | None = 0.1,
     ):
         self.name = name
+        self.kind = kind
+        self.labels = (name, kind)
         self.model = model
         self.metrics = metrics or Metrics()
         self.max_batch_tokens = max_batch_tokens
@@ -156,8 +175,10 @@ class ModelWorker:
         self._pending_inputs = 0
         self._pending_jobs = 0
         self._rate = 0.0  # inputs per second, moving average (for Retry-After)
+        self._live: set[Job] = set()  # admitted, not finished
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._draining = False
         self.forward_calls = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -169,17 +190,35 @@ class ModelWorker:
             self._thread = threading.Thread(target=self._run, name=f"tamis-worker-{self.name}", daemon=True)
             self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 2.0) -> None:
+        """Stop the thread (waiting ``timeout`` for a running model call; the thread is a daemon) and
+        answer whatever is still admitted with 503."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
         with self._cond:
-            while self._queue:
-                job = self._queue.popleft()
-                job.error = NotReady("the server is shutting down", retry_after=5)
+            for job in list(self._live):
+                job.error = job.error or ShuttingDown()
+                if isinstance(job, RowsJob):
+                    job.done, job.pending = job.n, []
                 self._finish_locked(job)
+            self._queue.clear()
+
+    def drain(self, at: float) -> None:
+        """Stop admitting; answer every admitted request still unfinished at ``at`` (monotonic) with 503.
+
+        Called on the event loop when the server is asked to shut down: what finishes before ``at`` is
+        answered normally, the rest gets :class:`ShuttingDown` at ``at`` (its work is given up).
+        """
+        with self._cond:
+            self._draining = True
+            live = list(self._live)
+        for job in live:
+            if job.deadline > at:
+                job.deadline = at
+                self._arm(job, at - time.monotonic(), self._on_drained)
 
     @property
     def pending_inputs(self) -> int:
@@ -202,7 +241,7 @@ class ModelWorker:
         A request always fits an empty queue, so even one larger than the bound is served eventually.
         """
         if self._pending_inputs > 0 and self._pending_inputs + cost > self.max_queued_inputs:
-            self.metrics.rejected.labels(self.name, "overload").inc()
+            self.metrics.rejected.labels(*self.labels, "overload").inc()
             raise Overloaded(
                 f"model {self.name!r} is overloaded: {self._pending_inputs} inputs queued, this request adds "
                 f"{cost}, the bound is {self.max_queued_inputs}; retry after the Retry-After delay",
@@ -211,17 +250,59 @@ class ModelWorker:
 
     def _admit(self, job: Job) -> Job:
         with self._cond:
-            if self._stopping:
-                raise NotReady("the server is shutting down", retry_after=5)
+            if self._stopping or self._draining:
+                raise ShuttingDown()
             self.check_capacity(job.cost)
+            job.owner = self
             self._queue.append(job)
+            self._live.add(job)
             self._pending_inputs += job.cost
             self._pending_jobs += 1
             self._update_gauges()
             self._cond.notify()
+        self._arm(job, job.deadline - time.monotonic(), self._on_deadline)
+        job.future.add_done_callback(lambda _: job.timer.cancel() if job.timer is not None else None)
         if self._thread is None or not self._thread.is_alive():
             self.start()
         return job
+
+    # ------------------------------------------------------------------ giving up (event loop side)
+    def _arm(self, job: Job, delay: float, callback: Callable[[Job], None]) -> None:
+        if job.timer is not None:
+            job.timer.cancel()
+        job.timer = job.loop.call_later(max(0.0, delay), callback, job)
+
+    def _on_deadline(self, job: Job) -> None:
+        waited = time.monotonic() - job.admitted
+        self.abandon(job, DeadlineExceeded(waited, self.retry_after(), started=job.started), "deadline")
+
+    def _on_drained(self, job: Job) -> None:
+        self.abandon(job, ShuttingDown(), "shutdown")
+
+    def abandon(self, job: Job, exc: ApiError, reason: str) -> None:
+        """Answer ``job`` with ``exc`` now (event loop) and give up its work: unstarted work leaves the
+        queue at once, a running call stops at its next :meth:`Job.progress`."""
+        if not job.future.done():
+            job.future.set_exception(exc)
+        with self._cond:
+            if job.finished:
+                return
+            self.metrics.dropped.labels(*self.labels, reason).inc()
+            if job.error is None:
+                job.error = exc
+            if isinstance(job, RowsJob):
+                job.done += len(job.pending)  # rows not yet in a batch are skipped
+                job.pending = []
+                if job.done >= job.n:
+                    self._finish_locked(job)
+            elif not job.started:
+                self._finish_locked(job)
+            if job.finished:
+                try:
+                    self._queue.remove(job)
+                except ValueError:
+                    pass
+            self._cond.notify()
 
     def submit_rows(self, encodings: Sequence[Any], tasks: Sequence[str | None], timeout_s: float) -> RowsJob:
         """Queue tokenized rows (one task per row); the future gives their pooled tensor [n, dim]."""
@@ -248,15 +329,17 @@ class ModelWorker:
         self._admit(job)
         return job
 
-    def submit_call(self, fn: Callable[[], Any], cost: int, timeout_s: float) -> CallJob:
+    def submit_call(self, fn: Callable[[Job], Any], cost: int, timeout_s: float) -> CallJob:
+        """Queue ``fn(job)`` to run alone on the model thread; it should call ``job.progress()`` between
+        model batches so that it stops when the request is given up on."""
         job = CallJob(asyncio.get_running_loop(), fn, max(1, int(cost)), time.monotonic() + timeout_s)
         self._admit(job)
         return job
 
     # ------------------------------------------------------------------ worker thread
     def _update_gauges(self) -> None:
-        self.metrics.queue_depth.labels(self.name).set(self._pending_inputs)
-        self.metrics.queue_requests.labels(self.name).set(self._pending_jobs)
+        self.metrics.queue_depth.labels(*self.labels).set(self._pending_inputs)
+        self.metrics.queue_requests.labels(*self.labels).set(self._pending_jobs)
 
     def _resolve(self, job: Job, result: Any = None, exc: BaseException | None = None) -> None:
         fut = job.future
@@ -278,6 +361,7 @@ class ModelWorker:
         if job.finished:
             return
         job.finished = True
+        self._live.discard(job)
         self._pending_inputs -= job.cost
         self._pending_jobs -= 1
         self._update_gauges()
@@ -289,14 +373,8 @@ class ModelWorker:
             self._resolve(job, result)
 
     def _drop_dead_locked(self) -> None:
-        now = time.monotonic()
         keep: deque[Job] = deque()
         for job in self._queue:
-            if not job.started and not job.dead and now > job.deadline:
-                job.error = DeadlineExceeded(now - job.admitted, self.retry_after())
-                self.metrics.dropped.labels(self.name, "deadline").inc()
-            elif job.cancelled and not job.error:
-                self.metrics.dropped.labels(self.name, "disconnect").inc()
             if job.dead:
                 if isinstance(job, RowsJob):
                     job.done += len(job.pending)  # rows never taken are skipped
@@ -349,7 +427,7 @@ class ModelWorker:
             taken.setdefault(id(job), set()).add(r)
             if not job.started:
                 job.started = True
-                self.metrics.queue_wait.labels(self.name).observe(now - job.admitted)
+                self.metrics.queue_wait.labels(*self.labels).observe(now - job.admitted)
         for job, _ in batch:
             rows = taken.pop(id(job), None)
             if rows:
@@ -374,7 +452,7 @@ class ModelWorker:
                 if isinstance(head, CallJob):
                     call = self._queue.popleft()
                     call.started = True
-                    self.metrics.queue_wait.labels(self.name).observe(time.monotonic() - call.admitted)
+                    self.metrics.queue_wait.labels(*self.labels).observe(time.monotonic() - call.admitted)
                 else:
                     unprepared = self._unprepared_locked()
                     if not unprepared:
@@ -433,12 +511,12 @@ class ModelWorker:
             return
         t0 = time.perf_counter()
         try:
-            result = job.fn()
-        except BaseException as exc:
-            job.error = exc
+            result = job.fn(job)
+        except BaseException as exc:  # JobStopped keeps the reason the job was given up for
+            job.error = job.error or exc
             result = None
         dt = time.perf_counter() - t0
-        self.metrics.forward_seconds.labels(self.name).observe(dt)
+        self.metrics.forward_seconds.labels(*self.labels).observe(dt)
         self._note_rate(job.cost, dt)
         with self._cond:
             self._finish_locked(job, result)
@@ -469,10 +547,10 @@ class ModelWorker:
         self.forward_calls += 1
         width = max(len(e) for e in encodings)
         m = self.metrics
-        m.forward_seconds.labels(self.name).observe(dt)
-        m.batch_size.labels(self.name).observe(len(live))
-        m.batch_tokens.labels(self.name).observe(len(live) * width)
-        m.batch_requests.labels(self.name).observe(len({id(j) for j, _ in live}))
+        m.forward_seconds.labels(*self.labels).observe(dt)
+        m.batch_size.labels(*self.labels).observe(len(live))
+        m.batch_tokens.labels(*self.labels).observe(len(live) * width)
+        m.batch_requests.labels(*self.labels).observe(len({id(j) for j, _ in live}))
         self._note_rate(len(live), dt)
         with self._cond:
             for k, (job, r) in enumerate(live):
@@ -496,7 +574,10 @@ async def _watch_disconnect(receive: Callable[[], Awaitable[dict[str, Any]]], jo
 
 
 async def wait_for(job: Job, receive: Callable[[], Awaitable[dict[str, Any]]] | None = None) -> Any:
-    """Await a job; when ``receive`` (the ASGI receive of the request) reports a disconnect, drop it."""
+    """Await a job; when ``receive`` (the ASGI receive of the request) reports a disconnect, drop it.
+
+    The job's deadline (and a shutdown drain) resolve its future on time whatever the worker is doing.
+    """
     watcher = asyncio.ensure_future(_watch_disconnect(receive, job)) if receive is not None else None
     try:
         return await job.future

@@ -1,7 +1,9 @@
 """``tamis serve``: the command line of the HTTP server.
 
 The lead's ``tamis.cli`` calls :func:`register` on its subparsers; ``python -m tamis.server`` runs the same
-command standalone.
+command standalone. Building the parser imports only the standard library and :mod:`tamis.server.settings`
+(no FastAPI, uvicorn or torch), so ``tamis serve --help`` and argument errors answer at once; the app, the
+models and uvicorn are imported when the command runs.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from tamis.server.auth import startup_message
 from tamis.server.settings import ServerSettings, keys_from_env
 
 logger = logging.getLogger("tamis.server")
@@ -79,7 +80,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queued-inputs", type=int, default=d.max_queued_inputs,
                    help=f"per-model queue bound in inputs; beyond it requests get 429 (default {d.max_queued_inputs})")
     p.add_argument("--request-timeout", type=float, default=d.request_timeout_s,
-                   help=f"seconds a request may wait in the queue before it is dropped (default {d.request_timeout_s:g})")
+                   help="seconds from admission (queue wait plus model time) after which a request gets 503 and its "
+                        f"work is given up (default {d.request_timeout_s:g})")
+    c = p.add_argument_group("connections")
+    c.add_argument("--max-connections", type=int, default=d.max_connections,
+                   help="at this many open connections a new one closes the oldest one still waiting for a request; "
+                        f"when all are busy, the new one is closed at once (default {d.max_connections})")
+    c.add_argument("--header-timeout", type=float, default=d.header_timeout_s,
+                   help="seconds a connection may take to send a complete request head before it is closed "
+                        f"(default {d.header_timeout_s:g})")
+    c.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
+                   help=f"seconds to receive a request body, else 408 (default {d.body_timeout_s:g})")
+    c.add_argument("--keep-alive-timeout", type=float, default=d.keep_alive_timeout_s,
+                   help=f"seconds an idle kept-alive connection stays open (default {d.keep_alive_timeout_s:g})")
+    c.add_argument("--graceful-timeout", type=float, default=d.graceful_timeout_s,
+                   help="on SIGTERM / Ctrl-C: seconds to finish admitted requests; the rest get 503 + Retry-After "
+                        f"(default {d.graceful_timeout_s:g})")
+    p.add_argument("--public-metrics", action="store_true",
+                   help="serve /metrics without the API key (by default it needs the key when one is set)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -98,7 +116,13 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_padding=args.max_padding,
         max_queued_inputs=args.max_queued_inputs,
         request_timeout_s=args.request_timeout,
+        max_connections=args.max_connections,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        keep_alive_timeout_s=args.keep_alive_timeout,
+        graceful_timeout_s=args.graceful_timeout,
         api_keys=keys,
+        public_metrics=args.public_metrics,
     )
 
 
@@ -135,9 +159,9 @@ def _add(table: dict[str, Any], name: str, model: Any, kind: str) -> None:
 
 
 def serve_command(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from tamis.server.app import create_app
+    from tamis.server.auth import startup_message
+    from tamis.server.runner import run
 
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     logger.setLevel(args.log_level.upper())  # also when `tamis` configured the root logger quieter
@@ -156,8 +180,7 @@ def serve_command(args: argparse.Namespace) -> int:
     app = create_app(settings=settings, loader=lambda: load_models(emb_specs, rr_specs, args.device, args.dtype))
     logger.info("serving on http://%s:%d (docs at /docs); loading models: embedding %s, reranker %s",
                 args.host, args.port, emb_specs, rr_specs)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=10)
-    uvicorn.Server(config).run()
+    run(app, settings, args.host, args.port, args.log_level)
     return 0
 
 

@@ -7,11 +7,14 @@ both kinds of client. Validation errors add ``errors: [{"field", "message", "typ
 
 Status codes:
     400 invalid input (empty input, empty string, unknown task or model, bad ``dimensions``, over-long
-        input with ``truncate=false``, malformed JSON, non-UTF-8 body, unsupported input kinds)
-    401 missing or wrong API key            413 request body larger than the limit
+        input with ``truncate=false``, malformed JSON, non-UTF-8 body, lone surrogates, unsupported input kinds)
+    401 missing or wrong API key            408 request body not received within the body timeout
+    413 request body larger than the limit (bytes, or JSON values)
     422 body does not match the schema      429 queue full (with ``Retry-After``)
-    503 models still loading, or the request waited in the queue past its deadline (``Retry-After``)
+    503 models still loading, the request's deadline passed, or the server is shutting down (``Retry-After``)
     500 a bug: the message says so and the traceback goes to the log
+
+Client text quoted in a message (a model name, a task) is cut to :data:`ECHO_CHARS` characters.
 """
 
 from __future__ import annotations
@@ -36,9 +39,20 @@ from tamis.errors import (
 
 logger = logging.getLogger("tamis.server")
 
+ECHO_CHARS = 64
+
+
+def echo(text: object, limit: int = ECHO_CHARS) -> str:
+    """``repr`` of client text for a message, cut to ``limit`` characters (with the full length said)."""
+    s = str(text)
+    if len(s) <= limit:
+        return repr(s)
+    return f"{s[:limit]!r}... ({len(s)} characters)"
+
 _TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
+    408: "invalid_request_error",
     403: "permission_error",
     404: "not_found_error",
     405: "invalid_request_error",
@@ -105,13 +119,24 @@ class NotReady(ApiError):
 
 
 class DeadlineExceeded(ApiError):
-    def __init__(self, waited_s: float, retry_after: int = 1):
+    def __init__(self, waited_s: float, retry_after: int = 1, started: bool = False):
+        where = "was queued and then computed" if started else "waited in the queue"
         super().__init__(
             503,
-            f"the request waited {waited_s:.1f} s in the queue, past the server's request timeout; "
-            "retry later or send smaller requests",
+            f"no answer within the server's request timeout: the request {where} for {waited_s:.1f} s and its "
+            "remaining work was dropped; retry later or send smaller requests",
             code="timeout",
             headers={"Retry-After": str(max(1, int(retry_after)))},
+        )
+
+
+class ShuttingDown(ApiError):
+    def __init__(self, retry_after: int = 5) -> None:
+        super().__init__(
+            503,
+            "the server is shutting down; retry (on another replica) after the Retry-After delay",
+            code="shutting_down",
+            headers={"Retry-After": str(max(1, int(retry_after))), "Connection": "close"},
         )
 
 
@@ -125,16 +150,21 @@ def from_exception(exc: BaseException) -> ApiError:
     if isinstance(exc, ApiError):
         return exc
     if isinstance(exc, UnknownModelError):
-        return ApiError(400, str(exc), code="model_not_found", param="model", extra={"available": exc.available})
+        return ApiError(400, f"model {echo(exc.name)} is not available; served models: {', '.join(exc.available)}",
+                        code="model_not_found", param="model", extra={"available": exc.available})
     if isinstance(exc, UnknownTaskError):
-        return ApiError(400, str(exc), code="unknown_task", param="task", extra={"valid_tasks": exc.valid})
+        valid = ", ".join(repr(v) for v in exc.valid) or "none (this model has no tasks)"
+        return ApiError(400, f"unknown task {echo(exc.task)}; valid tasks for this model: {valid}",
+                        code="unknown_task", param="task", extra={"valid_tasks": exc.valid})
     if isinstance(exc, InputTooLongError):
+        what = getattr(exc, "what", "input")
+        label = getattr(exc, "label", f"input {exc.index}")
         return ApiError(
             400,
-            f"input {exc.index} has {exc.n_tokens} tokens, more than the limit of {exc.limit}; shorten it or send "
+            f"{label} has {exc.n_tokens} tokens, more than the limit of {exc.limit}; shorten it or send "
             '"truncate": true to drop the tail',
             code="input_too_long",
-            param="input",
+            param={"document": "documents", "query + document": "documents"}.get(what, what),
             extra={"index": exc.index, "n_tokens": exc.n_tokens, "limit": exc.limit},
         )
     if isinstance(exc, InvalidInputError):
@@ -150,8 +180,9 @@ def _loc(loc: tuple[Any, ...] | list[Any]) -> str:
     return " -> ".join(str(p) for p in loc)
 
 
-def validation_error(exc: RequestValidationError) -> ApiError:
-    errors = list(exc.errors())
+def validation_error(errors: Any, prefix: tuple[str, ...] = ()) -> ApiError:
+    """422 (or 400 for malformed JSON) from pydantic's error list; ``prefix`` is put before each location."""
+    errors = [{**e, "loc": (*prefix, *e.get("loc", ()))} for e in errors]
     if any(e.get("type") == "json_invalid" for e in errors):
         e = next(e for e in errors if e.get("type") == "json_invalid")
         err = (e.get("ctx") or {}).get("error", "")
@@ -178,7 +209,7 @@ async def api_error_handler(request: Request, exc: Exception) -> Response:
 
 async def validation_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    return validation_error(exc).response()
+    return validation_error(exc.errors()).response()
 
 
 async def http_exception_handler(request: Request, exc: Exception) -> Response:

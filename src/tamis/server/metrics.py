@@ -1,4 +1,9 @@
-"""Prometheus metrics, one registry per app (tests build several apps in one process)."""
+"""Prometheus metrics, one registry per app (tests build several apps in one process).
+
+Every label takes values from a fixed set, so no client can grow ``/metrics``: ``route`` is a route
+template or "other", ``method`` a known HTTP method or "other", ``status`` a status code, ``model`` a
+served model name, ``kind`` "embedding" or "rerank" (one queue per model and kind).
+"""
 
 from __future__ import annotations
 
@@ -27,22 +32,23 @@ class Metrics:
                               registry=r)
         self.truncated = Counter("tamis_inputs_truncated_total", "inputs cut at the model's context", ["model"],
                                  registry=r)
-        self.batch_size = Histogram("tamis_batch_size", "rows per forward pass", ["model"], buckets=SIZE_BUCKETS,
+        self.batch_size = Histogram("tamis_batch_size", "rows per forward pass", ["model", "kind"], buckets=SIZE_BUCKETS,
                                     registry=r)
-        self.batch_tokens = Histogram("tamis_batch_tokens", "padded token slots per forward pass", ["model"],
+        self.batch_tokens = Histogram("tamis_batch_tokens", "padded token slots per forward pass", ["model", "kind"],
                                       buckets=TOKEN_BUCKETS, registry=r)
         self.batch_requests = Histogram("tamis_batch_requests", "distinct requests sharing one forward pass",
-                                        ["model"], buckets=SIZE_BUCKETS, registry=r)
-        self.forward_seconds = Histogram("tamis_forward_seconds", "time of one model call", ["model"],
+                                        ["model", "kind"], buckets=SIZE_BUCKETS, registry=r)
+        self.forward_seconds = Histogram("tamis_forward_seconds", "time of one model call", ["model", "kind"],
                                          buckets=LATENCY_BUCKETS, registry=r)
         self.queue_wait = Histogram("tamis_queue_wait_seconds", "time from admission to first model call",
-                                    ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_depth = Gauge("tamis_queue_depth", "admitted inputs not yet finished", ["model"], registry=r)
-        self.queue_requests = Gauge("tamis_queue_requests", "admitted requests not yet finished", ["model"],
+                                    ["model", "kind"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("tamis_queue_depth", "admitted inputs not yet finished", ["model", "kind"],
+                                 registry=r)
+        self.queue_requests = Gauge("tamis_queue_requests", "admitted requests not yet finished", ["model", "kind"],
                                     registry=r)
-        self.rejected = Counter("tamis_rejected_total", "requests refused before queueing", ["model", "reason"],
+        self.rejected = Counter("tamis_rejected_total", "requests refused before queueing", ["model", "kind", "reason"],
                                 registry=r)
-        self.dropped = Counter("tamis_dropped_total", "queued requests dropped", ["model", "reason"], registry=r)
+        self.dropped = Counter("tamis_dropped_total", "queued requests dropped", ["model", "kind", "reason"], registry=r)
         self.ready = Gauge("tamis_ready", "1 when models are loaded", registry=r)
 
     def render(self) -> bytes:

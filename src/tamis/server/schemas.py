@@ -3,7 +3,7 @@
 Requests are a superset of the three APIs: unknown fields are accepted and ignored (Jina's own gateway
 forbids them, which is why the OpenAI client cannot call api.jina.ai; here it can). Values are checked
 for type by pydantic (422) and for meaning by the routes (400), so each bad value gets a message that
-names it.
+names it. Bodies are parsed and bounded by :mod:`tamis.server.body` before these models see them.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ class TextDoc(BaseModel):
     text: str | None = Field(None, description="the text")
 
 
-# What the schema documents is stricter than what parses: empty strings, empty lists, token ids and image
-# documents parse, then get a 400 that names the offending input (clearer than a schema error).
-_TEXT = {"type": "string", "minLength": 1}
+# What the schema documents is stricter than what parses: blank strings, empty lists, repeated output types,
+# token ids and image documents parse, then get a 400 that names the offending input (clearer than a
+# schema error).
+_TEXT = {"type": "string", "pattern": "\\S"}  # not empty, not only whitespace
 _TEXT_DOC = {"type": "object", "properties": {"text": _TEXT}, "required": ["text"]}
 _INPUT_SCHEMA = {
     "anyOf": [_TEXT, _TEXT_DOC, {"type": "array", "minItems": 1, "items": {"anyOf": [_TEXT, _TEXT_DOC]}}],
@@ -34,15 +35,18 @@ _QUERY = {"type": "string", "pattern": "\\S"}
 _QUERY_SCHEMA = {"anyOf": [_QUERY, {"type": "object", "properties": {"text": _QUERY}, "required": ["text"]}],
                  "title": "Query"}
 _DOCUMENTS_SCHEMA = {"type": "array", "minItems": 1, "title": "Documents",
-                     "items": {"anyOf": [{"type": "string"}, {"type": "object", "properties": {"text": {"type": "string"}},
-                                                                "required": ["text"]}]}}
+                     "items": {"anyOf": [_TEXT, {"type": "object", "properties": {"text": _TEXT}, "required": ["text"]}]}}
+_TYPES = ["float", "base64", "binary", "ubinary"]
+_TYPES_SCHEMA = {"anyOf": [{"enum": _TYPES}, {"type": "array", "items": {"enum": _TYPES}, "minItems": 1,
+                                               "uniqueItems": True}, {"type": "null"}]}
+OutputTypes = Annotated[EmbeddingType | list[EmbeddingType] | None, WithJsonSchema(_TYPES_SCHEMA)]
 
 
 class EmbeddingRequest(BaseModel):
     """Jina ``/v1/embeddings`` fields plus OpenAI's."""
 
     model_config = ConfigDict(
-        extra="allow",
+        extra="ignore",
         json_schema_extra={"example": {"model": "all-MiniLM-L6-v2", "input": ["a text", "another text"]}},
     )
 
@@ -63,13 +67,12 @@ class EmbeddingRequest(BaseModel):
     late_chunking: bool | None = Field(
         False, description="treat the inputs as consecutive chunks of one document: one sequence, one vector each"
     )
-    embedding_type: EmbeddingType | list[EmbeddingType] | None = Field(
-        None, description="float (default), base64 (little-endian float32), binary, ubinary, or a list of these"
+    embedding_type: OutputTypes = Field(
+        None, description="float (default), base64 (little-endian float32), binary, ubinary, or a list of these "
+                          "(each at most once: the embedding is then an object with one key per type)"
     )
-    encoding_type: EmbeddingType | list[EmbeddingType] | None = Field(None, description="alias of embedding_type")
-    encoding_format: EmbeddingType | list[EmbeddingType] | None = Field(
-        None, description="OpenAI's name for embedding_type"
-    )
+    encoding_type: OutputTypes = Field(None, description="alias of embedding_type")
+    encoding_format: OutputTypes = Field(None, description="OpenAI's name for embedding_type")
     return_multivector: bool | None = Field(None, description="not supported: true is answered 400")
     user: str | None = Field(None, description="OpenAI field, ignored")
 
@@ -105,7 +108,7 @@ class RerankRequest(BaseModel):
     """Jina / Cohere v1 rerank fields; ``/v2/rerank`` takes the same body (Cohere v2)."""
 
     model_config = ConfigDict(
-        extra="allow",
+        extra="ignore",
         json_schema_extra={
             "example": {"model": "all-MiniLM-L6-v2", "query": "a question", "documents": ["a doc", "another"]}
         },
@@ -119,6 +122,10 @@ class RerankRequest(BaseModel):
     top_n: int | None = Field(None, description="how many results (> 0); null = all")
     return_documents: bool | None = Field(
         None, description="echo each document in its result (default true on /v1, false on /v2)"
+    )
+    truncate: bool | None = Field(
+        None, description="cut a query or document longer than the model's context (default true, reported in the "
+                          "X-Truncated-Inputs / X-Truncated-Query headers) instead of answering 400 (false)"
     )
 
 
@@ -197,7 +204,7 @@ class ModelList(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "loading", "failed"]
+    status: Literal["ok", "loading", "failed", "shutting_down"]
     embedding_models: list[str]
     reranker_models: list[str]
     detail: str | None = None
@@ -220,9 +227,10 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     text = {
         400: "invalid input (message names the field / input index)",
         401: "missing or wrong API key",
-        413: "request body too large",
+        408: "request body not received in time",
+        413: "request body too large (bytes or JSON values)",
         422: "body does not match the schema",
         429: "queue full; retry after Retry-After seconds",
-        503: "models loading or queue deadline passed; retry after Retry-After seconds",
+        503: "models loading, request deadline passed, or shutting down; retry after Retry-After seconds",
     }
     return {c: {"model": ErrorBody, "description": text.get(c, "error")} for c in codes}
