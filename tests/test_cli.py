@@ -205,6 +205,10 @@ def test_cuda_on_a_cpu_torch_is_one_line(lines, capsys):
     assert _error_lines(err) == [err.strip()] and "device 'cuda' is not available" in err
     assert main(["rerank", "--query", "q", "--documents", str(lines), "--device", "cuda", "-q"]) == 2
     assert "device 'cuda' is not available" in capsys.readouterr().err
+    # the server checks the device before it opens the port (it used to log a traceback and stay up, 503)
+    assert main(["serve", "--device", "cuda", "--port", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "device 'cuda' is not available" in err and "Traceback" not in err
 
 
 def test_model_not_found_hint_names_hf_download():

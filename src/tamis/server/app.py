@@ -358,8 +358,13 @@ def create_app(
             state.start()
             logger.info("models ready: embedding %s, reranker %s", list(e), list(r))
         except Exception as exc:  # reported by /health and every model route
+            from tamis.errors import TamisError
+
             state.load_error = f"{type(exc).__name__}: {exc}"
-            logger.exception("model loading failed")
+            if isinstance(exc, TamisError):  # a missing model, a bad device: the message says what to do
+                logger.error("model loading failed: %s", exc)
+            else:
+                logger.exception("model loading failed")
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]

@@ -175,6 +175,9 @@ def serve_command(args: argparse.Namespace) -> int:
     if not emb_specs and not rr_specs:
         print("tamis serve: nothing to serve (both --no-embedding and --no-reranker)", file=sys.stderr)
         return 2
+    from tamis.models.loading import resolve_device
+
+    resolve_device(args.device)  # a device this torch cannot use: one `tamis: error:` line before the port opens
     level, message = startup_message(len(settings.api_keys), args.host)
     logger.log(level, message)
     app = create_app(settings=settings, loader=lambda: load_models(emb_specs, rr_specs, args.device, args.dtype))
