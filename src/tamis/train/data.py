@@ -92,8 +92,12 @@ def from_pairs(directory: str | os.PathLike[str], name: str | None = None) -> Re
     return RerankData(name, corpus, queries, qrels, sources)
 
 
-def load_training_data(spec: str | os.PathLike[str], with_title: bool = True) -> RerankData:
-    """``DIR`` (a pair set, or a BEIR set's ``train`` split) or ``DIR:SPLIT``."""
+def load_training_data(spec: str | os.PathLike[str], with_title: bool = True, allow_test: bool = False) -> RerankData:
+    """``DIR`` (a pair set, or a BEIR set's ``train`` split) or ``DIR:SPLIT``.
+
+    A ``test`` split is refused unless ``allow_test`` says the set is training data that merely comes
+    as one file named so (e.g. llamaindex-10k-lyft, whose questions are the published *training* set
+    of its 10-K anchor) and is never used to evaluate."""
     text = str(spec)
     split = "train"
     if ":" in text and not Path(text).exists():
@@ -103,8 +107,9 @@ def load_training_data(spec: str | os.PathLike[str], with_title: bool = True) ->
         return from_pairs(path)
     if not (path / "qrels").is_dir():
         raise DatasetError(f"{path} is neither a pair set (pairs.jsonl.gz) nor a BEIR set (qrels/<split>.tsv)")
-    if split == "test":
-        raise DatasetError(f"refusing to train on {path}'s test split: test queries are for evaluation only")
+    if split == "test" and not allow_test:
+        raise DatasetError(f"refusing to train on {path}'s test split: test queries are for evaluation only "
+                           "(a set that is only training data may be allowed explicitly: --allow-test-split)")
     return from_beir(path, split, with_title)
 
 
@@ -151,6 +156,38 @@ def split_dev(data: RerankData, dev: int | float = 0.05, seed: int = 0,
         dev_set.update(sorted(members, key=lambda q: _rank_key(seed, q))[:share])
     train = [q for q in qids if q not in dev_set]
     return train, [q for q in qids if q in dev_set]
+
+
+def split_dev_unseen(data: RerankData, dev: int | float = 0.1, seed: int = 0
+                     ) -> tuple[list[str], list[str], set[str]]:
+    """Hold out dev queries *and their relevant documents*: ``(train_qids, dev_qids, dev_docs)``.
+
+    Dev queries are drawn as in :func:`split_dev`; every training query that shares a relevant document
+    with them moves to dev too, so no dev document is a training positive. Callers must also keep
+    ``dev_docs`` out of training negatives (:func:`drop_documents`): the dev slice then measures queries
+    *and* documents the model never saw.
+    """
+    _, first = split_dev(data, dev, seed)
+    qids = data.trainable_queries()
+    dev_set = set(first)
+    dev_docs = {d for q in dev_set for d in data.positives(q)}
+    while True:  # close over shared positives: a query joins dev if any of its positives is a dev document
+        more = {q for q in qids if q not in dev_set and set(data.positives(q)) & dev_docs}
+        if not more:
+            break
+        dev_set |= more
+        dev_docs |= {d for q in more for d in data.positives(q)}
+    return [q for q in qids if q not in dev_set], [q for q in qids if q in dev_set], dev_docs
+
+
+def drop_documents(lists: Sequence[TrainList], docs: set[str]) -> list[TrainList]:
+    """Training lists without ``docs`` among their negatives (held-out dev documents)."""
+    out = []
+    for t in lists:
+        keep = [d for d in t.negatives if d not in docs]
+        labelled = sum(1 for d in t.negatives[: t.labelled] if d not in docs)
+        out.append(TrainList(t.qid, t.positives, keep, labelled))
+    return out
 
 
 @dataclass
