@@ -134,6 +134,23 @@ def test_unseen_dev_split_keeps_dev_documents_out_of_training():
         assert {"q0", "q1"} <= set(dev)
 
 
+def test_unseen_dev_split_keeps_to_the_asked_size_when_documents_are_shared():
+    # 60 questions over 30 documents, two per document (like llamaindex-10k-lyft): the dev slice grows by whole
+    # documents, so it lands on the asked size instead of snowballing over shared positives
+    corpus = {f"d{i}": f"document {i}" for i in range(30)}
+    queries = {f"q{i}": f"question {i}" for i in range(60)}
+    qrels = {f"q{i}": {f"d{i // 2}": 1} for i in range(60)}
+    qrels["q0"]["d1"] = 1  # d0 and d1 are chained through q0
+    data = RerankData("shared", corpus, queries, qrels)
+    for dev in (10, 0.25):
+        train, dev_q, dev_docs = split_dev_unseen(data, dev, seed=1)
+        want = 10 if dev == 10 else 15
+        assert want <= len(dev_q) <= want + 3 and len(train) + len(dev_q) == 60
+        assert dev_docs == {d for q in dev_q for d in data.positives(q)}
+        assert all(not set(data.positives(q)) & dev_docs for q in train)
+    assert split_dev_unseen(data, 10, seed=1) == split_dev_unseen(data, 10, seed=1)  # seeded
+
+
 def test_a_set_named_test_is_refused_unless_allowed(tmp_path):
     (tmp_path / "qrels").mkdir()
     (tmp_path / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\nq1\td1\t1\n")

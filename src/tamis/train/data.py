@@ -162,21 +162,35 @@ def split_dev_unseen(data: RerankData, dev: int | float = 0.1, seed: int = 0
                      ) -> tuple[list[str], list[str], set[str]]:
     """Hold out dev queries *and their relevant documents*: ``(train_qids, dev_qids, dev_docs)``.
 
-    Dev queries are drawn as in :func:`split_dev`; every training query that shares a relevant document
-    with them moves to dev too, so no dev document is a training positive. Callers must also keep
-    ``dev_docs`` out of training negatives (:func:`drop_documents`): the dev slice then measures queries
-    *and* documents the model never saw.
+    Relevant documents are drawn in a seeded hash order; each brings every query it is relevant to (and
+    their other relevant documents, transitively) until the dev queries reach ``dev`` (a count, or a
+    fraction of the trainable queries). No dev document is a training positive; callers must also keep
+    ``dev_docs`` out of training negatives (:func:`drop_documents`), so that the dev slice measures
+    queries *and* documents the model never saw.
     """
-    _, first = split_dev(data, dev, seed)
     qids = data.trainable_queries()
-    dev_set = set(first)
-    dev_docs = {d for q in dev_set for d in data.positives(q)}
-    while True:  # close over shared positives: a query joins dev if any of its positives is a dev document
-        more = {q for q in qids if q not in dev_set and set(data.positives(q)) & dev_docs}
-        if not more:
+    n_dev = int(round(dev * len(qids))) if isinstance(dev, float) and dev < 1 else int(dev)
+    by_doc: dict[str, list[str]] = {}
+    for q in qids:
+        for d in data.positives(q):
+            by_doc.setdefault(d, []).append(q)
+    dev_set: set[str] = set()
+    dev_docs: set[str] = set()
+    for doc in sorted(by_doc, key=lambda d: _rank_key(seed, d)):
+        if len(dev_set) >= n_dev:
             break
-        dev_set |= more
-        dev_docs |= {d for q in more for d in data.positives(q)}
+        if doc in dev_docs:
+            continue
+        todo = [doc]
+        while todo:  # close over shared positives
+            d = todo.pop()
+            if d in dev_docs:
+                continue
+            dev_docs.add(d)
+            for q in by_doc[d]:
+                if q not in dev_set:
+                    dev_set.add(q)
+                    todo.extend(x for x in data.positives(q) if x not in dev_docs)
     return [q for q in qids if q not in dev_set], [q for q in qids if q in dev_set], dev_docs
 
 
