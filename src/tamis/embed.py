@@ -18,7 +18,7 @@ import logging
 import re
 import sys
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +44,11 @@ logger = logging.getLogger("tamis")
 
 EMBEDDING_TYPES = ("float", "base64", "binary", "ubinary")
 DEFAULT_LATE_CHUNK_OVERLAP = 512
+# LoRA targets of a fresh task adapter on a BERT-family encoder: every Linear of every layer (attention
+# q/k/v/output, MLP in/out; JinaBERT's gated MLP), not the pooler (unused by embeddings)
+DEFAULT_ADAPTER_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense",
+                           "output.dense", "mlp.gated_layers", "mlp.wo")
+ADAPTERS_FILE = "adapters.json"  # in a model directory: {"task": "adapter directory (relative or absolute)"}
 JINABERT_MAX_LENGTH = 8192
 _SENTENCE_END = re.compile(r"[.!?。！？]+[\"'”’)\]]*(?=\s|$)")
 
@@ -142,6 +147,10 @@ class Embedder:
         max_batch_size: most rows in one batch.
         max_length: override the model's input limit in tokens (never above what the model declares
             for absolute-position models).
+        adapters: task LoRA adapters for a BERT-family model, ``{"task": directory}`` in peft's layout
+            (``adapter_config.json`` + ``adapter_model.safetensors``); ``embed(..., task="task")`` then
+            runs that adapter, and a batch may mix tasks row by row (as jina-embeddings-v3's). Adapters
+            listed in the model directory's ``adapters.json`` load too.
     """
 
     def __init__(
@@ -153,6 +162,7 @@ class Embedder:
         max_tokens_per_batch: int | None = None,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_length: int | None = None,
+        adapters: Mapping[str, str | Path] | None = None,
     ):
         self.model_dir = resolve_model_dir(model)
         self.config = load_config(self.model_dir)
@@ -165,7 +175,9 @@ class Embedder:
         self.tokenizer = Tokenizer.from_dir(self.model_dir, self.config)
         self.pooling = _pooling_mode(self.model_dir, self.config)
         self._prefixes: dict[str, str] = {}
-        self._adapters: dict[str, int] = {}
+        self._adapters: dict[str, int] = {}  # task -> adapter index in the model's LoRA stacks
+        self._n_adapters = 0
+        self.adapter_dirs: dict[str, Path] = {}
         arch_limit: int | None
         if self.family == "xlmr-lora":
             from tamis.models.xlmr import XLMRobertaLoRA
@@ -173,6 +185,7 @@ class Embedder:
             self.model = XLMRobertaLoRA.from_pretrained(self.model_dir, device=self.device, dtype=self.dtype)
             names = list(self.config.get("lora_adaptations") or [])
             self._adapters = {t: i for i, t in enumerate(names)}
+            self._n_adapters = len(names)
             instructions = self.config.get("task_instructions") or {}
             self._prefixes = {t: instructions.get(t, "") or "" for t in names}
             arch_limit = None
@@ -189,6 +202,50 @@ class Embedder:
             )
         self.dimension = int(self.config["hidden_size"])
         self.max_length = self._limit(arch_limit, max_length)
+        listed = read_json(self.model_dir / ADAPTERS_FILE) or {}
+        wanted = {**{t: self.model_dir / d for t, d in listed.items()}, **dict(adapters or {})}
+        if wanted and self.family != "bert":
+            raise InvalidInputError(
+                f"{self.name}: extra adapters load on BERT-family models; jina-embeddings-v3 keeps its task "
+                "adapters stacked in the checkpoint (train one into it with `tamis train adapter`)")
+        for task, directory in wanted.items():
+            self.add_adapter(task, directory)
+
+    # ------------------------------------------------------------------ task adapters (BERT family)
+    def add_adapter(
+        self, task: str, directory: str | Path | None = None, *, target_modules: Sequence[str] | None = None,
+        r: int = 8, alpha: float = 16.0, seed: int = 0,
+    ) -> int:
+        """Add task adapter ``task``: loaded from a peft-layout ``directory``, or fresh (LoRA on
+        ``target_modules``, rank ``r``, scale ``alpha / r``; B = 0, so it changes nothing until trained).
+        Returns its index in the model's adapter stacks."""
+        if self.family != "bert":
+            raise InvalidInputError(f"{self.name} is a {self.family} model: its adapters are fixed by the checkpoint")
+        if not isinstance(task, str) or not task:
+            raise InvalidInputError(f"an adapter needs a non-empty task name, got {task!r}")
+        if task in self._adapters:
+            raise InvalidInputError(f"{self.name} already has an adapter for task {task!r}")
+        from tamis.models import bert, lora
+
+        cfg = self.model.cfg
+        if directory is not None:
+            index = lora.load_adapter(self.model, directory, task, lambda p: bert.module_path(cfg, p))
+            self.adapter_dirs[task] = Path(directory)
+        else:
+            index = lora.add_adapter(self.model, task, list(target_modules or DEFAULT_ADAPTER_TARGETS), r, alpha, seed)
+        self._adapters[task] = index
+        self._n_adapters = len(lora.adapter_names(self.model))
+        return index
+
+    def save_adapter(self, task: str, directory: str | Path) -> Path:
+        """Write task adapter ``task`` in peft's layout (module paths of the official checkpoint)."""
+        if self.family != "bert" or task not in self._adapters:
+            raise InvalidInputError(f"no BERT-family task adapter {task!r}; adapters: {list(self._adapters)}")
+        from tamis.models import bert, lora
+
+        cfg = self.model.cfg
+        return lora.save_adapter(self.model, task, directory, base_model=self.name,
+                                 path_to_official=lambda p: bert.official_module_path(cfg, p))
 
     def _limit(self, arch_limit: int | None, override: int | None) -> int:
         sbert = read_json(self.model_dir / "sentence_bert_config.json") or {}
@@ -209,7 +266,7 @@ class Embedder:
     # ------------------------------------------------------------------ properties
     @property
     def tasks(self) -> list[str]:
-        return list(self._adapters or self._prefixes)
+        return list(dict.fromkeys([*self._prefixes, *self._adapters]))
 
     @property
     def query_task(self) -> str | None:
@@ -270,7 +327,7 @@ class Embedder:
     def _adapter_ids(self, tasks: Sequence[str | None], n: int) -> torch.Tensor | None:
         if not self._adapters:
             return None
-        ids = [self._adapters[t] if t is not None else -1 for t in tasks]
+        ids = [self._adapters.get(t, -1) if t is not None else -1 for t in tasks]
         if len(ids) != n:
             raise ValueError("one task per row is required")
         if all(i == -1 for i in ids):
@@ -283,12 +340,26 @@ class Embedder:
         tasks: Sequence[str | None],
     ) -> torch.Tensor:
         """Last hidden states [B, L, H] of one padded batch."""
+        return self.run_model(input_ids, attention_mask, token_type_ids, tasks)
+
+    def run_model(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None,
+        tasks: Sequence[str | None],
+    ) -> torch.Tensor:
+        """:meth:`token_states` with autograd left as the caller set it (training): each row through its
+        task's adapter (rows without one, and every row of a batch with no adapter task, cost nothing)."""
         for t in tasks:
             self.check_task(t)
+        adapter_ids = self._adapter_ids(tasks, input_ids.shape[0])
         if self.family == "xlmr-lora":
-            adapter_ids = self._adapter_ids(tasks, input_ids.shape[0])
             return self.model(input_ids, attention_mask, adapter_ids=adapter_ids)
-        return self.model(input_ids, attention_mask, token_type_ids)
+        if adapter_ids is None:
+            return self.model(input_ids, attention_mask, token_type_ids)
+        from tamis.models.lora import route_adapters, use_route
+
+        route = route_adapters(adapter_ids, input_ids.shape[0], self._n_adapters, self.device)
+        with use_route(route):
+            return self.model(input_ids, attention_mask, token_type_ids)
 
     def forward(self, encodings: Sequence[Encoded], tasks: Sequence[str | None] | str | None = None) -> torch.Tensor:
         """Run one padded batch; returns pooled float32 vectors [n, dimension] (not normalised)."""

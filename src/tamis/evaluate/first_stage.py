@@ -174,6 +174,10 @@ def model_identity(embedder: Any) -> dict[str, Any]:
     if model_dir is not None and Path(model_dir).is_dir():
         files = sorted(Path(model_dir).glob("*.safetensors")) + sorted(Path(model_dir).glob("config*.json"))
         ident["files"] = [[p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in files]
+    adapters = getattr(embedder, "adapter_dirs", None) or {}
+    if adapters:  # task adapters loaded from files: their weights are part of what the vectors depend on
+        ident["adapters"] = {t: [[p.name, p.stat().st_size, int(p.stat().st_mtime)]
+                                 for p in sorted(Path(d).glob("adapter_*"))] for t, d in sorted(adapters.items())}
     return ident
 
 

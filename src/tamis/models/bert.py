@@ -423,6 +423,31 @@ def _map_keys(state: dict[str, torch.Tensor], module: nn.Module, cfg: BertConfig
     )
 
 
+def official_module_path(cfg: BertConfig, path: str) -> str:
+    """A module's path under the official checkpoint's names (what peft writes in adapter keys): the
+    inverse of :func:`module_path`. Only MPNet's attention names differ from ours."""
+    if cfg.model_type != "mpnet":
+        return path
+    p = path + "."
+    for ours, theirs in _MPNET_INVERSE.items():
+        p = p.replace(ours, theirs)
+    return p[:-1]
+
+
+def module_path(cfg: BertConfig, official: str) -> str:
+    """Our module path for an official one, with or without the architecture prefix (``bert.``,
+    ``roberta.``, ``mpnet.``: an adapter trained on a task model rather than the bare encoder)."""
+    p = official
+    for prefix in ("bert.", "roberta.", "mpnet.", "model."):
+        if p.startswith(prefix):
+            p = p[len(prefix):]
+            break
+    p += "."
+    for old, new in _RENAME.items():
+        p = p.replace(old, new)
+    return p[:-1]
+
+
 def hf_state_dict(module: BertModel | BertForSequenceClassification | BertForMaskedLM) -> dict[str, torch.Tensor]:
     """The module's tensors under the official checkpoint names (the inverse of the key map), contiguous
     and detached: what ``save_file`` writes so that Hugging Face / sentence-transformers load it."""

@@ -333,18 +333,38 @@ def save_adapter(model: nn.Module, name: str, out_dir: str | Path, base_model: s
         tensors[f"{key}.lora_B.weight"] = b.detach().float().contiguous().cpu()
         ranks.add(a.shape[0])
         alphas.add(round(s * a.shape[0], 6))
-        targets.add(path_to_official(path).rsplit(".", 1)[-1])
+        targets.add(path_to_official(path))
     if not tensors:
         raise ValueError(f"adapter {name!r} adapts no layer")
     if len(ranks) != 1 or len(alphas) != 1:
         raise ValueError(f"adapter {name!r} mixes ranks {ranks} / alphas {alphas}; peft's config has one of each")
     save_file(tensors, str(out / "adapter_model.safetensors"))
     config = {"peft_type": "LORA", "task_type": "FEATURE_EXTRACTION", "r": ranks.pop(), "lora_alpha": alphas.pop(),
-              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "target_modules": sorted(targets),
+              "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+              "target_modules": _suffix_targets(model, targets, path_to_official),
               "base_model_name_or_path": base_model, "inference_mode": True, "modules_to_save": None,
               "tamis_adapter_name": name, **(extra_config or {})}
     (out / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out
+
+
+def _suffix_targets(model: nn.Module, adapted: set[str], path_to_official: Callable[[str], str]) -> list[str]:
+    """peft ``target_modules`` naming exactly the ``adapted`` (official) paths: for each, the shortest
+    path suffix that matches no other Linear layer (peft matches a name or a ``.``-suffix, as
+    :func:`target_paths`), e.g. ``query`` but ``attention.output.dense`` when a pooler's ``dense`` is
+    not adapted."""
+    wrapped = {p + ".base" for p, m in model.named_modules() if isinstance(m, LoRALinear)}
+    linear = [path_to_official(p) for p, m in model.named_modules()
+              if isinstance(m, nn.Linear | LoRALinear) and p not in wrapped]
+    chosen = set()
+    for path in adapted:
+        parts = path.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if all(p in adapted for p in linear if p == suffix or p.endswith("." + suffix)):
+                chosen.add(suffix)
+                break
+    return sorted(chosen)
 
 
 def load_adapter(model: nn.Module, adapter_dir: str | Path, name: str,

@@ -24,6 +24,7 @@ reference's padded path, and padded keys are masked out of attention.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -361,3 +362,41 @@ class XLMRobertaLoRA(nn.Module):
         state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
         model.load_state_dict(state, strict=True, assign=True)
         return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------- training / saving
+def trainable_tasks(model: XLMRobertaLoRA, tasks: Sequence[str]) -> list[nn.Parameter]:
+    """Freeze everything but the adapter slices of ``tasks`` in the stacked LoRA parameters: each stack
+    stays one tensor (the official layout), and a gradient hook zeroes the other tasks' slices. Train
+    with no weight decay on them, or AdamW would shrink the frozen slices too."""
+    index = sorted({model.adapter_index(t) for t in tasks})
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = []
+    for name, p in model.named_parameters():
+        if name.rsplit(".", 1)[-1] not in ("lora_A", "lora_B"):
+            continue
+        p.requires_grad_(True)
+        mask = torch.zeros(p.shape[0], *([1] * (p.ndim - 1)), dtype=p.dtype, device=p.device)
+        mask[index] = 1
+        p.register_hook(lambda g, m=mask: g * m)
+        params.append(p)
+    return params
+
+
+def hf_state_dict(model: XLMRobertaLoRA) -> dict[str, torch.Tensor]:
+    """The module's tensors under the official jina-embeddings-v3 names (the inverse of :data:`KEY_MAP`):
+    ``roberta.`` prefix, ``encoder.layers.N``, adapted weights as ``parametrizations.weight.original`` and
+    the stacked adapters as ``parametrizations.weight.0.lora_A`` / ``lora_B``."""
+    adapted = {path for path, m in model.named_modules()
+               if isinstance(m, LoRALinear | LoRAEmbedding) and m.lora_A is not None}
+    out = {}
+    for key, value in model.state_dict().items():
+        path, _, leaf = key.rpartition(".")
+        if path in adapted:
+            leaf = {"weight": "parametrizations.weight.original", "lora_A": "parametrizations.weight.0.lora_A",
+                    "lora_B": "parametrizations.weight.0.lora_B"}.get(leaf, leaf)
+        if path.startswith("layers.") or path == "layers":
+            path = "encoder." + path
+        out[f"roberta.{path}.{leaf}"] = value.detach().contiguous()
+    return out

@@ -1,4 +1,4 @@
-"""``tamis train reranker | distill``: the command line of :mod:`tamis.train`.
+"""``tamis train reranker | distill | embedder | adapter``: the command line of :mod:`tamis.train`.
 
 Only argparse lives at module level; the training code is imported when a command runs.
 """
@@ -20,12 +20,16 @@ or pair sets with pairs.jsonl.gz).
             cross-encoder, on labels (InfoNCE, BCE, LambdaLoss, ListNet) and/or a teacher's scores
   distill   distil a teacher (a reranker or an ensemble of scorers) into a smaller cross-encoder,
             e.g. the teacher's first and last layers: --layers 0,5
+  embedder  contrastive training of an embedding model (InfoNCE with in-batch and mined hard negatives,
+            GradCache, Matryoshka): any BERT-family model or jina-embeddings-v3
+  adapter   a task LoRA adapter on a frozen embedding model (peft layout; jina-embeddings-v3: its stacked
+            task adapters), served per request with tamis.Embedder(base, adapters={task: dir})
 
 Negatives are mined with BM25 and the default embedding model (the top --skip-top ranks skipped as
 likely unlabelled positives); a slice of the training queries (--dev) is held out and reranked for
 model selection (never a test split). Outputs under --out: model/ (Hugging Face layout, loads in
-tamis.Reranker and sentence-transformers CrossEncoder), train_log.jsonl, curve.png, summary.json,
-checkpoint/ (for --resume), data/ and teacher/ caches.
+tamis.Reranker and sentence-transformers CrossEncoder / SentenceTransformer) or adapter/ (peft layout),
+train_log.jsonl, curve.png, summary.json, checkpoint/ (for --resume), data/ and teacher/ caches.
 """
 
 
@@ -54,6 +58,16 @@ def _positive(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
 
 
 def _dev(text: str) -> float:
@@ -114,8 +128,13 @@ def _common(p: argparse.ArgumentParser, distill: bool) -> None:
                    help="evaluate on a seeded sample of N dev queries (cheaper periodic evaluation)")
     t.add_argument("--max-length", type=int, default=256, help="tokens per (query, document) pair")
     t.add_argument("--freeze-embeddings", choices=["word", "all"], default=None)
+    _optimisation(p, "learning rate (default 2e-5; distill 5e-5)")
+    _output(p)
+
+
+def _optimisation(p: argparse.ArgumentParser, lr_help: str) -> None:
     o = p.add_argument_group("optimisation")
-    o.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-5; distill 5e-5)")
+    o.add_argument("--lr", type=float, default=None, help=lr_help)
     o.add_argument("--epochs", type=int, default=1)
     o.add_argument("--max-steps", type=int, default=None, help="optimizer steps (overrides --epochs)")
     o.add_argument("--warmup", type=float, default=0.1, help="warmup: fraction of steps, or steps if >= 1")
@@ -128,6 +147,9 @@ def _common(p: argparse.ArgumentParser, distill: bool) -> None:
     o.add_argument("--seed", type=int, default=0)
     o.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     o.add_argument("--resume", action="store_true", help="continue from --out/checkpoint")
+
+
+def _output(p: argparse.ArgumentParser) -> None:
     x = p.add_argument_group("output")
     x.add_argument("--out", required=True, help="output directory")
     x.add_argument("--name", default=None, help="model name in the card (default: the --out directory name)")
@@ -137,9 +159,9 @@ def _common(p: argparse.ArgumentParser, distill: bool) -> None:
 
 
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("train", help="train rerankers (fine-tune, distil)", description=TRAIN_DESCRIPTION,
-                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="train_command", required=True, metavar="{reranker,distill}")
+    p = subparsers.add_parser("train", help="train rerankers (fine-tune, distil), embedding models and adapters",
+                              description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="train_command", required=True, metavar="{reranker,distill,embedder,adapter}")
     r = sub.add_parser("reranker", help="fine-tune a cross-encoder reranker",
                        description="Fine-tune a cross-encoder from an encoder (fresh head) or a cross-encoder.")
     _common(r, distill=False)
@@ -149,6 +171,81 @@ def register(subparsers: Any) -> None:
                                    "the teacher's own layers (--layers) or another checkpoint (--student).")
     _common(d, distill=True)
     d.set_defaults(func=train_command, distill=True)
+    e = sub.add_parser("embedder", help="contrastive training of an embedding model (all weights)",
+                       description="Train an embedding model with InfoNCE (in-batch + mined hard negatives), "
+                                   "optionally Matryoshka and GradCache; saved in the sentence-transformers layout "
+                                   "(jina-embeddings-v3: its official layout).")
+    _embedding_args(e, adapter=False)
+    e.set_defaults(func=embed_command, adapter=False)
+    a = sub.add_parser("adapter", help="train a task LoRA adapter on a frozen embedding model",
+                       description="Train a LoRA task adapter on a frozen base (BERT family: saved in peft's layout "
+                                   "under --out/adapter; jina-embeddings-v3: the named tasks' slices of its stacked "
+                                   "adapters, saved as a new checkpoint under --out/model). Serve it with "
+                                   "tamis.Embedder(base, adapters={TASK: dir}) and embed(..., task=TASK).")
+    _embedding_args(a, adapter=True)
+    a.set_defaults(func=embed_command, adapter=True)
+
+
+def _embedding_args(p: argparse.ArgumentParser, adapter: bool) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", action="append", required=True, metavar="DIR[:SPLIT]",
+                   help="training set (repeatable): a pair set directory (pairs.jsonl.gz), or a BEIR directory "
+                        "(split 'train' unless given; test splits are refused unless --allow-test-split)")
+    g.add_argument("--allow-test-split", action="store_true",
+                   help="the given sets are training data whose only qrels file is named test.tsv (e.g. "
+                        "llamaindex-10k-lyft); never use it for a set you evaluate on")
+    g.add_argument("--dev", type=_dev, default=0.05, metavar="N|FRACTION",
+                   help="training queries held out for dev retrieval (nDCG@10, MRR@10, Hit@10) and model "
+                        "selection, per set (default 0.05; 0: none)")
+    g.add_argument("--max-dev-per-source", type=int, default=100)
+    g.add_argument("--unseen-dev-docs", action="store_true",
+                   help="also hold out the dev queries' documents: no training query uses them as positive or "
+                        "negative, so dev measures queries and documents the model never saw")
+    g.add_argument("--max-dev-docs", type=int, default=None,
+                   help="dev queries retrieve from their relevant documents plus a sample of the rest up to N "
+                        "(default: the whole corpus)")
+    m = p.add_argument_group("hard-negative mining")
+    m.add_argument("--mine", default="bm25,dense", help="first stages to mine with: bm25, dense, both, or none")
+    m.add_argument("--mine-model", default=None, help="embedding model of the dense first stage (default: --model)")
+    m.add_argument("--skip-top", type=int, default=3, help="top ranks skipped as likely unlabelled positives")
+    m.add_argument("--mine-depth", type=int, default=50, help="ranks considered per first stage")
+    m.add_argument("--mine-negatives", type=int, default=10, help="negatives kept per query (a step samples "
+                                                                  "--hard-negatives of them)")
+    m.add_argument("--mine-strategy", choices=["top", "random"], default="top")
+    t = p.add_argument_group("model and loss")
+    t.add_argument("--model", default=None, help="embedding model to start from (default: bundled all-MiniLM-L6-v2)")
+    t.add_argument("--batch-size", type=int, default=32, help="queries per step (in-batch negatives; default 32)")
+    t.add_argument("--mini-batch", type=int, default=None,
+                   help="GradCache: embed at most N texts with gradients at once, whatever --batch-size "
+                        "(same gradient, constant memory, one extra forward pass); default off")
+    t.add_argument("--hard-negatives", type=int, default=1, help="mined negatives per query in a batch (0: none)")
+    t.add_argument("--scale", type=float, default=20.0, help="cosine x scale = logits (1 / temperature; default 20)")
+    t.add_argument("--matryoshka-dims", type=_ints, default=None, metavar="D1,D2,...",
+                   help="Matryoshka loss over these prefix widths, e.g. 384,256,128,64,32")
+    t.add_argument("--matryoshka-weights", type=_floats, default=None, help="one weight per --matryoshka-dims")
+    t.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's limit)")
+    if adapter:
+        a = p.add_argument_group("adapter")
+        a.add_argument("--task", required=True,
+                       help="adapter (task) name; queries and documents go through it (jina-embeddings-v3: an "
+                            "existing task, e.g. retrieval.query)")
+        a.add_argument("--passage-task", default=None,
+                       help="a separate adapter for documents (jina-embeddings-v3: e.g. retrieval.passage)")
+        a.add_argument("--rank", type=int, default=8, help="LoRA rank r (default 8)")
+        a.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha; scale alpha / r (default 16)")
+        a.add_argument("--target-modules", default=None,
+                       help="comma-separated Linear names or path suffixes (default: every Linear of every layer: "
+                            "query,key,value,attention.output.dense,intermediate.dense,output.dense)")
+        a.add_argument("--merge-into", default=None, metavar="DIR",
+                       help="also fold the trained adapter into the base and save an ordinary model there "
+                            "(sentence-transformers loads it with the same vectors)")
+    else:
+        t.add_argument("--query-task", default="auto",
+                       help="task / prompt of queries (default: the model's query task if it has one; 'none')")
+        t.add_argument("--passage-task", default="auto", help="task / prompt of documents (default: the model's)")
+        t.add_argument("--freeze-embeddings", choices=["word"], default=None, help="freeze the word embeddings")
+    _optimisation(p, "learning rate (default 2e-5; adapter 2e-4)")
+    _output(p)
 
 
 def _check_device(device: str) -> None:
@@ -221,3 +318,53 @@ def evaluate_model(model_dir: str, specs: list[str], depth: int, device: str, sh
         rows.append({"data": spec, "first_stage": stage, "first_stage_nDCG@10": report.stages[0].metrics["nDCG@10"],
                      **{k: report.final.metrics[k] for k in ("nDCG@10", "MRR@10") if k in report.final.metrics.mean}})
     return rows
+
+
+def embed_command(args: argparse.Namespace) -> int:
+    _check_device(args.device)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"tamis train: --out {out} exists and is not a directory")
+    if args.matryoshka_weights is not None and len(args.matryoshka_weights) != len(args.matryoshka_dims or []):
+        raise SystemExit("tamis train: give one --matryoshka-weights value per --matryoshka-dims width")
+    from tamis.train.embedder import AdapterConfig, EmbeddingConfig, train_embedder
+    from tamis.train.rerankers import MiningConfig
+    from tamis.train.trainer import TrainConfig
+
+    methods = tuple(m.strip() for m in args.mine.split(",") if m.strip() and m.strip() != "none")
+    lr = args.lr if args.lr is not None else (2e-4 if args.adapter else 2e-5)
+    config = TrainConfig(lr=lr, weight_decay=args.weight_decay, warmup=args.warmup, schedule=args.schedule,
+                         epochs=args.epochs, max_steps=args.max_steps, grad_accum=args.grad_accum, bf16=args.bf16,
+                         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, device=args.device,
+                         select_metric="nDCG@10" if args.dev else None, show_progress=not args.quiet)
+
+    def task(value: str | None) -> str | None:
+        return None if value in (None, "none") else value
+
+    embedding = EmbeddingConfig(
+        batch_size=args.batch_size, mini_batch=args.mini_batch, scale=args.scale, hard_negatives=args.hard_negatives,
+        matryoshka_dims=tuple(args.matryoshka_dims) if args.matryoshka_dims else None,
+        matryoshka_weights=tuple(args.matryoshka_weights) if args.matryoshka_weights else None,
+        max_length=args.max_length,
+        query_task=None if args.adapter else task(args.query_task),
+        passage_task=None if args.adapter else task(args.passage_task),
+        freeze=None if args.adapter else args.freeze_embeddings)
+    mining = MiningConfig(methods=methods, n_negatives=args.mine_negatives, skip_top=args.skip_top,
+                          depth=args.mine_depth, strategy=args.mine_strategy, dev=args.dev,
+                          max_dev_per_source=args.max_dev_per_source, embedder=args.mine_model)
+    adapter = None
+    if args.adapter:
+        targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip()) if args.target_modules else None
+        adapter = AdapterConfig(args.task, args.passage_task, r=args.rank, alpha=args.alpha, target_modules=targets)
+    command = "tamis " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["train"] else None
+    try:
+        summary = train_embedder(args.data, out, model=args.model, embedding=embedding, mining=mining, config=config,
+                                 adapter=adapter, unseen_dev_docs=args.unseen_dev_docs, max_dev_docs=args.max_dev_docs,
+                                 allow_test=args.allow_test_split, merge_into=getattr(args, "merge_into", None),
+                                 resume=args.resume, cache_dir=args.cache_dir, save_dtype=args.save_dtype,
+                                 name=args.name, command=command, show_progress=not args.quiet)
+    except ValueError as exc:
+        raise SystemExit(f"tamis train {'adapter' if args.adapter else 'embedder'}: {exc}") from None
+    keys = ("output", "merged", "steps", "train_seconds", "best_dev", "last_dev")
+    print(json.dumps({k: summary[k] for k in keys if k in summary}, indent=1))
+    return 0

@@ -92,8 +92,12 @@ def from_pairs(directory: str | os.PathLike[str], name: str | None = None) -> Re
     return RerankData(name, corpus, queries, qrels, sources)
 
 
-def load_training_data(spec: str | os.PathLike[str], with_title: bool = True) -> RerankData:
-    """``DIR`` (a pair set, or a BEIR set's ``train`` split) or ``DIR:SPLIT``."""
+def load_training_data(spec: str | os.PathLike[str], with_title: bool = True, allow_test: bool = False) -> RerankData:
+    """``DIR`` (a pair set, or a BEIR set's ``train`` split) or ``DIR:SPLIT``.
+
+    A ``test`` split is refused unless ``allow_test`` says the set is training data that merely comes
+    as one file named so (e.g. llamaindex-10k-lyft, whose questions are the published *training* set
+    of its 10-K anchor) and is never used to evaluate."""
     text = str(spec)
     split = "train"
     if ":" in text and not Path(text).exists():
@@ -103,8 +107,9 @@ def load_training_data(spec: str | os.PathLike[str], with_title: bool = True) ->
         return from_pairs(path)
     if not (path / "qrels").is_dir():
         raise DatasetError(f"{path} is neither a pair set (pairs.jsonl.gz) nor a BEIR set (qrels/<split>.tsv)")
-    if split == "test":
-        raise DatasetError(f"refusing to train on {path}'s test split: test queries are for evaluation only")
+    if split == "test" and not allow_test:
+        raise DatasetError(f"refusing to train on {path}'s test split: test queries are for evaluation only "
+                           "(a set that is only training data may be allowed explicitly: --allow-test-split)")
     return from_beir(path, split, with_title)
 
 
@@ -151,6 +156,52 @@ def split_dev(data: RerankData, dev: int | float = 0.05, seed: int = 0,
         dev_set.update(sorted(members, key=lambda q: _rank_key(seed, q))[:share])
     train = [q for q in qids if q not in dev_set]
     return train, [q for q in qids if q in dev_set]
+
+
+def split_dev_unseen(data: RerankData, dev: int | float = 0.1, seed: int = 0
+                     ) -> tuple[list[str], list[str], set[str]]:
+    """Hold out dev queries *and their relevant documents*: ``(train_qids, dev_qids, dev_docs)``.
+
+    Relevant documents are drawn in a seeded hash order; each brings every query it is relevant to (and
+    their other relevant documents, transitively) until the dev queries reach ``dev`` (a count, or a
+    fraction of the trainable queries). No dev document is a training positive; callers must also keep
+    ``dev_docs`` out of training negatives (:func:`drop_documents`), so that the dev slice measures
+    queries *and* documents the model never saw.
+    """
+    qids = data.trainable_queries()
+    n_dev = int(round(dev * len(qids))) if isinstance(dev, float) and dev < 1 else int(dev)
+    by_doc: dict[str, list[str]] = {}
+    for q in qids:
+        for d in data.positives(q):
+            by_doc.setdefault(d, []).append(q)
+    dev_set: set[str] = set()
+    dev_docs: set[str] = set()
+    for doc in sorted(by_doc, key=lambda d: _rank_key(seed, d)):
+        if len(dev_set) >= n_dev:
+            break
+        if doc in dev_docs:
+            continue
+        todo = [doc]
+        while todo:  # close over shared positives
+            d = todo.pop()
+            if d in dev_docs:
+                continue
+            dev_docs.add(d)
+            for q in by_doc[d]:
+                if q not in dev_set:
+                    dev_set.add(q)
+                    todo.extend(x for x in data.positives(q) if x not in dev_docs)
+    return [q for q in qids if q not in dev_set], [q for q in qids if q in dev_set], dev_docs
+
+
+def drop_documents(lists: Sequence[TrainList], docs: set[str]) -> list[TrainList]:
+    """Training lists without ``docs`` among their negatives (held-out dev documents)."""
+    out = []
+    for t in lists:
+        keep = [d for d in t.negatives if d not in docs]
+        labelled = sum(1 for d in t.negatives[: t.labelled] if d not in docs)
+        out.append(TrainList(t.qid, t.positives, keep, labelled))
+    return out
 
 
 @dataclass

@@ -9,11 +9,14 @@ Pointwise:   :func:`bce` (with ``pos_weight``), :func:`mse`.
 Listwise:    :func:`softmax_ce` (InfoNCE over 1+ positives and k negatives), :func:`listnet`,
              :func:`lambda_loss` (LambdaLoss, NDCG-Loss2++ weighting).
 Distillation on cached teacher scores: :func:`mse`, :func:`margin_mse`, :func:`kl_div`.
+Embeddings: :func:`in_batch_infonce` (multiple-negatives ranking on vectors), :func:`matryoshka` (the
+same loss on nested prefixes of the vectors).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -124,6 +127,48 @@ def lambda_loss(scores: torch.Tensor, labels: torch.Tensor, sigma: float = 1.0, 
     log_probs = torch.log2(torch.sigmoid(sigma * diffs).clamp_min(eps)) * weights
     per_list = -(log_probs * valid).sum(dim=(1, 2))
     return per_list.mean()
+
+
+def in_batch_infonce(queries: torch.Tensor, docs: torch.Tensor, targets: torch.Tensor, scale: float = 20.0,
+                     mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Multiple-negatives ranking loss (InfoNCE with in-batch negatives) on embeddings.
+
+    ``queries`` ``[B, d]`` and ``docs`` ``[N, d]`` are L2-normalised here; each query scores every
+    document by cosine × ``scale`` (= 1 / temperature; 20 is sentence-transformers' default) and
+    ``targets`` ``[B]`` names its positive's column. Every other document of the batch — the other
+    queries' positives and any mined hard negatives — is a negative, except where ``mask`` ``[B, N]`` is
+    False (documents known to be relevant to that query as well).
+    """
+    q = F.normalize(queries.float(), dim=-1)
+    d = F.normalize(docs.float(), dim=-1)
+    scores = (q @ d.T) * scale
+    if mask is not None:
+        scores = scores.masked_fill(~mask, NEG_INF)
+    return F.cross_entropy(scores, targets)
+
+
+def matryoshka(queries: torch.Tensor, docs: torch.Tensor, targets: torch.Tensor, dims: Sequence[int],
+               weights: Sequence[float] | None = None, scale: float = 20.0, mask: torch.Tensor | None = None,
+               ) -> tuple[torch.Tensor, dict[str, float]]:
+    """Matryoshka representation loss (Kusupati et al.): :func:`in_batch_infonce` on the first ``d``
+    dimensions of the same vectors for each ``d`` in ``dims`` (each prefix re-normalised), weighted and
+    summed; the encoder runs once. Returns the total and each prefix's loss (for logging)."""
+    if not dims:
+        raise ValueError("matryoshka needs at least one dimension")
+    width = queries.shape[-1]
+    bad = [d for d in dims if not 1 <= int(d) <= width]
+    if bad:
+        raise ValueError(f"matryoshka dimensions {bad} are outside 1..{width}")
+    ws = list(weights) if weights is not None else [1.0] * len(dims)
+    if len(ws) != len(dims):
+        raise ValueError(f"{len(ws)} matryoshka weights for {len(dims)} dimensions")
+    total = queries.new_zeros((), dtype=torch.float32)
+    parts = {}
+    for dim, w in zip(dims, ws):
+        value = in_batch_infonce(queries[:, : int(dim)], docs[:, : int(dim)], targets, scale, mask)
+        parts[f"loss_d{int(dim)}"] = float(value.detach())
+        total = total + w * value
+    return total, parts
 
 
 LOSSES = {
