@@ -165,9 +165,13 @@ def test_count_json_values_matches_a_tokenizer() -> None:
             return [value(d + 1) for _ in range(rng.randint(0, 4))]
         return {str(rng.random()): value(d + 1) for _ in range(rng.randint(0, 4))}
 
-    for _ in range(500):
-        s = json.dumps(value(), ensure_ascii=rng.random() < 0.5).encode()
+    cases = [json.dumps(value(), ensure_ascii=rng.random() < 0.5).encode() for _ in range(500)]
+    cases += [json.dumps({"a": "\\" * k + '"' + ",[{", "b": [1, "\\" * k, 2]}).encode() for k in range(1, 12)]
+    for s in cases:
+        # whole, and in blocks as small as one byte: string and escape state carried across block edges
         assert count_json_values(s) == ref(s), s
+        for block in (1, 2, 3, 5, 8):
+            assert count_json_values(s, block=block) == ref(s), (block, s)
 
 
 def test_large_body_is_bounded_before_parsing_and_health_stays_responsive() -> None:

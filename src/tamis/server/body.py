@@ -33,6 +33,7 @@ from starlette.requests import Request
 from tamis.server.errors import ApiError, validation_error
 
 INLINE_BYTES = 64 * 1024  # smaller bodies parse in well under a millisecond: not worth a thread hop
+COUNT_BLOCK = 1 << 20  # count_json_values looks at this many bytes at a time (its temporaries: ~7 x this)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -45,25 +46,46 @@ def rough_json_values(body: bytes) -> int:
     return body.count(b",") + body.count(b"[") + body.count(b"{")
 
 
-def count_json_values(body: bytes) -> int:
+def count_json_values(body: bytes, block: int = COUNT_BLOCK) -> int:
     """Commas, ``[`` and ``{`` outside strings: about one per JSON value (every value after a container's
     first is preceded by a comma; containers count themselves). Exact for valid JSON, computed on the
-    bytes without building anything (numpy, which releases the GIL for most of it)."""
-    b = np.frombuffer(body, dtype=np.uint8)
+    bytes without building anything (numpy, which releases the GIL for most of it), ``block`` bytes at a
+    time so that its temporaries stay a few times ``block`` whatever the body's size."""
+    total, inside, run = 0, 0, 0
+    for start in range(0, len(body), block):
+        n, inside, run = _count_block(np.frombuffer(body, np.uint8, min(block, len(body) - start), start),
+                                      inside, run)
+        total += n
+    return total
+
+
+def _count_block(b: np.ndarray, inside: int, run: int) -> tuple[int, int, int]:
+    """:func:`count_json_values` of one block, given the state at its start: ``inside`` a string (0/1) and
+    ``run``, the backslashes that end the bytes before it. Returns (count, inside, run) at its end."""
     quote = b == _QUOTE
-    slashes = np.flatnonzero(b == _BACKSLASH)
+    is_slash = b == _BACKSLASH
+    slashes = np.flatnonzero(is_slash)
+    if run % 2 and quote[0]:  # escaped by the odd run of backslashes that ended the previous block
+        quote[0] = False
     if slashes.size:
         # a quote is escaped when an odd-length run of backslashes ends right before it
+        run_starts = slashes[np.r_[True, np.diff(slashes) != 1]]
         after = slashes + 1
         after = after[after < b.size]
         cand = after[quote[after]]
         if cand.size:
-            run_starts = slashes[np.r_[True, np.diff(slashes) != 1]]
             start = run_starts[np.searchsorted(run_starts, cand - 1, side="right") - 1]
-            quote[cand[(cand - start) % 2 == 1]] = False
-    inside = np.bitwise_xor.accumulate(quote.view(np.uint8))  # 1 from an opening quote to before its closing one
+            length = cand - start + np.where(start == 0, run, 0)  # a run from the block's start goes on from before
+            quote[cand[length % 2 == 1]] = False
+        tail = b.size - int(run_starts[-1]) if is_slash[-1] else 0
+        run = tail + run if tail == b.size else tail
+    else:
+        run = 0
+    parity = np.bitwise_xor.accumulate(quote.view(np.uint8))  # quotes so far in this block, mod 2
+    if inside:
+        parity ^= 1  # 1 from an opening quote to before its closing one
     structural = (b == _COMMA) | (b == _BRACKET) | (b == _BRACE)
-    return int(np.count_nonzero(structural & (inside == 0)))
+    return int(np.count_nonzero(structural & (parity == 0))), int(parity[-1]), run
 
 
 def _refuse_constant(name: str) -> Any:
