@@ -374,8 +374,11 @@ def test_resume_drops_a_torn_jsonl_line(tmp_path, capsys, monkeypatch):
 def test_ctrl_c_exits_130_quietly_and_keeps_the_rows(tmp_path):
     src = _inputs(tmp_path, 20000)
     out = tmp_path / "out.jsonl"
+    # a background job of a non-interactive shell (pytest started with `&`) ignores SIGINT, and children
+    # inherit that: give the child the default disposition, as a terminal's foreground job has
     proc = subprocess.Popen([sys.executable, "-m", "tamis.cli", "embed", str(src), "-o", str(out),
-                             "--write-every", "16", "-q"], stderr=subprocess.PIPE, text=True, env=_env())
+                             "--write-every", "16", "-q"], stderr=subprocess.PIPE, text=True, env=_env(),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None:
         if out.is_file() and out.stat().st_size > 0:

@@ -42,8 +42,8 @@ STATE_VERSION = 1
 @contextlib.contextmanager
 def sigint_deferred() -> Iterator[None]:
     """Hold Ctrl-C until the block ends, so rows on disk and the count of rows done always agree."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield  # SIGINT ignored (e.g. a background job of a non-interactive shell): nothing to hold
         return
     caught: list[int] = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
