@@ -45,6 +45,26 @@ _ARCHITECTURES = {"bert": "BertForSequenceClassification", "roberta": "RobertaFo
                   "xlm-roberta": "XLMRobertaForSequenceClassification", "mpnet": "MPNetForSequenceClassification"}
 
 
+def copy_tokenizer(source_dir: Path, out: Path, max_length: int | None = None) -> None:
+    """Tokenizer files, with the fixed padding / truncation of ``tokenizer.json`` removed (loaders set
+    their own) and ``model_max_length`` set when given."""
+    for name in TOKENIZER_FILES:
+        if (source_dir / name).is_file():
+            shutil.copy(source_dir / name, out / name)
+    tok_path = out / "tokenizer.json"
+    if tok_path.is_file():
+        tok = json.loads(tok_path.read_text(encoding="utf-8"))
+        tok["padding"] = None
+        tok["truncation"] = None
+        tok_path.write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
+    if max_length:
+        tc_path = out / "tokenizer_config.json"
+        tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
+        tc["model_max_length"] = int(max_length)
+        tc_path.write_text(json.dumps(tc, indent=2) + "\n")
+
+
+
 @dataclass
 class CrossEncoder:
     """A cross-encoder being trained: the module, its tokenizer, and where it came from."""
@@ -288,21 +308,7 @@ def save_cross_encoder(
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in bert.hf_state_dict(ce.model).items()}
     save_file({k: v.cpu() for k, v in state.items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    for name in TOKENIZER_FILES:
-        src = ce.source_dir / name
-        if src.is_file():
-            shutil.copy(src, tmp / name)
-    tok_path = tmp / "tokenizer.json"
-    if tok_path.is_file():
-        tok = json.loads(tok_path.read_text(encoding="utf-8"))
-        tok["padding"] = None
-        tok["truncation"] = None
-        tok_path.write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
-    if max_length:
-        tc_path = tmp / "tokenizer_config.json"
-        tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
-        tc["model_max_length"] = int(max_length)
-        tc_path.write_text(json.dumps(tc, indent=2) + "\n")
+    copy_tokenizer(ce.source_dir, tmp, max_length)
     if card:
         (tmp / "README.md").write_text(card)
     if out.exists():

@@ -52,7 +52,7 @@ from tamis.evaluate.metrics import compute_metrics
 from tamis.models.loading import read_json
 from tamis.tokenize import Encoded
 from tamis.train.card import cpu_model, data_licence
-from tamis.train.cross_encoder import TOKENIZER_FILES, count_parameters
+from tamis.train.cross_encoder import copy_tokenizer, count_parameters
 from tamis.train.data import (
     RerankData,
     TrainList,
@@ -370,25 +370,6 @@ def dev_corpus(prepared: PreparedPairs, max_docs: int | None, seed: int = 0) -> 
 
 
 # ------------------------------------------------------------------------------------ saving
-
-
-def copy_tokenizer(source_dir: Path, out: Path, max_length: int | None = None) -> None:
-    """Tokenizer files, with the fixed padding / truncation of ``tokenizer.json`` removed (loaders set
-    their own) and ``model_max_length`` set when given."""
-    for name in TOKENIZER_FILES:
-        if (source_dir / name).is_file():
-            shutil.copy(source_dir / name, out / name)
-    tok_path = out / "tokenizer.json"
-    if tok_path.is_file():
-        tok = json.loads(tok_path.read_text(encoding="utf-8"))
-        tok["padding"] = None
-        tok["truncation"] = None
-        tok_path.write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
-    if max_length:
-        tc_path = out / "tokenizer_config.json"
-        tc = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
-        tc["model_max_length"] = int(max_length)
-        tc_path.write_text(json.dumps(tc, indent=2) + "\n")
 
 
 def _replace_dir(tmp: Path, out: Path) -> Path:
