@@ -19,21 +19,13 @@ import sys
 import time
 from pathlib import Path
 
+from tamis.train.card import cpu_model
+
 CASES = {
     "tamis --help": ["-m", "tamis.cli", "--help"],
     "tamis embed --dimensions 0 (argument error)": ["-m", "tamis.cli", "embed", "--dimensions", "0"],
     "python -c 'import tamis'": ["-c", "import tamis"],
 }
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def median_seconds(args: list[str], src: str, runs: int) -> float:

@@ -65,18 +65,9 @@ from typing import Any
 import httpx
 
 from local_server import free_port, start_server, stop_server
+from tamis.train.card import cpu_model
 
 JSON = {"content-type": "application/json"}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def cpu_quota() -> float | None:

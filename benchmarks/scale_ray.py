@@ -25,7 +25,6 @@ import argparse
 import gzip
 import json
 import os
-import platform
 import re
 import signal
 import statistics
@@ -41,18 +40,9 @@ import numpy as np
 import tamis
 from tamis.embed import TruncationWarning
 from tamis.scale import embed_dataset, plan_actors
+from tamis.train.card import cpu_model
 
 SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "data" / "scifact"
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def load_corpus(n: int | None) -> list[dict]:
