@@ -39,11 +39,14 @@ DTYPES = {
 }
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype is None:
-        return torch.float32
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
+    """A float dtype name or ``torch.dtype``; ``None`` / ``"auto"`` pick per device (:mod:`tamis.hardware`)."""
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype is None or dtype.lower() == "auto":
+        from tamis.hardware import auto_dtype
+
+        return auto_dtype(device)[0]
     try:
         return DTYPES[dtype.lower()]
     except KeyError:

@@ -10,11 +10,12 @@ import numpy as np
 import torch
 
 from tamis.batching import DEFAULT_MAX_BATCH_SIZE, default_token_budget, plan_batches
+from tamis.hardware import configure_threads, resolve_precision
 from tamis.models import bert
-from tamis.models.loading import load_config, resolve_dtype
+from tamis.models.loading import load_config
 from tamis.rerank.base import document_texts, query_text
 from tamis.rerank.results import RankedResults, rank
-from tamis.tokenize import Tokenizer
+from tamis.tokenize import Tokenizer, pack
 
 ACTIVATIONS = ("sigmoid", "none")
 
@@ -25,6 +26,8 @@ class CrossEncoderReranker:
     The pair goes through the tokenizer's own pair template (``[CLS] q [SEP] d [SEP]`` with token
     types, or ``<s> q </s></s> d </s>``); over-long pairs lose the end of the document first.
     ``relevance_score`` is sigmoid(logit) by default (``activation="none"`` for raw logits).
+    Pairs run packed (no padding, see :class:`tamis.models.bert.Packing`); ``self.packed = False`` runs
+    padded batches instead. ``dtype="auto"`` and ``compile`` as in :class:`tamis.Embedder`.
     """
 
     kind = "cross-encoder"
@@ -35,11 +38,12 @@ class CrossEncoderReranker:
         name: str | None = None,
         *,
         device: str | torch.device = "cpu",
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype = "auto",
         max_length: int | None = None,
         activation: str = "sigmoid",
         max_tokens_per_batch: int | None = None,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        compile: bool = False,
     ):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}")
@@ -47,7 +51,18 @@ class CrossEncoderReranker:
         self.name = name or self.model_dir.name
         self.device = torch.device(device)
         self.config = load_config(self.model_dir)
-        self.model = bert.from_pretrained(self.model_dir, self.device, resolve_dtype(dtype), classification=True)
+        self.precision = resolve_precision(dtype, self.device)
+        if self.device.type == "cpu":
+            configure_threads()
+        self.model = bert.from_pretrained(self.model_dir, self.device, self.precision.dtype, classification=True)
+        if self.precision.int8:
+            from tamis.models.quantize import quantize_int8
+
+            self.model = quantize_int8(self.model)
+        else:
+            bert.fuse_qkv(self.model)
+        self.packed = True
+        self.compile_seconds = bert.compile_packed(self.model, self.device) if compile else None
         self.tokenizer = Tokenizer.from_dir(self.model_dir, self.config)
         limits = [x for x in (self.model.cfg.max_length, self.tokenizer.model_max_length, max_length) if x]
         self.max_length = min(limits) if limits else 512
@@ -56,7 +71,9 @@ class CrossEncoderReranker:
         self.max_batch_size = max_batch_size
 
     def __repr__(self) -> str:
-        return f"CrossEncoderReranker(name={self.name!r}, max_length={self.max_length}, activation={self.activation!r})"
+        return (f"CrossEncoderReranker(name={self.name!r}, max_length={self.max_length}, "
+                f"activation={self.activation!r}, device={str(self.device)!r}, dtype={self.precision.name!r} "
+                f"({self.precision.requested}: {self.precision.reason}), packed={self.packed})")
 
     @torch.inference_mode()
     def logits(self, query: str, docs: Sequence[str]) -> tuple[np.ndarray, int, list[int]]:
@@ -64,8 +81,13 @@ class CrossEncoderReranker:
         encodings = self.tokenizer.encode_pairs([query] * len(docs), docs, self.max_length, truncate=True)
         out = np.empty(len(docs), dtype=np.float32)
         for idx in plan_batches([len(e) for e in encodings], self.max_tokens_per_batch, self.max_batch_size):
-            batch = self.tokenizer.pad([encodings[i] for i in idx], self.device)
-            logits = self.model(batch.input_ids, batch.attention_mask, batch.token_type_ids).float()
+            if self.packed:  # plan_batches gives rows longest first: few distinct lengths per run
+                packed = pack([encodings[i] for i in idx], self.device)
+                packing = bert.Packing(packed.lengths, self.device)
+                logits = self.model.forward_packed(packed.input_ids, packed.token_type_ids, packing).float()
+            else:
+                batch = self.tokenizer.pad([encodings[i] for i in idx], self.device)
+                logits = self.model(batch.input_ids, batch.attention_mask, batch.token_type_ids).float()
             # one label: the relevance logit; two labels: logit(relevant) - logit(not relevant)
             col = logits[:, 0] if logits.shape[1] == 1 else logits[:, -1] - logits[:, 0]
             out[idx] = col.cpu().numpy()
