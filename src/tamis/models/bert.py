@@ -125,10 +125,10 @@ class Packing:
     Sequence ``s`` holds rows ``starts[s] : starts[s] + lengths[s]``. Attention runs once per *run* of
     consecutive sequences of equal length, as a ``[g, heads, n, d]`` SDPA call with no mask: no padded
     token is ever computed, and a length-sorted batch of short inputs (queries, rerank pairs) has only a
-    handful of distinct lengths, so the number of calls stays small. Measured on CPU against the
-    alternatives (README "Speed"): re-padding around attention costs a scatter/gather per layer, a
-    block-diagonal ``[T, T]`` mask is quadratic in the whole batch, and nested-tensor SDPA was several
-    times slower; the run-wise calls were fastest on long documents and on short queries alike.
+    handful of distinct lengths, so the number of calls stays small. The alternatives cost more by
+    construction: re-padding around attention adds a scatter/gather per layer, a block-diagonal ``[T, T]``
+    mask is quadratic in the whole batch; against the padded layout the packed one is measured in
+    ``benchmarks/fast_path.py`` (README "Speed").
 
     The model sees only tensors (:meth:`BertModel.encode_packed`), so one compiled graph with a dynamic
     token count serves every batch: ``runs`` [R, 3] = (first row, sequences, length) per run.
