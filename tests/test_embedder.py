@@ -29,7 +29,7 @@ pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason=f"../shared not foun
 
 @pytest.fixture(scope="module")
 def minilm() -> tamis.Embedder:
-    return tamis.Embedder()
+    return tamis.Embedder(dtype="float32")  # golden values are float32; "auto" may pick bf16
 
 
 def scifact_docs(n: int) -> list[str]:
@@ -63,7 +63,7 @@ def test_jina_v2_tiny_text_level():
     """The reference JinaBERT encode() tokenizes with max_length=8192 (ALiBi: no position table), so the
     texts of 93 and 210 tokens are embedded whole although tokenizer_config says 64."""
     expected = json.loads((FIX / "jina-embeddings-v2-tiny" / "expected_text.json").read_text())
-    emb = tamis.Embedder(FIX / "jina-embeddings-v2-tiny")
+    emb = tamis.Embedder(FIX / "jina-embeddings-v2-tiny", dtype="float32")
     assert emb.family == "bert" and emb.pooling == "mean" and emb.max_length == 8192
     res = emb.embed_result(expected["texts"], normalized=False)
     assert res.truncated == [] and res.token_counts == [18, 93, 62, 6, 210]
@@ -71,7 +71,7 @@ def test_jina_v2_tiny_text_level():
     normed = emb.embed(expected["texts"])
     np.testing.assert_allclose(normed, np.array(expected["encode.mean.normalized"]), atol=1e-5)
     with pytest.warns(tamis.TruncationWarning):
-        cut = tamis.Embedder(FIX / "jina-embeddings-v2-tiny", max_length=64).embed_result(expected["texts"])
+        cut = tamis.Embedder(FIX / "jina-embeddings-v2-tiny", max_length=64, dtype="float32").embed_result(expected["texts"])
     assert cut.truncated == [1, 4]
 
 
@@ -81,7 +81,7 @@ V3_TASKS = ["retrieval.query", "retrieval.passage", "separation", "classificatio
 
 @pytest.fixture(scope="module")
 def v3() -> tamis.Embedder:
-    return tamis.Embedder(V3)
+    return tamis.Embedder(V3, dtype="float32")
 
 
 def test_jina_v3_tiny_every_task_and_matryoshka(v3):

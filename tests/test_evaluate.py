@@ -447,16 +447,20 @@ def test_bench_against_sentence_transformers_on_real_texts():
     """Both systems run on the same weights and texts; their outputs agree (so the timing is fair)."""
     pytest.importorskip("sentence_transformers")
     rep = run_bench(DATA, n_docs=8, batch_size=4, n_queries=1, depth=8, repeats=1, vs="sentence-transformers",
-                    show_progress=False)
+                    dtype="float32", show_progress=False)
     assert not rep.skipped, rep.skipped
+    st, st16 = "sentence-transformers", "sentence-transformers+bf16-autocast"
     assert [(r.system, r.task) for r in rep.results] == [
-        ("tamis", "embed"), ("sentence-transformers", "embed"), ("tamis", "rerank"), ("sentence-transformers", "rerank")
+        ("tamis", "embed"), (st, "embed"), (st16, "embed"), ("tamis", "rerank"), (st, "rerank"), (st16, "rerank")
     ]
     assert rep.checks["embed_min_cosine_vs_st"] > 0.99999
+    assert 0.99 < rep.checks["embed_st_bf16_min_cosine_vs_st"] < 0.999999  # autocast really ran in bf16
     assert rep.checks["rerank_same_order_vs_st"] == 1.0
     assert rep.checks["rerank_max_abs_score_diff_vs_st"] < 1e-5
-    assert set(rep.ratios) == {"embed", "rerank", "embed_paired_median", "rerank_paired_median"}
+    assert set(rep.ratios) == {f"{t}{k}{s}" for t in ("embed", "rerank") for k in ("", "_paired_median")
+                               for s in ("", "_vs_st_bf16")}
     assert all(v > 0 for v in rep.ratios.values())
+    assert rep.config["cpu"] and rep.config["embed"]["tamis"]["packed"] is True
 
 
 def test_rank_agreement_tolerates_near_ties_and_monotone_maps():

@@ -4,8 +4,8 @@
 >>> emb.embed(["a text", "another"]).shape
 (2, 384)
 
-Layers: ``tokenize`` (task prefix, truncation policy) -> ``forward`` (one padded batch through the
-model, pooled, float32) -> ``finalize`` (Matryoshka cut, L2, output encoding). ``embed`` plans
+Layers: ``tokenize`` (task prefix, truncation policy) -> ``forward`` (one batch through the model,
+pooled, float32; BERT-family models run it packed, without padding: see :class:`tamis.models.bert.Packing`) -> ``finalize`` (Matryoshka cut, L2, output encoding). ``embed`` plans
 length-sorted token-budget batches over them; the server calls the three layers itself to batch
 across requests.
 """
@@ -29,16 +29,16 @@ from tqdm.auto import tqdm
 
 from tamis.batching import DEFAULT_MAX_BATCH_SIZE, default_token_budget, plan_batches
 from tamis.errors import InvalidInputError, UnknownTaskError
+from tamis.hardware import configure_threads, resolve_precision
 from tamis.models import detect_family
 from tamis.models.loading import (
     DEFAULT_MODEL_ALIASES,
     load_config,
     read_json,
     resolve_device,
-    resolve_dtype,
     resolve_model_dir,
 )
-from tamis.tokenize import Encoded, Tokenizer
+from tamis.tokenize import Encoded, Tokenizer, pack
 
 logger = logging.getLogger("tamis")
 
@@ -115,6 +115,22 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     return (hidden * m).sum(dim=1) / m.sum(dim=1).clamp_min(1e-9)
 
 
+def pool_packed(hidden: torch.Tensor, lengths: Sequence[int], mode: str) -> torch.Tensor:
+    """Pool packed token states [T, H] (sequence ``s`` has ``lengths[s]`` consecutive rows) in float32."""
+    hidden = hidden.float()
+    n = torch.tensor(lengths, dtype=torch.long, device=hidden.device)
+    ends = torch.cumsum(n, 0)
+    if mode == "cls":
+        return hidden[ends - n]
+    if mode == "last":
+        return hidden[ends - 1]
+    seg = torch.repeat_interleave(torch.arange(len(lengths), device=hidden.device), n)
+    out = hidden.new_zeros(len(lengths), hidden.shape[1])
+    if mode == "max":
+        return out.scatter_reduce_(0, seg[:, None].expand_as(hidden), hidden, "amax", include_self=False)
+    return out.index_add_(0, seg, hidden) / n[:, None].to(hidden.dtype)
+
+
 def encode_output(x: np.ndarray, embedding_type: str | Sequence[str]) -> Any:
     """Encode float vectors as ``float`` / ``base64`` / ``binary`` / ``ubinary`` (or several: a dict)."""
     if not isinstance(embedding_type, str):
@@ -141,7 +157,9 @@ class Embedder:
         model: local directory, Hugging Face id found in the local HF cache, or None / "default" for
             the bundled all-MiniLM-L6-v2.
         device: torch device ("cpu", "cuda", ...).
-        dtype: "float32" or "bfloat16" (also "float16").
+        dtype: "auto" (default: bfloat16 on CPUs with native bf16 and on GPUs, float32 elsewhere; see
+            :mod:`tamis.hardware`), "float32", "bfloat16", "float16", or "int8" (dynamic int8 Linear
+            layers on CPU, BERT family only; below the bf16 quality bar, never chosen by "auto").
         max_tokens_per_batch: token budget of one padded batch (rows x longest row); default 4096 on
             CPU, 16384 on accelerators (see :func:`tamis.batching.default_token_budget`).
         max_batch_size: most rows in one batch.
@@ -150,7 +168,11 @@ class Embedder:
         adapters: task LoRA adapters for a BERT-family model, ``{"task": directory}`` in peft's layout
             (``adapter_config.json`` + ``adapter_model.safetensors``); ``embed(..., task="task")`` then
             runs that adapter, and a batch may mix tasks row by row (as jina-embeddings-v3's). Adapters
-            listed in the model directory's ``adapters.json`` load too.
+            listed in the model directory's ``adapters.json`` load too. Batches with an adapter task run
+            padded (the packed fast path serves rows without one); not with ``dtype="int8"``.
+        compile: ``torch.compile`` the packed forward (BERT family; inductor, dynamic shapes), warmed up
+            in the constructor (``compile_seconds``) so no request pays for it. Off by default: measure
+            it on your CPU with ``benchmarks/fast_path.py --compile`` (README "Speed").
     """
 
     def __init__(
@@ -158,17 +180,23 @@ class Embedder:
         model: str | Path | None = None,
         *,
         device: str | torch.device = "cpu",
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype = "auto",
         max_tokens_per_batch: int | None = None,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_length: int | None = None,
         adapters: Mapping[str, str | Path] | None = None,
+        compile: bool = False,
     ):
         self.model_dir = resolve_model_dir(model)
         self.config = load_config(self.model_dir)
         self.family = detect_family(self.config)
         self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype)
+        self.precision = resolve_precision(dtype, self.device)
+        self.dtype = self.precision.dtype
+        if self.device.type == "cpu":
+            configure_threads()
+        self.packed = False  # set below for the BERT family: forward() runs unpadded token sequences
+        self.compile_seconds: float | None = None
         self.name = _model_name(model, self.model_dir)
         self.max_tokens_per_batch = max_tokens_per_batch or default_token_budget(self.device)
         self.max_batch_size = max_batch_size
@@ -182,6 +210,8 @@ class Embedder:
         if self.family == "xlmr-lora":
             from tamis.models.xlmr import XLMRobertaLoRA
 
+            if self.precision.int8:
+                raise InvalidInputError("dtype='int8' is available for BERT-family models only")
             self.model = XLMRobertaLoRA.from_pretrained(self.model_dir, device=self.device, dtype=self.dtype)
             names = list(self.config.get("lora_adaptations") or [])
             self._adapters = {t: i for i, t in enumerate(names)}
@@ -193,6 +223,15 @@ class Embedder:
             from tamis.models import bert
 
             self.model = bert.from_pretrained(self.model_dir, device=self.device, dtype=self.dtype, classification=False)
+            if self.precision.int8:
+                from tamis.models.quantize import quantize_int8
+
+                self.model = quantize_int8(self.model)
+            else:
+                bert.fuse_qkv(self.model)
+            self.packed = True
+            if compile:
+                self.compile_seconds = bert.compile_packed(self.model, self.device)
             arch_limit = self.model.cfg.max_length
             st = read_json(self.model_dir / "config_sentence_transformers.json") or {}
             self._prefixes = {k: v or "" for k, v in (st.get("prompts") or {}).items()}
@@ -200,6 +239,8 @@ class Embedder:
             raise InvalidInputError(
                 f"{self.model_dir} is a {self.family} model, not an embedding model; load it with tamis.Reranker"
             )
+        if compile and not self.packed:
+            raise InvalidInputError(f"compile=True is available for BERT-family models, not {self.family}")
         self.dimension = int(self.config["hidden_size"])
         self.max_length = self._limit(arch_limit, max_length)
         listed = read_json(self.model_dir / ADAPTERS_FILE) or {}
@@ -221,6 +262,8 @@ class Embedder:
         Returns its index in the model's adapter stacks."""
         if self.family != "bert":
             raise InvalidInputError(f"{self.name} is a {self.family} model: its adapters are fixed by the checkpoint")
+        if self.precision.int8:
+            raise InvalidInputError("task adapters need a float dtype: dtype='int8' quantises the Linear layers they adapt")
         if not isinstance(task, str) or not task:
             raise InvalidInputError(f"an adapter needs a non-empty task name, got {task!r}")
         if task in self._adapters:
@@ -286,7 +329,8 @@ class Embedder:
         return (
             f"Embedder(name={self.name!r}, family={self.family!r}, dimension={self.dimension}, "
             f"max_length={self.max_length}, pooling={self.pooling!r}, tasks={self.tasks}, "
-            f"device={str(self.device)!r}, dtype={str(self.dtype).removeprefix('torch.')!r})"
+            f"device={str(self.device)!r}, dtype={self.precision.name!r} ({self.precision.requested}: "
+            f"{self.precision.reason}), packed={self.packed}, compiled={self.compile_seconds is not None})"
         )
 
     def check_task(self, task: str | None) -> None:
@@ -362,12 +406,34 @@ class Embedder:
             return self.model(input_ids, attention_mask, token_type_ids)
 
     def forward(self, encodings: Sequence[Encoded], tasks: Sequence[str | None] | str | None = None) -> torch.Tensor:
-        """Run one padded batch; returns pooled float32 vectors [n, dimension] (not normalised)."""
+        """Run one batch; returns pooled float32 vectors [n, dimension] (not normalised).
+
+        BERT-family models run packed (no padding; rows are sorted by length inside, results come back
+        in the order given); ``self.packed = False`` runs the padded batch instead (same numbers to float
+        rounding), as do batches with a task adapter row (the LoRA routing is per padded row)."""
         if isinstance(tasks, str) or tasks is None:
             tasks = [tasks] * len(encodings)
+        if self.packed and self._adapter_ids(tasks, len(encodings)) is None:
+            return self._forward_packed(encodings, tasks)
         batch = self.tokenizer.pad(encodings, self.device)
         hidden = self.token_states(batch.input_ids, batch.attention_mask, batch.token_type_ids, tasks)
         return pool(hidden, batch.attention_mask, self.pooling).cpu()
+
+    @torch.inference_mode()
+    def _forward_packed(self, encodings: Sequence[Encoded], tasks: Sequence[str | None]) -> torch.Tensor:
+        from tamis.models.bert import Packing
+
+        for t in tasks:
+            self.check_task(t)
+        if not encodings:
+            return torch.empty(0, self.dimension, dtype=torch.float32)
+        order = sorted(range(len(encodings)), key=lambda i: -len(encodings[i]))
+        batch = pack([encodings[i] for i in order], self.device)
+        hidden = self.model.forward_packed(batch.input_ids, batch.token_type_ids, Packing(batch.lengths, self.device))
+        pooled = pool_packed(hidden, batch.lengths, self.pooling).cpu()
+        out = torch.empty_like(pooled)
+        out[order] = pooled
+        return out
 
     # ------------------------------------------------------------------ layer 3: finalize
     def check_dimensions(self, dimensions: int | None) -> None:

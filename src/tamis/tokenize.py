@@ -186,6 +186,23 @@ class Tokenizer:
         )
 
 
+@dataclass
+class PackedBatch:
+    """Encodings laid end to end: ``input_ids`` / ``token_type_ids`` [T], sequence ``s`` has ``lengths[s]`` rows."""
+
+    input_ids: torch.Tensor
+    token_type_ids: torch.Tensor
+    lengths: list[int]
+
+
+def pack(encodings: Sequence[Encoded], device: str | torch.device = "cpu") -> PackedBatch:
+    """Concatenate encodings (no padding) in the order given."""
+    lengths = [len(e) for e in encodings]
+    ids = np.fromiter((t for e in encodings for t in e.ids), dtype=np.int64, count=sum(lengths))
+    types = np.fromiter((t for e in encodings for t in e.type_ids), dtype=np.int64, count=sum(lengths))
+    return PackedBatch(torch.from_numpy(ids).to(device), torch.from_numpy(types).to(device), lengths)
+
+
 def _encoded(enc: Encoding, n_tokens: int, truncated: bool) -> Encoded:
     return Encoded(
         ids=list(enc.ids),

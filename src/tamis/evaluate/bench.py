@@ -13,7 +13,10 @@ same input (the steadiest figure on a shared machine).
 After timing, the outputs of both systems on a sample are compared (cosine / ranking order), so a ratio
 is never reported for two systems that compute different things.
 sentence-transformers is imported only when asked for (``vs="sentence-transformers"``), and is loaded on
-the same weights directory; models it could only load with remote code are skipped, never run.
+the same weights directory; models it could only load with remote code are skipped, never run. It runs
+twice, as its users run it: float32, and with ``torch.autocast(bfloat16)`` (the fastest configuration a
+sentence-transformers user gets with one line; on CPUs without native bf16 it is emulated and slow).
+The CPU model and features (:mod:`tamis.hardware`) and tamis's resolved dtype go into the report.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from tamis.evaluate.datasets import load_corpus, load_queries, load_run, sorted_
 from tamis.evaluate.first_stage import quiet_truncation
 
 ST = "sentence-transformers"
+ST_BF16 = "sentence-transformers+bf16-autocast"
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -326,6 +330,16 @@ def tamis_rerank_workload(reranker: Any, groups: Sequence[tuple[str, list[str]]]
                     [len(g[1]) for g in groups], {"depth": depth, "kind": getattr(reranker, "kind", None)})
 
 
+def _autocast(device: str, enabled: bool):
+    import contextlib
+
+    import torch
+
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
 def _st_embedder(model_dir: Path, device: str, max_length: int | None):
     from sentence_transformers import SentenceTransformer
 
@@ -337,22 +351,26 @@ def _st_embedder(model_dir: Path, device: str, max_length: int | None):
 
 def st_embed_workload(
     model_dir: str | os.PathLike[str], texts: Sequence[str], batch_size: int = 32, device: str = "cpu",
-    max_length: int | None = None, name: str | None = None,
+    max_length: int | None = None, name: str | None = None, bf16_autocast: bool = False,
 ) -> Workload:
-    """sentence-transformers ``SentenceTransformer.encode`` on the same weights and batches."""
+    """sentence-transformers ``SentenceTransformer.encode`` on the same weights and batches (optionally under
+    bf16 autocast)."""
     st = _st_embedder(Path(model_dir), device, max_length)
     batches = _batches(texts, batch_size)
 
     def call(batch: list[str]) -> np.ndarray:
-        return st.encode(batch, batch_size=batch_size, normalize_embeddings=True, convert_to_numpy=True,
-                         show_progress_bar=False)
+        with _autocast(device, bf16_autocast):
+            out = st.encode(batch, batch_size=batch_size, normalize_embeddings=True, convert_to_tensor=True,
+                            show_progress_bar=False)
+        return out.float().cpu().numpy()
 
-    return Workload(ST, "embed", name or Path(model_dir).name, call, batches, [len(b) for b in batches],
+    return Workload(ST_BF16 if bf16_autocast else ST, "embed", name or Path(model_dir).name, call, batches, [len(b) for b in batches],
                     {"batch_size": batch_size})
 
 
 def st_rerank_workload(
-    reranker: Any, groups: Sequence[tuple[str, list[str]]], device: str = "cpu", batch_size: int = 32
+    reranker: Any, groups: Sequence[tuple[str, list[str]]], device: str = "cpu", batch_size: int = 32,
+    bf16_autocast: bool = False,
 ) -> Workload:
     """The sentence-transformers counterpart of a tamis reranker on the same weights: ``CrossEncoder``
     for a cross-encoder, ``SentenceTransformer`` + cosine for the embedding-similarity reranker."""
@@ -365,20 +383,25 @@ def st_rerank_workload(
                           max_length=getattr(reranker, "max_length", None))
 
         def call(group: tuple[str, list[str]]) -> list[float]:
-            out = ce.predict([(group[0], d) for d in group[1]], batch_size=batch_size, show_progress_bar=False)
-            return [float(x) for x in np.asarray(out).reshape(-1)]
+            with _autocast(device, bf16_autocast):
+                out = ce.predict([(group[0], d) for d in group[1]], batch_size=batch_size, show_progress_bar=False,
+                                 convert_to_tensor=True)
+            return [float(x) for x in out.float().cpu().reshape(-1)]
     elif kind == "embedding":
         emb = getattr(reranker, "embedder", None)
         st = _st_embedder(model_dir, device, getattr(emb, "max_length", None))
 
         def call(group: tuple[str, list[str]]) -> list[float]:
-            vecs = st.encode([group[0], *group[1]], batch_size=batch_size, normalize_embeddings=True,
-                             convert_to_numpy=True, show_progress_bar=False)
+            with _autocast(device, bf16_autocast):
+                vecs = st.encode([group[0], *group[1]], batch_size=batch_size, normalize_embeddings=True,
+                                 convert_to_tensor=True, show_progress_bar=False)
+            vecs = vecs.float().cpu().numpy()
             return [float(x) for x in vecs[1:] @ vecs[0]]
     else:
         raise NotImplementedError(f"no sentence-transformers counterpart for a {kind} reranker")
     name = str(getattr(reranker, "name", "") or Path(model_dir).name)
-    return Workload(ST, "rerank", name, call, list(groups), [len(g[1]) for g in groups], {"kind": kind})
+    return Workload(ST_BF16 if bf16_autocast else ST, "rerank", name, call, list(groups), [len(g[1]) for g in groups],
+                    {"kind": kind})
 
 
 def _reranker_dir(reranker: Any) -> Path:
@@ -450,15 +473,22 @@ def run_bench(
     repeats: int = 3,
     vs: str | None = None,
     device: str = "cpu",
-    dtype: str = "float32",
+    dtype: str = "auto",
     embed_data: str | os.PathLike[str] | None = None,
     rerank_data: str | os.PathLike[str] | None = None,
     show_progress: bool = True,
     compare_rerankers: Sequence[Any] = (),
+    st_bf16: bool = True,
 ) -> BenchReport:
     """Benchmark embedding (SciFact documents) and reranking (TREC DL 21 BM25 candidates), and with
-    ``vs="sentence-transformers"`` the same calls through sentence-transformers, passes interleaved."""
+    ``vs="sentence-transformers"`` the same calls through sentence-transformers (float32, and with
+    ``st_bf16`` also under bf16 autocast), calls interleaved.
+
+    ``ratios[task]`` is tamis / sentence-transformers float32 throughput, ``ratios[task + "_vs_st_bf16"]``
+    tamis / sentence-transformers bf16 autocast; ``*_paired_median`` the median per-call speedups.
+    ``checks`` compare every system's outputs with sentence-transformers float32 (the reference)."""
     from tamis.evaluate.pipeline import load_embedder, load_reranker
+    from tamis.hardware import cpu_info
 
     if vs not in (None, ST):
         raise ValueError(f"vs supports only {ST!r}, got {vs!r}")
@@ -467,40 +497,53 @@ def run_bench(
     ratios: dict[str, float] = {}
     checks: dict[str, Any] = {}
     skipped: dict[str, str] = {}
+    info = cpu_info()
     config: dict[str, Any] = {"device": device, "dtype": dtype, "repeats": repeats, "vs": vs,
-                              "torch_threads": _threads(), "cpus": os.cpu_count()}
+                              "torch_threads": _threads(), "cpus": os.cpu_count(), "cpu": info.describe(),
+                              "cpu_info": info.to_dict()}
 
-    def measure(task: str, ours: Workload, make_theirs: Callable[[], Workload], sample: Sequence[Any]) -> None:
+    def measure(task: str, ours: Workload, make_theirs: Callable[[bool], Workload], sample: Sequence[Any]) -> None:
         workloads = [ours]
         if vs == ST:
             try:
-                workloads.append(make_theirs())
+                workloads.append(make_theirs(False))
+                if st_bf16:
+                    workloads.append(make_theirs(True))
             except Exception as exc:  # e.g. a model sentence-transformers could only load with remote code
                 skipped[task] = f"{type(exc).__name__}: {exc}"
+                workloads = workloads[:1]
         timed = time_workloads(workloads, repeats, device=device, show_progress=show_progress)
         res = [_result(w, t, repeats) for w, t in zip(workloads, timed)]
         results.extend(res)
-        if len(res) == 2:
-            ratios[task] = res[0].docs_per_second / res[1].docs_per_second
-            ratios[f"{task}_paired_median"] = paired_speedup(timed[0]["latencies"], timed[1]["latencies"])
-            a = [ours.call(x) for x in sample]
-            b = [workloads[1].call(x) for x in sample]
+        if len(res) < 2:
+            return
+        outputs = [[w.call(x) for x in sample] for w in workloads]
+        ref = outputs[1]  # sentence-transformers float32
+        for k in range(1, len(res)):
+            suffix = "" if k == 1 else "_vs_st_bf16"
+            ratios[task + suffix] = res[0].docs_per_second / res[k].docs_per_second
+            ratios[f"{task}_paired_median{suffix}"] = paired_speedup(timed[0]["latencies"], timed[k]["latencies"])
+        for k, out in enumerate(outputs):
+            if k == 1:
+                continue
+            who = "" if k == 0 else "st_bf16_"
             if task == "embed":
-                checks["embed_min_cosine_vs_st"] = _agreement(np.concatenate(a), np.concatenate(b))
+                checks[f"embed_{who}min_cosine_vs_st"] = _agreement(np.concatenate(out), np.concatenate(ref))
             else:
-                checks["rerank_same_order_vs_st"] = _rank_agreement(a, b)
-                checks["rerank_max_abs_score_diff_vs_st"] = float(
-                    max(np.max(np.abs(np.asarray(x) - np.asarray(y))) for x, y in zip(a, b)))
+                checks[f"rerank_{who}same_order_vs_st"] = _rank_agreement(out, ref)
+                checks[f"rerank_{who}max_abs_score_diff_vs_st"] = float(
+                    max(np.max(np.abs(np.asarray(x) - np.asarray(y))) for x, y in zip(out, ref)))
 
     if "embed" in tasks:
         data = Path(embed_data) if embed_data else root / "scifact"
         texts = embedding_texts(data, n_docs)
         config["embed"] = {"data": str(data), "documents": len(texts), "batch_size": batch_size}
         emb = load_embedder(model, device, dtype)
+        config["embed"]["tamis"] = _precision_of(emb)
         ours = tamis_embed_workload(emb, texts, batch_size)
         measure("embed", ours,
-                lambda: st_embed_workload(emb.model_dir, texts, batch_size, device, getattr(emb, "max_length", None),
-                                          ours.model),
+                lambda bf16: st_embed_workload(emb.model_dir, texts, batch_size, device,
+                                               getattr(emb, "max_length", None), ours.model, bf16),
                 _batches(texts[:64], batch_size))
         del emb, ours
         gc.collect()
@@ -511,6 +554,7 @@ def run_bench(
         config["rerank"] = {"data": str(data), "queries": len(groups), "depth": depth,
                             "pairs": sum(len(g[1]) for g in groups)}
         rr = load_reranker(reranker, device, dtype)
+        config["rerank"]["tamis"] = _precision_of(getattr(rr, "embedder", rr))
         ours = tamis_rerank_workload(rr, groups)
         if compare_rerankers:
             # several tamis rerankers (e.g. a teacher and its distilled student), interleaved call by call
@@ -523,7 +567,7 @@ def run_bench(
                 ratios[f"rerank:{w.model}/{ours.model}_paired_median"] = paired_speedup(t["latencies"],
                                                                                        timed[0]["latencies"])
         else:
-            measure("rerank", ours, lambda: st_rerank_workload(rr, groups, device, batch_size), groups[:3])
+            measure("rerank", ours, lambda bf16: st_rerank_workload(rr, groups, device, batch_size, bf16), groups[:3])
         del rr, ours
         gc.collect()
     return BenchReport(results, ratios, checks, config, skipped)
@@ -538,6 +582,17 @@ def _distinct_names(workloads: Sequence[Workload], specs: Sequence[Any]) -> None
     for w, spec in zip(workloads, specs):
         if isinstance(spec, str | os.PathLike) and Path(spec).is_dir():
             w.model = "/".join(Path(spec).resolve().parts[-2:])
+
+
+def _precision_of(model: Any) -> dict[str, Any]:
+    """What dtype a tamis model resolved to and why (``dtype="auto"``), and whether it runs packed."""
+    p = getattr(model, "precision", None)
+    out: dict[str, Any] = {"packed": getattr(model, "packed", None)}
+    if p is not None:
+        out.update(dtype=p.name, requested=p.requested, reason=p.reason)
+    else:
+        out["dtype"] = str(getattr(model, "dtype", "")).removeprefix("torch.") or None
+    return out
 
 
 def _threads() -> int:

@@ -97,7 +97,10 @@ def register(subparsers: Any) -> None:
     b.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
                    help="write the results as JSON to FILE (or stdout with no FILE)")
     b.add_argument("--device", default="cpu")
-    b.add_argument("--dtype", default="float32")
+    b.add_argument("--dtype", default="auto",
+                   help="auto (bf16 with native bf16 on CPU / on GPU, else float32), float32, bfloat16, int8")
+    b.add_argument("--no-st-bf16", dest="st_bf16", action="store_false",
+                   help="with --vs, skip sentence-transformers under bf16 autocast")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=bench_command)
 
@@ -198,7 +201,7 @@ def bench_command(args: argparse.Namespace) -> int:
             args.data, model=args.model, reranker=args.reranker, tasks=tasks, n_docs=args.docs,
             batch_size=args.batch_size, n_queries=args.queries, depth=args.depth, repeats=args.repeats,
             vs=args.vs, device=args.device, dtype=args.dtype, show_progress=not args.quiet,
-            compare_rerankers=args.compare_reranker,
+            compare_rerankers=args.compare_reranker, st_bf16=args.st_bf16,
         )
     except (TamisError, ValueError, FileNotFoundError) as exc:
         print(f"tamis bench: error: {exc}", file=sys.stderr)
@@ -206,12 +209,20 @@ def bench_command(args: argparse.Namespace) -> int:
     data = report.to_dict()
     to_stdout = args.json == "-"
     out = sys.stderr if to_stdout else sys.stdout
+    cfg = report.config
+    print(f"CPU: {cfg.get('cpu')}; torch threads {cfg.get('torch_threads')}", file=out)
+    for task in ("embed", "rerank"):
+        t = cfg.get(task, {}).get("tamis")
+        if t:
+            why = f" ({t['requested']}: {t['reason']})" if t.get("reason") else ""
+            print(f"{task}: tamis dtype {t.get('dtype')}{why}, packed={t.get('packed')}", file=out)
     print(format_table([r.row() for r in report.results], floatfmt=".2f"), file=out)
     for task in ("embed", "rerank"):
-        if task in report.ratios:
-            paired = report.ratios.get(f"{task}_paired_median", float("nan"))
-            print(f"{task}: tamis / sentence-transformers throughput = {report.ratios[task]:.2f}x "
-                  f"(median of paired per-call speedups: {paired:.2f}x)", file=out)
+        for suffix, who in (("", "sentence-transformers"), ("_vs_st_bf16", "sentence-transformers + bf16 autocast")):
+            if task + suffix in report.ratios:
+                paired = report.ratios.get(f"{task}_paired_median{suffix}", float("nan"))
+                print(f"{task}: tamis / {who} throughput = {report.ratios[task + suffix]:.2f}x "
+                      f"(median of paired per-call speedups: {paired:.2f}x)", file=out)
     for key, value in report.ratios.items():
         if key.startswith("rerank:") and not key.endswith("_paired_median"):
             paired = report.ratios.get(f"{key}_paired_median", float("nan"))

@@ -12,14 +12,23 @@ One module tree covers:
 Module names follow the official BERT checkpoints, so the key map only strips the ``bert.``/``roberta.``
 prefix, renames old ``gamma``/``beta`` LayerNorm names, maps MPNet's ``attn.q/k/v/o`` names onto the
 BERT ones and drops non-persistent buffers. :func:`hf_state_dict` inverts it, so a trained module is
-saved in the layout it was loaded from. All layers are post-LayerNorm. Attention is
-``scaled_dot_product_attention`` with an additive mask (ALiBi or relative bias + padding).
+saved in the layout it was loaded from. All layers are post-LayerNorm.
+
+Two layouts run through the same modules:
+- padded ``forward(input_ids, attention_mask, token_type_ids)`` on ``[B, L]`` (training, autograd):
+  attention is ``scaled_dot_product_attention`` with an additive mask (ALiBi or relative bias + padding);
+- packed ``forward_packed(input_ids, token_type_ids, packing)`` on ``[T]`` tokens laid end to end
+  (inference): every Linear, GELU and LayerNorm runs on ``[T, H]`` real tokens only, and attention runs
+  per run of equal-length sequences (one SDPA call per distinct length, no padding mask; ALiBi or MPNet's
+  relative bias per length). See :class:`Packing` for why this layout and not block-diagonal masks or
+  nested tensors.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tamis.errors import UnsupportedModelError
+from tamis.models import lora
 from tamis.models.activations import ACTIVATIONS
 from tamis.models.loading import apply_key_map, load_config, load_state_dict
 
@@ -118,6 +128,126 @@ def alibi_bias(n_heads: int, length: int, device: torch.device | None = None) ->
     return (-alibi_slopes(n_heads).to(device)[:, None, None] * dist[None]).unsqueeze(0)
 
 
+class Packing:
+    """Sequences laid end to end in one ``[T, ...]`` tensor, in the order given (callers sort by length).
+
+    Sequence ``s`` holds rows ``starts[s] : starts[s] + lengths[s]``. Attention runs once per *run* of
+    consecutive sequences of equal length, as a ``[g, heads, n, d]`` SDPA call with no mask: no padded
+    token is ever computed, and a length-sorted batch of short inputs (queries, rerank pairs) has only a
+    handful of distinct lengths, so the number of calls stays small. The alternatives cost more by
+    construction: re-padding around attention adds a scatter/gather per layer, a block-diagonal ``[T, T]``
+    mask is quadratic in the whole batch; against the padded layout the packed one is measured in
+    ``benchmarks/fast_path.py`` (README "Speed").
+
+    The model sees only tensors (:meth:`BertModel.encode_packed`), so one compiled graph with a dynamic
+    token count serves every batch: ``runs`` [R, 3] = (first row, sequences, length) per run.
+    """
+
+    def __init__(self, lengths: Sequence[int], device: str | torch.device = "cpu"):
+        if not lengths or min(lengths) <= 0:
+            raise ValueError("every packed sequence needs at least one token")
+        self.lengths = [int(n) for n in lengths]
+        self.device = torch.device(device)
+        self.starts = [0]
+        for n in self.lengths[:-1]:
+            self.starts.append(self.starts[-1] + n)
+        self.total = self.starts[-1] + self.lengths[-1]
+        runs: list[list[int]] = []
+        for start, n in zip(self.starts, self.lengths):
+            if runs and runs[-1][2] == n:
+                runs[-1][1] += 1
+            else:
+                runs.append([start, 1, n])
+        self.runs = torch.tensor(runs, dtype=torch.long)  # host tensor: read by the attention loop
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def _tensor(self, values: Sequence[int]) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long).to(self.device)
+
+    def position_ids(self) -> torch.Tensor:
+        """[T]: 0, 1, ... within each sequence."""
+        starts = torch.tensor(self.starts, dtype=torch.long).repeat_interleave(torch.tensor(self.lengths))
+        return (torch.arange(self.total) - starts).to(self.device)
+
+    def segment_ids(self) -> torch.Tensor:
+        """[T]: the sequence each row belongs to."""
+        return torch.arange(len(self)).repeat_interleave(torch.tensor(self.lengths)).to(self.device)
+
+    def first_rows(self) -> torch.Tensor:
+        return self._tensor(self.starts)
+
+    def last_rows(self) -> torch.Tensor:
+        return self._tensor([s + n - 1 for s, n in zip(self.starts, self.lengths)])
+
+
+def _run_bias(n: int, n_heads: int, dtype: torch.dtype, device: torch.device, alibi: bool,
+              rel: torch.Tensor | None) -> torch.Tensor | None:
+    """The additive attention bias [1, heads, n, n] of one sequence length: ALiBi, MPNet's relative
+    position bias (``rel``: its ``[buckets, heads]`` table), or None."""
+    if alibi:
+        return alibi_bias(n_heads, n, device).to(dtype)
+    if rel is not None:
+        buckets = relative_position_buckets(n, rel.shape[0], device=device)
+        return F.embedding(buckets, rel).permute(2, 0, 1).unsqueeze(0).to(dtype)
+    return None
+
+
+def _attend_runs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: torch.Tensor, n_heads: int, alibi: bool,
+    rel: torch.Tensor | None = None, biases: dict[int, torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """``biases``: length -> bias, filled on the way (shared by the layers of one forward, then dropped)."""
+    h = q.shape[-1]
+    d = h // n_heads
+    biases = {} if biases is None else biases
+    outs = []
+    for row, g, n in runs.tolist():
+        rows = slice(row, row + g * n)
+
+        def heads(t: torch.Tensor, rows: slice = rows, g: int = g, n: int = n) -> torch.Tensor:
+            return t[rows].view(g, n, n_heads, d).transpose(1, 2)
+
+        if n not in biases:
+            biases[n] = _run_bias(n, n_heads, q.dtype, q.device, alibi, rel)
+        o = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), biases[n])
+        outs.append(o.transpose(1, 2).reshape(g * n, h))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+@torch.library.custom_op("tamis::packed_attention", mutates_args=())
+def _packed_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: torch.Tensor, n_heads: int, alibi: bool,
+    rel: torch.Tensor | None,
+) -> torch.Tensor:
+    """The run-wise attention loop as one opaque op, so ``torch.compile`` keeps one graph for any batch."""
+    return _attend_runs(q, k, v, runs, n_heads, alibi, rel)
+
+
+@_packed_attention_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: torch.Tensor, n_heads: int, alibi: bool,
+      rel: torch.Tensor | None) -> torch.Tensor:
+    return q.new_empty(q.shape)
+
+
+@dataclass
+class PackedRuns:
+    """What attention needs of a :class:`Packing` inside the model: the runs tensor, ALiBi or not, MPNet's
+    relative position table (``rel``) or None; the per-length biases are computed once per forward."""
+
+    runs: torch.Tensor
+    alibi: bool = False
+    rel: torch.Tensor | None = None
+    biases: dict[int, torch.Tensor | None] = field(default_factory=dict)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_heads: int) -> torch.Tensor:
+        """``q``/``k``/``v`` [T, H] (any row stride) -> [T, H]."""
+        if torch.compiler.is_compiling():
+            return _packed_attention_op(q, k, v, self.runs, n_heads, self.alibi, self.rel)
+        return _attend_runs(q, k, v, self.runs, n_heads, self.alibi, self.rel, self.biases)  # eager: differentiable
+
+
 class Embeddings(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
@@ -129,13 +259,20 @@ class Embeddings(nn.Module):
             self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
         self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Padded ``[B, L]`` ids with ``mask``, or packed ``[T]`` ids with ``position_ids`` (0-based)."""
         x = self.word_embeddings(input_ids)
         if self.cfg.type_vocab_size:
             x = x + self.token_type_embeddings(token_type_ids)
         if self.cfg.position_embedding_type == "absolute":
-            if self.cfg.position_offset:
+            if position_ids is not None:
+                positions = position_ids + (self.cfg.pad_token_id + 1 if self.cfg.position_offset else 0)
+            elif self.cfg.position_offset:
                 # RoBERTa: positions count real tokens only, starting after the padding index
+                assert mask is not None
                 positions = torch.cumsum(mask, dim=1) * mask + self.cfg.pad_token_id
             else:
                 positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None, :]
@@ -152,14 +289,46 @@ class SelfAttention(nn.Module):
         self.key = nn.Linear(h, h)
         self.value = nn.Linear(h, h)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def fuse_qkv(self) -> None:
+        """Inference: one [3H, H] projection instead of three (a non-persistent copy: checkpoints and
+        training keep ``query``/``key``/``value``, and gradients reach them: the fused copy is used only
+        where no gradient is recorded). Fused again by itself when those weights change afterwards
+        (training, ``load_state_dict``, ``.to()``), so it is never stale."""
+        with torch.no_grad():
+            w = torch.cat([self.query.weight, self.key.weight, self.value.weight])
+            b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
+        self.register_buffer("qkv_weight", w, persistent=False)
+        self.register_buffer("qkv_bias", b, persistent=False)
+        self._qkv_stamp = self._qkv_sources()
+
+    def _qkv_sources(self) -> tuple[tuple[int, int], ...]:
+        """Storage and in-place version of the six tensors the fused projection copies."""
+        ts = (self.query.weight, self.key.weight, self.value.weight, self.query.bias, self.key.bias, self.value.bias)
+        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in ts)
+
+    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if getattr(self, "qkv_weight", None) is not None:
+            if torch.compiler.is_compiling():  # the compiled packed forward (inference only)
+                return F.linear(x, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)
+            # fused only where no gradient is recorded and no LoRA route is set (an adapted layer adds its delta)
+            if not torch.is_grad_enabled() and lora.active_route() is None:
+                if self._qkv_stamp != self._qkv_sources():
+                    self.fuse_qkv()
+                return F.linear(x, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)
+        return self.query(x), self.key(x), self.value(x)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | PackedRuns) -> torch.Tensor:
+        """Padded ``x`` [B, L, H] with an additive ``bias``, or packed ``x`` [T, H] with :class:`PackedRuns`."""
+        q, k, v = self._qkv(x)
+        if isinstance(bias, PackedRuns):
+            return bias.attend(q, k, v, self.n_heads)
         b, n, h = x.shape
         d = h // self.n_heads
 
         def heads(t: torch.Tensor) -> torch.Tensor:
             return t.view(b, n, self.n_heads, d).transpose(1, 2)
 
-        out = F.scaled_dot_product_attention(heads(self.query(x)), heads(self.key(x)), heads(self.value(x)), bias)
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), bias)
         return out.transpose(1, 2).reshape(b, n, h)
 
 
@@ -176,7 +345,7 @@ class Attention(nn.Module):
         self.self = SelfAttention(cfg)
         self.output = AttentionOutput(cfg)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | PackedRuns) -> torch.Tensor:
         return self.output.LayerNorm(x + self.output.dense(self.self(x, bias)))
 
 
@@ -216,7 +385,7 @@ class Layer(nn.Module):
             self.intermediate = Dense(cfg.hidden_size, cfg.intermediate_size)
             self.output = Dense(cfg.intermediate_size, cfg.hidden_size, eps=cfg.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | PackedRuns) -> torch.Tensor:
         x = self.attention(x, bias)
         if self.gated:
             return self.mlp(x)
@@ -289,6 +458,21 @@ class BertModel(nn.Module):
             x = layer(x, bias)
         return x
 
+    def forward_packed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """Last hidden states [T, H] of packed sequences (``input_ids`` / ``token_type_ids`` [T])."""
+        return self.encode_packed(input_ids, token_type_ids, packing.position_ids(), packing.runs)
+
+    def encode_packed(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor, runs: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`forward_packed` on tensors only (what ``torch.compile`` traces; see :class:`Packing`)."""
+        x = self.embeddings(input_ids, token_type_ids, position_ids=position_ids)
+        rel = self.encoder.relative_attention_bias.weight if self.cfg.relative_attention_num_buckets else None
+        att = PackedRuns(runs, alibi=self.cfg.position_embedding_type == "alibi", rel=rel)
+        for layer in self.encoder.layer:
+            x = layer(x, att)
+        return x
+
     def pool_cls(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.tanh(self.pooler.dense(hidden[:, 0]))
 
@@ -324,10 +508,51 @@ class BertForSequenceClassification(nn.Module):
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         hidden = self.encoder_model(input_ids, attention_mask, token_type_ids)
+        return self.head(hidden[:, 0])
+
+    def forward_packed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, packing: Packing) -> torch.Tensor:
+        """Logits [B, num_labels] of packed (query, document) sequences."""
+        return self.encode_packed(input_ids, token_type_ids, packing.position_ids(), packing.runs,
+                                  packing.first_rows())
+
+    def encode_packed(
+        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, position_ids: torch.Tensor, runs: torch.Tensor,
+        first_rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """:meth:`forward_packed` on tensors only (what ``torch.compile`` traces)."""
+        hidden = self.encoder_model.encode_packed(input_ids, token_type_ids, position_ids, runs)
+        return self.head(hidden[first_rows])
+
+    def head(self, first: torch.Tensor) -> torch.Tensor:
+        """Classifier on the first token's state [B, H]."""
         if self.cfg.classifier_style == "roberta":
             head = self.classifier
-            return head.out_proj(torch.tanh(head.dense(hidden[:, 0])))
-        return self.classifier(self.bert.pool_cls(hidden))
+            return head.out_proj(torch.tanh(head.dense(first)))
+        return self.classifier(torch.tanh(self.bert.pooler.dense(first)))
+
+
+# ---------------------------------------------------------------------------- inference fast path
+def fuse_qkv(model: BertModel | BertForSequenceClassification) -> None:
+    """One [3H, H] query/key/value projection per layer (inference only; see :meth:`SelfAttention.fuse_qkv`)."""
+    encoder = model.encoder_model if isinstance(model, BertForSequenceClassification) else model
+    for layer in encoder.encoder.layer:
+        layer.attention.self.fuse_qkv()
+
+
+def compile_packed(model: BertModel | BertForSequenceClassification, device: str | torch.device = "cpu") -> float:
+    """``torch.compile`` (inductor, dynamic shapes) of the packed forward, warmed up now on the shapes that
+    would otherwise each trigger a recompile (one sequence of one token; several runs), so no request pays
+    for compilation. Returns the warm-up seconds (inductor's on-disk cache makes later start-ups faster)."""
+    import time
+
+    model.encode_packed = torch.compile(model.encode_packed, dynamic=True)  # type: ignore[method-assign]
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for lengths in ([1], [7, 7, 5, 2], [16, 9]):
+            packing = Packing(lengths, device)
+            ids = torch.zeros(packing.total, dtype=torch.long, device=device)
+            model.forward_packed(ids, torch.zeros_like(ids), packing)
+    return time.perf_counter() - t0
 
 
 class PredictionHeadTransform(nn.Module):

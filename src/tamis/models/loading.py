@@ -43,17 +43,20 @@ DTYPES = {
 }
 
 
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
+    """A float dtype name or ``torch.dtype``; ``None`` / ``"auto"`` pick per device (:mod:`tamis.hardware`)."""
     import torch
 
-    if dtype is None:
-        return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
+    if dtype is None or dtype.lower() == "auto":
+        from tamis.hardware import auto_dtype
+
+        return auto_dtype(device)[0]
     try:
         return getattr(torch, DTYPES[dtype.lower()])
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(set(DTYPES))}") from None
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {['auto', *sorted(set(DTYPES))]}") from None
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

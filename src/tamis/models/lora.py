@@ -114,6 +114,11 @@ def use_route(route: AdapterRoute | None) -> Iterator[None]:
         _ROUTE.reset(token)
 
 
+def active_route() -> AdapterRoute | None:
+    """The route set by the enclosing :func:`use_route` (None: adapted layers compute base weights only)."""
+    return _ROUTE.get()
+
+
 class LoRALinear(nn.Module):
     """An ``nn.Linear`` (kept as ``base``) with stacked named adapters, applied per routed row."""
 

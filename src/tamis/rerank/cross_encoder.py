@@ -11,20 +11,26 @@ import torch
 
 from tamis.batching import DEFAULT_MAX_BATCH_SIZE, default_token_budget, plan_batches
 from tamis.errors import InputTooLongError
+from tamis.hardware import Precision, configure_threads, resolve_precision
 from tamis.models import bert
-from tamis.models.loading import load_config, resolve_device, resolve_dtype
+from tamis.models.loading import load_config, resolve_device
 from tamis.rerank.base import document_texts, query_text
 from tamis.rerank.results import RankedResults, rank
-from tamis.tokenize import Batch, Tokenizer
+from tamis.tokenize import Batch, Tokenizer, pack
 
 ACTIVATIONS = ("sigmoid", "none")
 
 
-def relevance_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
-    """One relevance logit per pair of a padded batch: the logit of a 1-label head, or
-    logit(relevant) - logit(not relevant) of a 2-label head. Inference and training both call this."""
-    logits = model(batch.input_ids, batch.attention_mask, batch.token_type_ids)
+def relevance_column(logits: torch.Tensor) -> torch.Tensor:
+    """One relevance logit per pair from the head's logits [B, labels]: the logit of a 1-label head, or
+    logit(relevant) - logit(not relevant) of a 2-label head."""
     return logits[:, 0] if logits.shape[1] == 1 else logits[:, -1] - logits[:, 0]
+
+
+def relevance_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    """:func:`relevance_column` of a padded batch. Training calls this; inference runs the same module and
+    head packed (:meth:`CrossEncoderReranker.logits`, equal to float rounding) or padded through it."""
+    return relevance_column(model(batch.input_ids, batch.attention_mask, batch.token_type_ids))
 
 
 class CrossEncoderReranker:
@@ -33,6 +39,8 @@ class CrossEncoderReranker:
     The pair goes through the tokenizer's own pair template (``[CLS] q [SEP] d [SEP]`` with token
     types, or ``<s> q </s></s> d </s>``); over-long pairs lose the end of the document first.
     ``relevance_score`` is sigmoid(logit) by default (``activation="none"`` for raw logits).
+    Pairs run packed (no padding, see :class:`tamis.models.bert.Packing`); ``self.packed = False`` runs
+    padded batches instead. ``dtype="auto"`` and ``compile`` as in :class:`tamis.Embedder`.
     """
 
     kind = "cross-encoder"
@@ -43,23 +51,39 @@ class CrossEncoderReranker:
         name: str | None = None,
         *,
         device: str | torch.device = "cpu",
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype = "auto",
         max_length: int | None = None,
         activation: str = "sigmoid",
         max_tokens_per_batch: int | None = None,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        compile: bool = False,
     ):
         self.model_dir = Path(model_dir)
         self.config = load_config(self.model_dir)
-        model = bert.from_pretrained(self.model_dir, resolve_device(device), resolve_dtype(dtype), classification=True)
+        dev = resolve_device(device)
+        precision = resolve_precision(dtype, dev)
+        if dev.type == "cpu":
+            configure_threads()
+        model = bert.from_pretrained(self.model_dir, dev, precision.dtype, classification=True)
+        if precision.int8:
+            from tamis.models.quantize import quantize_int8
+
+            model = quantize_int8(model)
+        else:
+            bert.fuse_qkv(model)
         tokenizer = Tokenizer.from_dir(self.model_dir, self.config)
         self._setup(model, tokenizer, name or self.model_dir.name, max_length, activation, max_tokens_per_batch,
-                    max_batch_size)
+                    max_batch_size, precision)
+        self.compile_seconds = bert.compile_packed(self.model, self.device) if compile else None
 
     def _setup(self, model: bert.BertForSequenceClassification, tokenizer: Tokenizer, name: str,
-               max_length: int | None, activation: str, max_tokens_per_batch: int | None, max_batch_size: int) -> None:
+               max_length: int | None, activation: str, max_tokens_per_batch: int | None, max_batch_size: int,
+               precision: Precision) -> None:
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {ACTIVATIONS}")
+        self.precision = precision
+        self.packed = True
+        self.compile_seconds: float | None = None
         self.name = name
         self.model = model
         self.tokenizer = tokenizer
@@ -86,11 +110,15 @@ class CrossEncoderReranker:
         rr = cls.__new__(cls)
         rr.model_dir = Path(name)
         rr.config = {}
-        rr._setup(model, tokenizer, name, max_length, activation, max_tokens_per_batch, max_batch_size)
+        dtype = next(model.parameters()).dtype
+        precision = Precision(dtype, False, str(dtype).removeprefix("torch."), "the module's own dtype")
+        rr._setup(model, tokenizer, name, max_length, activation, max_tokens_per_batch, max_batch_size, precision)
         return rr
 
     def __repr__(self) -> str:
-        return f"CrossEncoderReranker(name={self.name!r}, max_length={self.max_length}, activation={self.activation!r})"
+        return (f"CrossEncoderReranker(name={self.name!r}, max_length={self.max_length}, "
+                f"activation={self.activation!r}, device={str(self.device)!r}, dtype={self.precision.name!r} "
+                f"({self.precision.requested}: {self.precision.reason}), packed={self.packed})")
 
     @torch.inference_mode()
     def logits(
@@ -112,8 +140,13 @@ class CrossEncoderReranker:
         out = np.empty(len(docs), dtype=np.float32)
         done = 0
         for idx in plan_batches([len(e) for e in encodings], self.max_tokens_per_batch, self.max_batch_size):
-            batch = self.tokenizer.pad([encodings[i] for i in idx], self.device)
-            out[idx] = relevance_logits(self.model, batch).float().cpu().numpy()
+            if self.packed:  # plan_batches gives rows longest first: few distinct lengths per run
+                packed = pack([encodings[i] for i in idx], self.device)
+                packing = bert.Packing(packed.lengths, self.device)
+                col = relevance_column(self.model.forward_packed(packed.input_ids, packed.token_type_ids, packing))
+            else:
+                col = relevance_logits(self.model, self.tokenizer.pad([encodings[i] for i in idx], self.device))
+            out[idx] = col.float().cpu().numpy()
             done += len(idx)
             if progress is not None:
                 progress(done, len(docs))
