@@ -336,7 +336,7 @@ def test_bfloat16_runs_and_stays_close(expected_text):
 def test_front_door_picks_listwise(expected_text):
     import tamis
 
-    rr = tamis.Reranker(str(FIXTURE))
+    rr = tamis.Reranker(str(FIXTURE), dtype="float32")
     assert isinstance(rr, ListwiseReranker) and rr.kind == "listwise"
     assert rr.max_length == 131072
     ref = expected_text["rerank6"]

@@ -39,7 +39,7 @@ def _free_port() -> int:
 
 def _start_replica(port: int, log: Path) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "tamis.server", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-           "--embedding-model", str(V2), "--reranker-model", str(CE)]
+           "--embedding-model", str(V2), "--reranker-model", str(CE), "--dtype", "float32"]
     return subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=dict(os.environ))
 
 
@@ -95,7 +95,7 @@ def _rerank(client: httpx.Client, url: str) -> list[tuple[int, float]]:
 
 def test_two_replicas_behind_a_round_robin_proxy_with_failover(replicas):
     procs, ports = replicas
-    expected = tamis.Embedder(V2).embed(TEXTS)
+    expected = tamis.Embedder(V2, dtype="float32").embed(TEXTS)  # as the replicas: same vectors on any CPU
     with httpx.Client(timeout=60) as client:
         direct = [_embed(client, f"http://127.0.0.1:{p}") for p in ports]
         ranks = [_rerank(client, f"http://127.0.0.1:{p}") for p in ports]

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(not SHARED.is_dir(), reason=f"../shared not foun
 
 @pytest.fixture(scope="module")
 def v1() -> CrossEncoderReranker:
-    rr = tamis.Reranker(V1)
+    rr = tamis.Reranker(V1, dtype="float32")  # golden logits: float32 whatever "auto" picks on this CPU
     assert isinstance(rr, CrossEncoderReranker)
     return rr
 

@@ -62,7 +62,10 @@ def docs() -> list[dict]:
 
 @pytest.fixture(scope="module")
 def v2() -> tamis.Embedder:
-    return tamis.Embedder(V2)
+    # float32 in every comparison of this file: mappers batch rows otherwise than the library call (and run in
+    # other processes), and bf16 (what dtype="auto" picks on a CPU with native bf16) does not hold 1e-6 across
+    # batchings
+    return tamis.Embedder(V2, dtype="float32")
 
 
 def _vectors(column) -> np.ndarray:
@@ -97,7 +100,7 @@ def test_embed_mapper_matches_embedder_and_flags_bad_rows(kind, queries, v2):
         batch = pa.table({"id": ids, "text": [t if isinstance(t, str) else None for t in texts], "lang": ["en"] * len(ids)})
     else:
         batch = {"id": np.array(ids), "text": np.array(texts, dtype=object), "lang": np.array(["en"] * len(ids))}
-    out = EmbedBatch(V2)(batch)
+    out = EmbedBatch(V2, dtype="float32")(batch)
     if kind == "pandas":
         assert list(out.columns) == ["id", "lang", "embedding", "n_tokens", "truncated", "error"]
         errors = [None if pd.isna(e) else e for e in out["error"]]
@@ -128,12 +131,12 @@ def test_embed_mapper_matches_embedder_and_flags_bad_rows(kind, queries, v2):
 
 
 def test_embed_mapper_skip_mode_types_dimensions_task_and_truncation(queries):
-    v3 = tamis.Embedder(V3)
+    v3 = tamis.Embedder(V3, dtype="float32")
     long = " ".join(q["text"] for q in queries[:10])  # far beyond the tiny model's 48 tokens
     texts = ["cats purr", long, None, "why dogs bark"]  # the short ones fit with the task prefix
     table = pa.table({"qid": [1, 2, 3, 4], "text": texts})
     m = EmbedBatch(V3, task="retrieval.query", dimensions=16, embedding_type=["float", "ubinary", "base64"],
-                   bad_rows="skip")
+                   bad_rows="skip", dtype="float32")
     out = m(table)
     assert out.column_names == ["qid", "embedding_float", "embedding_ubinary", "embedding_base64", "n_tokens", "truncated"]
     assert out.column("qid").to_pylist() == [1, 2, 4]
@@ -147,7 +150,7 @@ def test_embed_mapper_skip_mode_types_dimensions_task_and_truncation(queries):
     assert out.column("truncated").to_pylist() == [False, True, False]
     assert out.column("n_tokens").to_pylist()[1] == v3.max_length
 
-    strict = EmbedBatch(V3, truncate=False)(table)  # too long -> flagged, not a failed batch
+    strict = EmbedBatch(V3, truncate=False, dtype="float32")(table)  # too long -> flagged, not a failed batch
     err = strict.column("error").to_pylist()
     assert err[0] is None and "more than the model's limit of 48" in err[1] and err[2] == "text is null"
     assert strict.column("embedding").null_count == 2
@@ -158,7 +161,7 @@ def test_embed_mapper_joined_columns_pickles_small_and_checks(docs, v2):
     rows.loc[1, "title"] = None
     rows.loc[2, "title"] = ""
     rows.loc[3, ["title", "text"]] = [None, None]
-    m = EmbedBatch(V2, text_column=["title", "text"])
+    m = EmbedBatch(V2, text_column=["title", "text"], dtype="float32")
     before = len(pickle.dumps(m))
     out = m(rows)
     assert len(pickle.dumps(m)) == before < 2000  # the loaded model never travels
@@ -182,14 +185,14 @@ def test_embed_mapper_joined_columns_pickles_small_and_checks(docs, v2):
 
 
 def test_rerank_mapper_matches_reranker(queries, docs):
-    rr = tamis.Reranker(CE)
+    rr = tamis.Reranker(CE, dtype="float32")
     rows = []
     for q in queries[:4]:
         for d in docs[:6]:
             rows.append({"qid": q["_id"], "did": d["_id"], "query": q["text"], "document": d["text"]})
     rows.append({"qid": "x", "did": "y", "query": "", "document": "text"})
     rows.append({"qid": "x", "did": "z", "query": "q", "document": None})
-    out = RerankBatch(CE)(pa.Table.from_pylist(rows))
+    out = RerankBatch(CE, dtype="float32")(pa.Table.from_pylist(rows))
     assert out.column_names == ["qid", "did", "score", "truncated", "error"]
     scores = out.column("score").to_pylist()
     for q in queries[:4]:
@@ -219,7 +222,7 @@ def test_batch_job_jsonl_shards_resume_and_mismatch(tmp_path, queries, v2, capsy
     with open(src, "a") as f:
         f.write("\n{not json}\n")
     out = tmp_path / "out"
-    assert main(["embed", str(src), str(out), "--model", V2, "--shard-size", "100", "--batch-size", "32"]) == 0
+    assert main(["embed", str(src), str(out), "--model", V2, "--dtype", "float32", "--shard-size", "100", "--batch-size", "32"]) == 0
     err = capsys.readouterr().err
     assert "3 shards (231 rows)" in err and "2 bad rows" in err
     names = sorted(p.name for p in out.glob("part-*.parquet"))
@@ -239,7 +242,7 @@ def test_batch_job_jsonl_shards_resume_and_mismatch(tmp_path, queries, v2, capsy
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}
     (out / "part-00000-00001.parquet").unlink()
     (out / ".part-00000-00001.parquet.tmp-999").write_bytes(b"half a file from a killed run")
-    report = run_job(src, out, EmbedBatch(V2), shard_size=100, batch_size=32, progress=False)
+    report = run_job(src, out, EmbedBatch(V2, dtype="float32"), shard_size=100, batch_size=32, progress=False)
     assert (report.skipped, report.written, report.rows) == (2, 1, 100)
     assert not list(out.glob(".part-*"))
     for name in ("part-00000-00000.parquet", "part-00000-00002.parquet"):
@@ -247,8 +250,8 @@ def test_batch_job_jsonl_shards_resume_and_mismatch(tmp_path, queries, v2, capsy
     assert pq.read_table(out).equals(table)
 
     with pytest.raises(JobMismatchError, match="dimensions"):
-        run_job(src, out, EmbedBatch(V2, dimensions=8), shard_size=100, progress=False)
-    assert main(["embed", str(src), str(out), "--model", V2, "--shard-size", "50", "-q"]) == 2
+        run_job(src, out, EmbedBatch(V2, dimensions=8, dtype="float32"), shard_size=100, progress=False)
+    assert main(["embed", str(src), str(out), "--model", V2, "--dtype", "float32", "--shard-size", "50", "-q"]) == 2
     assert "holds shards of another job" in capsys.readouterr().err
 
 
@@ -261,7 +264,7 @@ def test_batch_job_parquet_dir_gz_skip_and_rerank(tmp_path, queries, docs, v2):
     pq.write_table(pa.Table.from_pylist(part1), data / "a.parquet", row_group_size=16)
     pq.write_table(pa.Table.from_pylist(part2), data / "b.parquet", row_group_size=7)
     out = tmp_path / "out"
-    rep = run_job(data, out, EmbedBatch(V2, bad_rows="skip"), shard_size=30, batch_size=8, progress=False)
+    rep = run_job(data, out, EmbedBatch(V2, bad_rows="skip", dtype="float32"), shard_size=30, batch_size=8, progress=False)
     assert (rep.shards, rep.written, rep.bad_rows) == (3 + 2, 5, 1)
     table = pq.read_table(out)
     assert "error" not in table.column_names
@@ -273,11 +276,11 @@ def test_batch_job_parquet_dir_gz_skip_and_rerank(tmp_path, queries, docs, v2):
              for q in queries[:3] for d in docs[:5]]
     _write_jsonl(tmp_path / "pairs.jsonl.gz", pairs, gz=True)
     rout = tmp_path / "scores"
-    assert main(["rerank", str(tmp_path / "pairs.jsonl.gz"), str(rout), "--model", CE, "-q"]) == 0
+    assert main(["rerank", str(tmp_path / "pairs.jsonl.gz"), str(rout), "--model", CE, "--dtype", "float32", "-q"]) == 0
     scores = pq.read_table(rout)
     assert scores.column_names == ["qid", "did", "score", "truncated", "error"]
     assert not (rout / "_tamis_input").exists()  # the decompressed copy is removed once the job is done
-    rr = tamis.Reranker(CE)
+    rr = tamis.Reranker(CE, dtype="float32")
     ref = rr.rerank(queries[0]["text"], [d["text"] for d in docs[:5]])
     got = scores.column("score").to_pylist()[:5]
     for r in ref:
@@ -333,7 +336,7 @@ def on_shard(shard, path):
     done.append(shard.name)
     if len(done) == int(kill_after):
         os.kill(os.getpid(), signal.SIGKILL)
-run_job(src, out, EmbedBatch(model), shard_size=100, batch_size=40, use_ray=ray_address != "-",
+run_job(src, out, EmbedBatch(model, dtype="float32"), shard_size=100, batch_size=40, use_ray=ray_address != "-",
         ray_address=None if ray_address == "-" else ray_address, num_workers=2, progress=False, on_shard=on_shard)
 raise SystemExit("the job finished: it was never killed")
 """
@@ -353,7 +356,7 @@ def test_killed_job_resumes_from_finished_shards(tmp_path, queries, v2, capsys):
     out = tmp_path / "out"
     done = _killed_job(src, out, kill_after=2)
     assert sorted(done) == ["part-00000-00000.parquet", "part-00000-00001.parquet"]
-    assert main(["embed", str(src), str(out), "--model", V2, "--shard-size", "100", "--batch-size", "40"]) == 0
+    assert main(["embed", str(src), str(out), "--model", V2, "--dtype", "float32", "--shard-size", "100", "--batch-size", "40"]) == 0
     assert "2 already done, 1 to do (100 rows)" in capsys.readouterr().err
     assert {name: (out / name).stat().st_mtime_ns for name in done} == done  # finished shards untouched
     table = pq.read_table(out)
@@ -404,7 +407,7 @@ def test_ray_embed_and_rerank_dataset_equal_the_library(ray_cluster, queries, do
 
     texts = [q["text"] for q in queries]
     rows = [{"id": q["_id"], "text": q["text"]} for q in queries] + [{"id": "bad", "text": ""}]
-    ds = tamis.scale.embed_dataset(ray.data.from_items(rows, override_num_blocks=6), V2, batch_size=64)
+    ds = tamis.scale.embed_dataset(ray.data.from_items(rows, override_num_blocks=6), V2, batch_size=64, dtype="float32")
     out = ds.to_arrow_refs()
     table = pa.concat_tables(ray_cluster.get(out))
     by_id = dict(zip(table.column("id").to_pylist(), range(table.num_rows)))
@@ -415,8 +418,8 @@ def test_ray_embed_and_rerank_dataset_equal_the_library(ray_cluster, queries, do
 
     pairs = [{"qid": q["_id"], "did": d["_id"], "query": q["text"], "document": d["text"]}
              for q in queries[:5] for d in docs[:8]]
-    scored = tamis.scale.rerank_dataset(ray.data.from_items(pairs), CE, batch_size=40).to_pandas()
-    rr = tamis.Reranker(CE)
+    scored = tamis.scale.rerank_dataset(ray.data.from_items(pairs), CE, batch_size=40, dtype="float32").to_pandas()
+    rr = tamis.Reranker(CE, dtype="float32")
     for q in queries[:5]:
         ref = rr.rerank(q["text"], [d["text"] for d in docs[:8]])
         got = scored[scored.qid == q["_id"]].set_index("did")["score"]
@@ -432,7 +435,8 @@ def test_ray_batch_job_killed_then_resumed(ray_cluster, tmp_path, queries, v2, c
     out = tmp_path / "out"
     done = _killed_job(src, out, kill_after=1, ray_address=ray_cluster.get_runtime_context().gcs_address)
     assert len(done) == 1
-    args = ["embed", str(src), str(out), "--model", V2, "--shard-size", "100", "--batch-size", "40", "--ray"]
+    args = ["embed", str(src), str(out), "--model", V2, "--dtype", "float32", "--shard-size", "100", "--batch-size", "40",
+            "--ray"]
     assert main(args) == 0
     assert "1 already done, 2 to do (200 rows) on Ray" in capsys.readouterr().err
     assert {name: (out / name).stat().st_mtime_ns for name in done} == done
@@ -474,7 +478,7 @@ def spark():
 def test_spark_embed_and_rerank_dataframe_equal_the_library(spark, queries, docs, v2):
     rows = [(q["_id"], q["text"]) for q in queries[:200]] + [("bad", None)]
     df = spark.createDataFrame(rows, "id string, text string").repartition(2)
-    out = tamis.scale.embed_dataframe(df, V2, embedding_type=["float", "ubinary"]).toPandas().set_index("id")
+    out = tamis.scale.embed_dataframe(df, V2, embedding_type=["float", "ubinary"], dtype="float32").toPandas().set_index("id")
     assert list(out.columns) == ["embedding_float", "embedding_ubinary", "n_tokens", "truncated", "error"]
     texts = [q["text"] for q in queries[:200]]
     ref = v2.embed(texts, embedding_type=["float", "ubinary"])
@@ -486,8 +490,8 @@ def test_spark_embed_and_rerank_dataframe_equal_the_library(spark, queries, docs
 
     pairs = [(q["_id"], d["_id"], q["text"], d["text"]) for q in queries[:3] for d in docs[:6]]
     pdf = spark.createDataFrame(pairs, "qid string, did string, query string, document string")
-    scored = tamis.scale.rerank_dataframe(pdf, CE).toPandas()
-    rr = tamis.Reranker(CE)
+    scored = tamis.scale.rerank_dataframe(pdf, CE, dtype="float32").toPandas()
+    rr = tamis.Reranker(CE, dtype="float32")
     for q in queries[:3]:
         got_q = scored[scored.qid == q["_id"]].set_index("did")["score"]
         for r in rr.rerank(q["text"], [d["text"] for d in docs[:6]]):

@@ -93,6 +93,35 @@ def test_auto_resolves_to_bf16_only_with_native_bf16(monkeypatch):
         hardware.cpu_info.cache_clear()
 
 
+def test_auto_is_the_default_of_every_inference_entry_point(monkeypatch):
+    """Library functions and commands that load models for inference default to "auto" (training keeps
+    float32 master weights: tamis.train pins it), and the front door follows the detection."""
+    import inspect
+
+    import tamis.scale
+    from tamis import cli, hardware
+    from tamis.evaluate import pipeline, suite
+    from tamis.evaluate.bench import run_bench
+    from tamis.rerank.cross_encoder import CrossEncoderReranker
+    from tamis.server import cli as server_cli
+
+    for fn in (tamis.Embedder, tamis.Reranker, CrossEncoderReranker, pipeline.load_embedder, pipeline.load_reranker,
+               pipeline.evaluate, suite.rerank_suite, run_bench, server_cli.load_models, tamis.scale.EmbedBatch, tamis.scale.RerankBatch,
+               tamis.scale.embed_dataset, tamis.scale.rerank_dataset, tamis.scale.embed_dataframe,
+               tamis.scale.rerank_dataframe):
+        assert inspect.signature(fn).parameters["dtype"].default == "auto", fn
+    for argv in (["embed"], ["rerank", "--query", "q", "--documents", "d"], ["serve"], ["eval", "--data", "d"],
+                 ["bench"], ["batch", "embed", "in", "out"], ["batch", "rerank", "in", "out"]):
+        assert cli.parse_args(argv).dtype == "auto", argv
+    for command in (["embed"], ["serve"], ["batch", "embed", "in", "out"]):
+        assert cli.parse_args([*command, "--dtype", "int8"]).dtype == "int8"
+
+    monkeypatch.setattr(hardware, "cpu_info", lambda: CPUInfo("Fake CPU", "x86_64", "AVX512", frozenset({"amx_bf16"})))
+    rr = tamis.Reranker()
+    assert rr.embedder.dtype == torch.bfloat16 and "AMX" in repr(rr.embedder)
+    assert tamis.Reranker(dtype="float32").embedder.dtype == torch.float32
+
+
 def test_this_cpu_is_described():
     info = cpu_info()
     assert info.model and info.physical_cores >= 1

@@ -181,7 +181,7 @@ def test_two_training_steps_lower_the_loss_and_write_a_loadable_checkpoint(pairs
     assert after < before
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2] and (out / "curve.png").stat().st_size > 1000
-    rr = tamis.Reranker(out / "model")
+    rr = tamis.Reranker(out / "model", dtype="float32")
     docs = list(data.corpus.values())[:5]
     want = ce.reranker(64).logits("why do cats purr", docs)[0]
     np.testing.assert_allclose(rr.rerank("why do cats purr", docs, raw_scores=True).scores,
@@ -237,7 +237,7 @@ def test_student_by_layer_selection_and_sentence_transformers_interop(pairs_dir,
     st = pytest.importorskip("sentence_transformers")
     data = from_pairs(pairs_dir)
     docs = list(data.corpus.values())
-    ours = tamis.Reranker(tmp_path / "student").score("why do cats purr", docs)
+    ours = tamis.Reranker(tmp_path / "student", dtype="float32").score("why do cats purr", docs)
     theirs = st.CrossEncoder(str(tmp_path / "student"), device="cpu").predict([("why do cats purr", d) for d in docs])
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
 

@@ -190,7 +190,7 @@ def test_gradcache_gives_the_full_batch_gradient(encoder, dims):
     batch = PairBatcher(data, lists, batch_size=6, hard_negatives=2, seed=1)(0)[0]
 
     def grads(mini_batch):
-        emb = tamis.Embedder(encoder)
+        emb = tamis.Embedder(encoder, dtype="float32")
         emb.add_adapter("t", r=4, alpha=8)
         _randomize_adapters(emb.model, 0.05)
         step = ContrastiveStep(emb, data, EmbeddingConfig(mini_batch=mini_batch, matryoshka_dims=dims), "t", "t")
@@ -211,7 +211,7 @@ def test_gradcache_gives_the_full_batch_gradient(encoder, dims):
 
 
 def test_mixed_task_batches_equal_single_task_batches(encoder, tmp_path):
-    emb = tamis.Embedder(encoder)
+    emb = tamis.Embedder(encoder, dtype="float32")
     emb.add_adapter("a", r=4, alpha=8)
     emb.add_adapter("b", target_modules=["query", "value"], r=2, alpha=2, seed=1)
     _randomize_adapters(emb.model)
@@ -221,12 +221,12 @@ def test_mixed_task_batches_equal_single_task_batches(encoder, tmp_path):
     for f in encoder.iterdir():
         shutil.copy(f, tmp_path / "model" / f.name)
     (tmp_path / "model" / "adapters.json").write_text(json.dumps({"b": str(tmp_path / "b")}))
-    served = tamis.Embedder(tmp_path / "model", adapters={"a": tmp_path / "a"})  # listed + given
+    served = tamis.Embedder(tmp_path / "model", adapters={"a": tmp_path / "a"}, dtype="float32")  # listed + given
     assert set(served.tasks) == {"a", "b"} and "tasks=" in repr(served)
     texts = ["why do cats purr", "Paris is the capital of France.", "a longer text about the borrow checker in rust"]
     single = {t: served.embed(texts, task=t) for t in ("a", "b", None)}
     assert np.abs(single["a"] - single[None]).max() > 1e-3 and np.abs(single["b"] - single["a"]).max() > 1e-3
-    np.testing.assert_allclose(single[None], tamis.Embedder(encoder).embed(texts), atol=1e-6)  # no adapter: base
+    np.testing.assert_allclose(single[None], tamis.Embedder(encoder, dtype="float32").embed(texts), atol=1e-6)  # no adapter: base
     rows = [(0, "a"), (1, None), (2, "b"), (0, "b"), (1, "a"), (2, None)]
     enc = served.tokenize([texts[i] for i, _ in rows])
     mixed = served.finalize(served.forward(enc, [t for _, t in rows]))
@@ -250,7 +250,7 @@ def test_adapters_interoperate_with_peft_both_ways(encoder, tmp_path):
         return torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1).numpy()
 
     # tamis -> peft
-    emb = tamis.Embedder(encoder)
+    emb = tamis.Embedder(encoder, dtype="float32")
     emb.add_adapter("t", r=4, alpha=8)
     _randomize_adapters(emb.model)
     emb.save_adapter("t", tmp_path / "ours")
@@ -274,7 +274,7 @@ def test_adapters_interoperate_with_peft_both_ways(encoder, tmp_path):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     pm.save_pretrained(str(tmp_path / "theirs"))
     want = hf_vectors(pm.eval(), emb)
-    got = tamis.Embedder(encoder, adapters={"p": tmp_path / "theirs"}).embed(texts, task="p")
+    got = tamis.Embedder(encoder, adapters={"p": tmp_path / "theirs"}, dtype="float32").embed(texts, task="p")
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert np.abs(got - emb.embed(texts)).max() > 1e-3
 
@@ -299,22 +299,22 @@ def test_train_adapter_then_merged_export_matches_sentence_transformers(encoder,
     log = [json.loads(x) for x in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log if "loss" in r] == [1, 2, 3]
     texts = ["why do cats purr", "Mars is the red planet.", "who tunes pianos"]
-    served = tamis.Embedder(encoder, adapters={"toy": adapter})
+    served = tamis.Embedder(encoder, adapters={"toy": adapter}, dtype="float32")
     want = served.embed(texts, task="toy")
     assert np.abs(want - served.embed(texts)).max() > 1e-4  # the adapter was trained
-    merged = tamis.Embedder(tmp_path / "merged")
+    merged = tamis.Embedder(tmp_path / "merged", dtype="float32")
     np.testing.assert_allclose(merged.embed(texts), want, atol=1e-5)
     st = pytest.importorskip("sentence_transformers")
     theirs = st.SentenceTransformer(str(tmp_path / "merged"), device="cpu").encode(texts)
     np.testing.assert_allclose(theirs, want, atol=1e-5)
     again = export_merged(encoder, adapter, tmp_path / "merged2", task="toy")  # the standalone path
-    np.testing.assert_allclose(tamis.Embedder(again).embed(texts), want, atol=1e-5)
+    np.testing.assert_allclose(tamis.Embedder(again, dtype="float32").embed(texts), want, atol=1e-5)
 
 
 def test_full_matryoshka_training_lowers_the_loss_and_saves_a_sentence_transformer(encoder, pairs_dir, tmp_path):
     data = load_training_data(pairs_dir)
     lists = [TrainList(q, data.positives(q), []) for q in data.trainable_queries()]
-    emb = tamis.Embedder(encoder)
+    emb = tamis.Embedder(encoder, dtype="float32")
     cfg = EmbeddingConfig(batch_size=18, matryoshka_dims=(32, 16, 8), hard_negatives=0)
     step = ContrastiveStep(emb, data, cfg, None, None)
     batch = PairBatcher(data, lists, 18)(0)[0]
@@ -325,7 +325,7 @@ def test_full_matryoshka_training_lowers_the_loss_and_saves_a_sentence_transform
         mining=MiningConfig(methods=(), dev=0),
         config=TrainConfig(lr=2e-3, max_steps=4, warmup=0, log_every=1, show_progress=False), show_progress=False)
     assert summary["best_dev"] is None and summary["steps"] == 4
-    trained = tamis.Embedder(tmp_path / "run" / "model")
+    trained = tamis.Embedder(tmp_path / "run" / "model", dtype="float32")
     step = ContrastiveStep(trained, data, cfg, None, None)
     with torch.no_grad():
         after = step(batch)
@@ -345,7 +345,7 @@ def test_full_matryoshka_training_lowers_the_loss_and_saves_a_sentence_transform
 @needs_v3
 def test_v3_task_adapters_train_into_the_stacked_layout(pairs_dir, tmp_path):
     texts = ["why do cats purr", "Paris is the capital of France."]
-    base = tamis.Embedder(V3_TINY)
+    base = tamis.Embedder(V3_TINY, dtype="float32")
     before = {t: base.embed(texts, task=t) for t in [None, *base.tasks]}
     summary = train_embedder(
         [str(pairs_dir)], tmp_path / "run", model=str(V3_TINY),
@@ -362,7 +362,7 @@ def test_v3_task_adapters_train_into_the_stacked_layout(pairs_dir, tmp_path):
         assert torch.equal(new[2:], old[2:]) and not torch.equal(new[:2], old[:2])  # only the two tasks moved
         base_key = "roberta.encoder.layers.0.mixer.Wqkv.parametrizations.weight.original"
         assert torch.equal(f.get_tensor(base_key), g.get_tensor(base_key))
-    reloaded = tamis.Embedder(out)
+    reloaded = tamis.Embedder(out, dtype="float32")
     assert reloaded.tasks == base.tasks
     for t, vecs in before.items():
         now = reloaded.embed(texts, task=t)
@@ -399,8 +399,8 @@ def test_train_adapter_and_embedder_cli(encoder, pairs_dir, tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["steps"] == 2 and Path(printed["output"]).name == "adapter"
     texts = ["what is a kitten"]
-    np.testing.assert_allclose(tamis.Embedder(tmp_path / "merged").embed(texts),
-                               tamis.Embedder(encoder, adapters={"toy": tmp_path / "a" / "adapter"}).embed(texts, task="toy"),
+    np.testing.assert_allclose(tamis.Embedder(tmp_path / "merged", dtype="float32").embed(texts),
+                               tamis.Embedder(encoder, adapters={"toy": tmp_path / "a" / "adapter"}, dtype="float32").embed(texts, task="toy"),
                                atol=1e-5)
     assert main(["train", "embedder", "--out", str(tmp_path / "e"), "--matryoshka-dims", "32,16",
                  "--mini-batch", "4", *args]) == 0

@@ -241,7 +241,9 @@ def _embedding_types(text: str) -> list[str]:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local directory or HF id in the local cache (default: bundled)")
     p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N, mps")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
+                   help="auto (default): bfloat16 on CPUs with native bf16 and on GPUs, else float32; int8: dynamic "
+                        "int8 Linear layers (BERT family, CPU; below the bf16 quality bar)")
     p.add_argument("--format", default="auto", choices=["auto", "lines", "jsonl"], help="input format")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or notes on stderr")
 

@@ -26,6 +26,8 @@ from typing import Any
 
 import torch
 
+from tamis.errors import InvalidInputError
+
 logger = logging.getLogger("tamis")
 
 AUTO = "auto"
@@ -205,11 +207,11 @@ def resolve_precision(dtype: str | torch.dtype | None, device: str | torch.devic
         return Precision(chosen, False, AUTO, why)
     if name == INT8:
         if torch.device(device).type != "cpu":
-            raise ValueError("dtype='int8' (dynamic int8 Linear layers) runs on CPU only")
+            raise InvalidInputError("dtype='int8' (dynamic int8 Linear layers) runs on CPU only")
         return Precision(torch.float32, True, INT8, "explicit: dynamic int8 Linear layers, float32 elsewhere")
     if name in FLOAT_DTYPES:
         return Precision(FLOAT_DTYPES[name], False, name, "explicit")
-    raise ValueError(f"unknown dtype {dtype!r}; use one of {list(DTYPE_CHOICES)}")
+    raise InvalidInputError(f"unknown dtype {dtype!r}; use one of {list(DTYPE_CHOICES)}")
 
 
 # ------------------------------------------------------------------------------------------ threads

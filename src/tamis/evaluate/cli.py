@@ -62,7 +62,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ignore-identical-ids", action="store_true", help="drop results whose id equals the query id")
     p.add_argument("--rrf-k", type=int, default=60, help="reciprocal rank fusion constant (hybrid)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (default: bf16 with native bf16 on CPU / on GPU, else float32), float32, bfloat16, int8")
     p.add_argument("--output", default=None, help="JSON report path (default reports/eval-<data>-<stage>.json)")
     p.add_argument("--per-query", action="store_true", help="include per-query metrics in the JSON report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

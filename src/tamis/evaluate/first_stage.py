@@ -161,7 +161,9 @@ def model_identity(embedder: Any) -> dict[str, Any]:
         "name": str(getattr(embedder, "name", "")),
         "dimension": int(getattr(embedder, "dimension", 0) or 0),
         "max_length": getattr(embedder, "max_length", None),
-        "dtype": str(getattr(embedder, "dtype", "")),
+        # dtype="int8" computes with float32 activations (embedder.dtype) but other vectors: its own key
+        "dtype": "int8" if getattr(getattr(embedder, "precision", None), "int8", False)
+        else str(getattr(embedder, "dtype", "")),
     }
     model_dir = getattr(embedder, "model_dir", None) or getattr(embedder, "path", None)
     if model_dir is None and type(embedder).__name__ == "Embedder":

@@ -98,7 +98,7 @@ def default_relevance_level(dataset: Dataset) -> int:
     return 2 if dataset.path.name.lower().startswith("trec-dl") else 1
 
 
-def load_embedder(model: Any, device: str = "cpu", dtype: str = "float32") -> Any:
+def load_embedder(model: Any, device: str = "cpu", dtype: str = "auto") -> Any:
     """An Embedder object as is, or ``tamis.Embedder(model)`` for a name / path / None."""
     if model is not None and hasattr(model, "embed"):
         return model
@@ -107,7 +107,7 @@ def load_embedder(model: Any, device: str = "cpu", dtype: str = "float32") -> An
     return Embedder(model, device=device, dtype=dtype)
 
 
-def load_reranker(reranker: Any, device: str = "cpu", dtype: str = "float32") -> Any:
+def load_reranker(reranker: Any, device: str = "cpu", dtype: str = "auto") -> Any:
     """A Reranker object as is; ``"default"`` -> ``tamis.Reranker()``; a name / path -> ``tamis.Reranker(it)``."""
     if reranker is not None and hasattr(reranker, "rerank"):
         return reranker
@@ -173,7 +173,7 @@ def evaluate(
     ignore_identical_ids: bool = False,
     rrf_k: int = 60,
     device: str = "cpu",
-    dtype: str = "float32",
+    dtype: str = "auto",
     show_progress: bool = True,
 ) -> EvalReport:
     """Run a first stage (and optionally a reranker over its top ``depth``) on a data set and score it.

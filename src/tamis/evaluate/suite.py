@@ -43,7 +43,7 @@ def rerank_suite(
     data_root: str | os.PathLike[str],
     sets: tuple[str, ...] | None = None,
     device: str = "cpu",
-    dtype: str = "float32",
+    dtype: str = "auto",
     cache_dir: str | os.PathLike[str] | None = None,
     show_progress: bool = True,
 ) -> list[dict[str, Any]]:

@@ -37,10 +37,13 @@ def Reranker(  # noqa: N802 - a factory with the name of the thing it makes, as 
     name_or_path: str | Path | None = None,
     *,
     device: str | torch.device = "cpu",
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype = "auto",
     **kwargs: Any,
 ) -> RerankerLike:
-    """Load a reranker by name or path (offline), choosing the implementation from its config."""
+    """Load a reranker by name or path (offline), choosing the implementation from its config.
+
+    ``dtype="auto"`` (default) is bfloat16 on CPUs with native bf16 and on GPUs, float32 elsewhere (see
+    :mod:`tamis.hardware`); an explicit dtype wins."""
     from tamis.embed import Embedder, _model_name
 
     model_dir = resolve_model_dir(name_or_path)

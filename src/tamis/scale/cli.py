@@ -60,7 +60,9 @@ def _io(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=10_000, help="rows per output shard (default 10000)")
     p.add_argument("--batch-size", type=int, default=512, help="rows per model call (default 512)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
+                   help="auto (default): bfloat16 where the worker's CPU has native bf16 or on GPUs, else float32; "
+                        "pin float32 for identical vectors across unlike workers")
     p.add_argument("--overwrite", action="store_true", help="delete OUTPUT's shards and start again")
     p.add_argument("--ray", action="store_true", help="run on Ray Data (pip install 'tamis[ray]')")
     p.add_argument("--ray-address", default=None,

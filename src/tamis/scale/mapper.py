@@ -330,7 +330,9 @@ class EmbedBatch(_BatchMapper):
             them in ``error`` instead (never failing the batch).
         output_column: name of the vector column (``<name>_<type>`` for several embedding types).
         bad_rows: "flag" (keep the row, null vector, reason in ``error``) or "skip" (drop it).
-        device, dtype: where and how the model runs in each worker.
+        device, dtype: where and how the model runs in each worker. ``dtype="auto"`` (default) resolves in each
+            worker (bfloat16 where its CPU has native bf16 or on GPUs, float32 elsewhere); pin "float32" for
+            identical vectors from unlike workers, or when resuming a job on another machine.
         num_threads: torch intra-op threads in the worker (engines already set OMP_NUM_THREADS to the
             worker's CPUs; this overrides it).
         model_kwargs: more :class:`tamis.Embedder` arguments (``max_tokens_per_batch``, ``max_length``).
@@ -350,7 +352,7 @@ class EmbedBatch(_BatchMapper):
         output_column: str = "embedding",
         bad_rows: str = "flag",
         device: str = "cpu",
-        dtype: str = "float32",
+        dtype: str = "auto",
         num_threads: int | None = None,
         model_kwargs: dict[str, Any] | None = None,
     ):
@@ -504,7 +506,7 @@ class RerankBatch(_BatchMapper):
         output_column: str = SCORE_COLUMN,
         bad_rows: str = "flag",
         device: str = "cpu",
-        dtype: str = "float32",
+        dtype: str = "auto",
         num_threads: int | None = None,
         model_kwargs: dict[str, Any] | None = None,
     ):

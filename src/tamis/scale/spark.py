@@ -73,7 +73,7 @@ def embed_dataframe(
     output_column: str = "embedding",
     bad_rows: str = "flag",
     device: str = "cpu",
-    dtype: str = "float32",
+    dtype: str = "auto",
     num_threads: int | None = None,
     **model_kwargs: Any,
 ) -> Any:
@@ -98,7 +98,7 @@ def rerank_dataframe(
     output_column: str = "score",
     bad_rows: str = "flag",
     device: str = "cpu",
-    dtype: str = "float32",
+    dtype: str = "auto",
     num_threads: int | None = None,
     **model_kwargs: Any,
 ) -> Any:

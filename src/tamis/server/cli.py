@@ -64,7 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", action="append", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' (repeatable; also TAMIS_API_KEYS=k1,k2)")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    p.add_argument("--dtype", default="float32", help="float32 or bfloat16 (default float32)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
+                   help="auto (default): bfloat16 on CPUs with native bf16 and on GPUs, else float32; the choice "
+                        "is logged per model at start-up")
     p.add_argument("--max-inputs", type=int, default=d.max_inputs, help=f"inputs per request (default {d.max_inputs})")
     p.add_argument("--max-input-tokens", type=int, default=None,
                    help="tokens per input when truncate=false (default: the model's context)")
@@ -127,7 +129,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 
 def load_models(
-    embedding_specs: Sequence[str], reranker_specs: Sequence[str], device: str = "cpu", dtype: str = "float32"
+    embedding_specs: Sequence[str], reranker_specs: Sequence[str], device: str = "cpu", dtype: str = "auto"
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load models by spec; served name = ``NAME=`` if given, else the model's own name."""
     import tamis
@@ -149,6 +151,13 @@ def load_models(
         else:
             rr = tamis.Reranker(None if model == "default" else model, device=device, dtype=dtype)
         _add(rerankers, name or rr.name, rr, "reranker")
+    if embedding_specs or reranker_specs:
+        from tamis.hardware import cpu_info
+
+        logger.info("CPU: %s", cpu_info().describe())
+        for kind, table in (("embedding", embedders), ("reranker", rerankers)):
+            for served, model in table.items():
+                logger.info("%s model %s: %r", kind, served, model)  # repr: dtype and why (auto), packed
     return embedders, rerankers
 
 

@@ -474,7 +474,7 @@ def export_merged(base: str | Path | None, adapter_dir: str | Path, out_dir: str
     ``Embedder(base, adapters={task: adapter_dir})`` gives with ``task``."""
     from tamis.models import lora
 
-    emb = Embedder(base, adapters={task: adapter_dir})
+    emb = Embedder(base, dtype="float32", adapters={task: adapter_dir})  # merge in float32, whatever "auto" is
     module = copy.deepcopy(emb.model)
     lora.merge_adapter(module, task)
     prefix = emb.prefix(task)
@@ -577,7 +577,7 @@ def train_embedder(
     emb_cache = EmbeddingCache(cache_dir) if cache_dir is not None else EmbeddingCache()
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
-    emb = Embedder(model, device=config.device)
+    emb = Embedder(model, device=config.device, dtype="float32")  # float32 master weights (bf16: autocast)
     v3 = emb.family == "xlmr-lora"
     trained_tasks: list[str] = []
     if adapter is not None:
