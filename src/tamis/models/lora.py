@@ -114,6 +114,11 @@ def use_route(route: AdapterRoute | None) -> Iterator[None]:
         _ROUTE.reset(token)
 
 
+def current_route() -> AdapterRoute | None:
+    """The route adapted layers apply right now (to carry into recomputation, e.g. checkpointing)."""
+    return _ROUTE.get()
+
+
 class LoRALinear(nn.Module):
     """An ``nn.Linear`` (kept as ``base``) with stacked named adapters, applied per routed row."""
 
