@@ -304,3 +304,19 @@ def test_continuing_from_a_listwise_checkpoint_keeps_its_projector(tmp_path):
     assert lm.config["dual_query_token"] is True
     a = F.normalize(lm.model.projector[2].weight, dim=-1)
     assert a.shape == ref.projector[2].weight.shape
+
+
+def test_listwise_cli_help_and_one_line_errors(capsys, tmp_path):
+    from tamis.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "listwise", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert all(o in out for o in ("--w-disperse", "--w-dual", "--w-similar", "--lora-r", "--gradient-checkpointing"))
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "listwise", "--data", "x", "--out", str(tmp_path / "o"), "--model", str(tmp_path / "no.gguf")])
+    assert "no such file" in str(exc.value.code) and "\n" not in str(exc.value.code)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "listwise", "--data", "x", "--out", str(tmp_path / "o"), "--model", "m", "--temperature", "0"])
+    assert "--temperature must be > 0" in str(exc.value.code)

