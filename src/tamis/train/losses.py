@@ -11,12 +11,16 @@ Listwise:    :func:`softmax_ce` (InfoNCE over 1+ positives and k negatives), :fu
 Distillation on cached teacher scores: :func:`mse`, :func:`margin_mse`, :func:`kl_div`.
 Embeddings: :func:`in_batch_infonce` (multiple-negatives ranking on vectors), :func:`matryoshka` (the
 same loss on nested prefixes of the vectors).
+jina-reranker-v3's listwise objective (vectors read in one prompt, cosine similarities, temperature τ):
+:func:`rank_infonce` (ℓ_rank, and ℓ_dual with the dual query vector), :func:`disperse`,
+:func:`similar`, combined by :func:`listwise_objective` with :class:`ListwiseWeights`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -169,6 +173,80 @@ def matryoshka(queries: torch.Tensor, docs: torch.Tensor, targets: torch.Tensor,
         parts[f"loss_d{int(dim)}"] = float(value.detach())
         total = total + w * value
     return total, parts
+
+
+def _cosines(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of every row of ``a`` [..., M, P] with every row of ``b`` [..., N, P] -> [..., M, N]."""
+    return F.normalize(a.float(), dim=-1) @ F.normalize(b.float(), dim=-1).transpose(-1, -2)
+
+
+def rank_infonce(query: torch.Tensor, docs: torch.Tensor, positive: torch.Tensor,
+                 temperature: float = 0.25) -> torch.Tensor:
+    """ℓ_rank: InfoNCE of the positive document against the other documents of the same prompt.
+
+    ``query`` [B, P], ``docs`` [B, N, P], ``positive`` [B] (index of the positive in each list):
+    ``ℓ = -1/B Σ_b log( exp(cos(q_b, d_b,pos)/τ) / Σ_j exp(cos(q_b, d_b,j)/τ) )``.
+    ℓ_dual is the same function given the dual query vector (read right after the first query).
+    """
+    logits = _cosines(query[:, None], docs)[:, 0] / temperature  # [B, N]
+    return F.cross_entropy(logits, positive.to(logits.device).long())
+
+
+def disperse(docs: torch.Tensor, temperature: float = 0.25) -> torch.Tensor:
+    """ℓ_disperse: log-mean-exp of the similarities between distinct documents of a list.
+
+    ``docs`` [B, N, P]: ``ℓ = 1/B Σ_b log( 1/(N(N-1)) Σ_{i≠j} exp(cos(d_b,i, d_b,j)/τ) )`` over every
+    positive–negative and negative–negative pair (the dispersive loss of arXiv 2401.08690 on cosines:
+    lower when documents spread apart, against a collapse of the document vectors).
+    """
+    n = docs.shape[1]
+    if n < 2:
+        return docs.sum() * 0.0
+    sims = _cosines(docs, docs) / temperature  # [B, N, N]
+    off = ~torch.eye(n, dtype=torch.bool, device=docs.device)
+    pairs = sims[:, off]  # [B, N(N-1)]
+    return (torch.logsumexp(pairs, dim=1) - math.log(n * (n - 1))).mean()
+
+
+def similar(docs: torch.Tensor, augmented: torch.Tensor, temperature: float = 0.25) -> torch.Tensor:
+    """ℓ_similar: a document and its augmented copy are a positive pair, the other copies negatives.
+
+    ``docs`` and ``augmented`` [B, N, P] (``augmented[b, i]`` is a copy of ``docs[b, i]``):
+    ``ℓ = -1/(BN) Σ_b Σ_i log( exp(cos(d_i, d̃_i)/τ) / Σ_j exp(cos(d_i, d̃_j)/τ) )``.
+    """
+    b, n, _ = docs.shape
+    logits = _cosines(docs, augmented) / temperature  # [B, N, N]
+    target = torch.arange(n, device=docs.device).expand(b, n)
+    return F.cross_entropy(logits.reshape(b * n, n), target.reshape(-1))
+
+
+@dataclass(frozen=True)
+class ListwiseWeights:
+    """ℓ = ℓ_rank + disperse·ℓ_disperse + dual·ℓ_dual + similar·ℓ_similar (defaults: jina-reranker-v3's
+    paper, arXiv 2509.25085; τ 0.25 is its first training stage)."""
+
+    disperse: float = 0.45
+    dual: float = 0.85
+    similar: float = 0.85
+    temperature: float = 0.25
+
+
+def listwise_objective(query: torch.Tensor, docs: torch.Tensor, positive: torch.Tensor,
+                       dual_query: torch.Tensor | None = None, augmented: torch.Tensor | None = None,
+                       weights: ListwiseWeights = ListwiseWeights()) -> dict[str, torch.Tensor]:
+    """The four terms and their weighted sum ``"loss"``. A term whose weight is 0 or whose input is
+    missing (``dual_query``, ``augmented``) is left out."""
+    tau = weights.temperature
+    terms = {"rank": rank_infonce(query, docs, positive, tau)}
+    if weights.disperse:
+        terms["disperse"] = disperse(docs, tau)
+    if weights.dual and dual_query is not None:
+        terms["dual"] = rank_infonce(dual_query, docs, positive, tau)
+    if weights.similar and augmented is not None:
+        terms["similar"] = similar(docs, augmented, tau)
+    w = {"rank": 1.0, "disperse": weights.disperse, "dual": weights.dual, "similar": weights.similar}
+    terms["loss"] = sum(w[k] * v for k, v in terms.items())
+    return terms
 
 
 LOSSES = {
