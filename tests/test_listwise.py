@@ -36,12 +36,12 @@ def expected() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def rr() -> ListwiseReranker:
-    return ListwiseReranker(FIXTURE)
+    return ListwiseReranker(FIXTURE, dtype="float32")
 
 
 @pytest.fixture(scope="module")
 def rr_small_blocks() -> ListwiseReranker:
-    return ListwiseReranker(FIXTURE, block_size=4)
+    return ListwiseReranker(FIXTURE, block_size=4, dtype="float32")
 
 
 def scores_by_index(results) -> np.ndarray:

@@ -103,9 +103,10 @@ def test_auto_is_the_default_of_every_inference_entry_point(monkeypatch):
     from tamis.evaluate import pipeline, suite
     from tamis.evaluate.bench import run_bench
     from tamis.rerank.cross_encoder import CrossEncoderReranker
+    from tamis.rerank.listwise import ListwiseReranker
     from tamis.server import cli as server_cli
 
-    for fn in (tamis.Embedder, tamis.Reranker, CrossEncoderReranker, pipeline.load_embedder, pipeline.load_reranker,
+    for fn in (tamis.Embedder, tamis.Reranker, CrossEncoderReranker, ListwiseReranker, pipeline.load_embedder, pipeline.load_reranker,
                pipeline.evaluate, suite.rerank_suite, run_bench, server_cli.load_models, tamis.scale.EmbedBatch, tamis.scale.RerankBatch,
                tamis.scale.embed_dataset, tamis.scale.rerank_dataset, tamis.scale.embed_dataframe,
                tamis.scale.rerank_dataframe):

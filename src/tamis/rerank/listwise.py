@@ -128,7 +128,7 @@ class ListwiseReranker:
         self,
         model_dir: str | os.PathLike[str],
         device: str | torch.device = "cpu",
-        dtype: str | torch.dtype = "float32",
+        dtype: str | torch.dtype = "auto",
         block_size: int | None = None,
         max_query_length: int = 512,
         max_doc_length: int = 2048,
@@ -141,7 +141,8 @@ class ListwiseReranker:
         self.model_dir = resolve_model_dir(model_dir)
         config = load_config(self.model_dir)
         tokenizer = Tokenizer.from_dir(self.model_dir, config)
-        dev, dt = resolve_device(device), resolve_dtype(dtype)
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
         block_size = block_size if block_size is not None else int(config.get("block_size", 125))
         self._setup(
             JinaListwiseModel.from_pretrained(self.model_dir, dev, dt), tokenizer, config,
