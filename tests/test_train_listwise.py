@@ -272,6 +272,8 @@ def test_tiny_listwise_run_lowers_the_loss_and_reloads(tiny_decoder, pairs_dir, 
     cfg = json.loads((model_dir / "config.json").read_text())
     assert cfg["architectures"] == ["JinaForRanking"] and cfg["dual_query_token"] is True and cfg["block_size"] == 4
     assert (model_dir / "adapter" / "adapter_config.json").is_file()
+    card = (model_dir / "README.md").read_text()
+    assert "- listwise" in card and "CrossEncoder" not in card and "cosines" in card
     rr = tamis.Reranker(str(model_dir), dtype="float32")
     assert isinstance(rr, ListwiseReranker) and rr.n_query_tokens == 2 and rr.block_size == 4
     docs = ["Cats purr when they are content.", "Cargo builds Rust projects.", "Tea is brewed from leaves."]

