@@ -45,7 +45,7 @@ def first_stage_runs(
         if embedder is None:
             from tamis.embed import Embedder
 
-            embedder = Embedder()
+            embedder = Embedder(dtype="float32")  # mined lists must not depend on the CPU
         runs["dense"] = dense_search(embedder, texts, ids, queries, k=depth, cache=cache, show_progress=show_progress)
     return runs
 

@@ -116,7 +116,7 @@ def prepare_data(specs: Sequence[str], work_dir: str | Path, mining: MiningConfi
             if "dense" in mining.methods and embedder is None:
                 from tamis.embed import Embedder
 
-                embedder = Embedder(mining.embedder)
+                embedder = Embedder(mining.embedder, dtype="float32")  # mined lists must not depend on the CPU
             runs = first_stage_runs(data, train_q + dev_q, mining.methods, mining.depth, embedder, cache, show_progress)
             lists = mine_lists(data, train_q, runs, mining.n_negatives, mining.skip_top, mining.depth,
                                mining.strategy, seed)

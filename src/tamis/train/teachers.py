@@ -306,11 +306,11 @@ def build_scorer(spec: str, device: str = "cpu", cache: Any = None, show_progres
     if kind == "dense":
         from tamis.embed import Embedder
 
-        return DenseScorer(Embedder(arg or None, device=device), cache, show_progress)
+        return DenseScorer(Embedder(arg or None, device=device, dtype="float32"), cache, show_progress)
     if kind == "splade":
         if not arg:
             raise ValueError("splade needs a model directory: splade=DIR")
         return SpladeScorer(arg, device=device, show_progress=show_progress)
     from tamis.rerank import Reranker
 
-    return RerankerScorer(Reranker(arg if kind == "reranker" else spec, device=device), show_progress=show_progress)
+    return RerankerScorer(Reranker(arg if kind == "reranker" else spec, device=device, dtype="float32"), show_progress=show_progress)
