@@ -16,6 +16,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import tamis
+from conftest import QUESTIONS
+from conftest import TOPICS as DOCS
 from tamis.models import bert
 from tamis.models.loading import bundled_default_dir
 from tamis.train import (
@@ -33,23 +35,6 @@ from tamis.train.losses import in_batch_infonce, matryoshka
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 V3_TINY = SHARED / "fixtures" / "jina-embeddings-v3-tiny"
 needs_v3 = pytest.mark.skipif(not V3_TINY.is_dir(), reason="../shared/fixtures not present")
-
-DOCS = {
-    "cats": ["Cats purr when they are content.", "A cat sleeps most of the day.", "Kittens are young cats."],
-    "rust": ["Rust is a systems programming language.", "Cargo builds Rust projects.", "The borrow checker in Rust."],
-    "paris": ["Paris is the capital of France.", "The Eiffel Tower stands in Paris.", "Paris hosts the Louvre."],
-    "tea": ["Green tea contains catechins.", "Black tea is fermented.", "Tea is brewed from leaves."],
-    "mars": ["Mars is the red planet.", "Rovers explore the surface of Mars.", "Mars has two small moons."],
-    "piano": ["The piano has 88 keys.", "Chopin composed for the piano.", "A piano is tuned by a technician."],
-}
-QUESTIONS = {
-    "cats": ["why do cats purr", "how long do cats sleep", "what is a kitten"],
-    "rust": ["what is rust programming", "how to build rust code", "what does the borrow checker do"],
-    "paris": ["capital of france", "where is the eiffel tower", "where is the louvre"],
-    "tea": ["what is in green tea", "how is black tea made", "what is tea made from"],
-    "mars": ["which planet is red", "what explores mars", "how many moons does mars have"],
-    "piano": ["how many keys on a piano", "who wrote piano music", "who tunes pianos"],
-}
 
 
 @pytest.fixture(scope="module")
