@@ -322,22 +322,12 @@ def train_command(args: argparse.Namespace) -> int:
         model = args.student if args.student is not None else args.teacher
     else:
         model = args.model
-    from tamis.train.rerankers import ListConfig, MiningConfig, train_reranker
-    from tamis.train.trainer import TrainConfig
+    from tamis.train.rerankers import ListConfig, train_reranker
 
-    methods = tuple(m.strip() for m in args.mine.split(",") if m.strip())
-    lr = args.lr if args.lr is not None else (5e-5 if args.distill else 2e-5)
-    config = TrainConfig(lr=lr, weight_decay=args.weight_decay, warmup=args.warmup, schedule=args.schedule,
-                         epochs=args.epochs, max_steps=args.max_steps, grad_accum=args.grad_accum, bf16=args.bf16,
-                         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed, device=args.device,
-                         select_metric="nDCG@10" if args.dev else None, show_progress=not args.quiet)
+    config, mining = _train_and_mining_configs(args, 5e-5 if args.distill else 2e-5)
     lists = ListConfig(n_negatives=args.negatives, lists_per_batch=args.lists_per_batch, max_length=args.max_length,
                        loss=args.loss, temperature=args.temperature, pos_weight=args.pos_weight,
                        max_lists=args.max_lists, max_dev=args.max_dev)
-    mining = MiningConfig(methods=methods, n_negatives=args.mine_negatives, skip_top=args.skip_top,
-                          depth=args.mine_depth, strategy=args.mine_strategy, dev=args.dev,
-                          max_dev_per_source=args.max_dev_per_source, dev_depth=args.dev_depth,
-                          embedder=args.mine_model)
     command = "tamis " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["train"] else None
     summary = train_reranker(args.data, out, model=model, layers=args.layers, teacher=args.teacher,
                              teacher_weights=args.teacher_weights, lists=lists, mining=mining, config=config,
@@ -345,6 +335,23 @@ def train_command(args: argparse.Namespace) -> int:
                              save_dtype=args.save_dtype, name=args.name, command=command,
                              show_progress=not args.quiet)
     return _report(summary, args, out)
+
+
+def _train_and_mining_configs(args: argparse.Namespace, default_lr: float) -> tuple[Any, Any]:
+    """TrainConfig and MiningConfig from the shared optimisation and mining options."""
+    from tamis.train.rerankers import MiningConfig
+    from tamis.train.trainer import TrainConfig
+
+    config = TrainConfig(lr=args.lr if args.lr is not None else default_lr, weight_decay=args.weight_decay,
+                         warmup=args.warmup, schedule=args.schedule, epochs=args.epochs, max_steps=args.max_steps,
+                         grad_accum=args.grad_accum, bf16=args.bf16, eval_every=args.eval_every,
+                         save_every=args.save_every, seed=args.seed, device=args.device,
+                         select_metric="nDCG@10" if args.dev else None, show_progress=not args.quiet)
+    mining = MiningConfig(methods=tuple(m.strip() for m in args.mine.split(",") if m.strip()),
+                          n_negatives=args.mine_negatives, skip_top=args.skip_top, depth=args.mine_depth,
+                          strategy=args.mine_strategy, dev=args.dev, max_dev_per_source=args.max_dev_per_source,
+                          dev_depth=args.dev_depth, embedder=args.mine_model)
+    return config, mining
 
 
 def listwise_command(args: argparse.Namespace) -> int:
@@ -364,25 +371,14 @@ def listwise_command(args: argparse.Namespace) -> int:
         raise SystemExit("tamis train listwise: loss weights must be >= 0")
     from tamis.train.listwise import ListwiseConfig, train_listwise
     from tamis.train.losses import ListwiseWeights
-    from tamis.train.rerankers import MiningConfig
-    from tamis.train.trainer import TrainConfig
 
-    methods = tuple(m.strip() for m in args.mine.split(",") if m.strip())
-    config = TrainConfig(lr=args.lr if args.lr is not None else 5e-5, weight_decay=args.weight_decay,
-                         warmup=args.warmup, schedule=args.schedule, epochs=args.epochs, max_steps=args.max_steps,
-                         grad_accum=args.grad_accum, bf16=args.bf16, eval_every=args.eval_every,
-                         save_every=args.save_every, seed=args.seed, device=args.device,
-                         select_metric="nDCG@10" if args.dev else None, show_progress=not args.quiet)
+    config, mining = _train_and_mining_configs(args, 5e-5)
     lists = ListwiseConfig(n_negatives=args.negatives, lists_per_batch=args.lists_per_batch,
                            max_query_length=args.max_query_length, max_doc_length=args.max_doc_length,
                            lora_r=args.lora_r, lora_alpha=args.lora_alpha, projector_dim=args.projector_dim,
                            weights=ListwiseWeights(args.w_disperse, args.w_dual, args.w_similar, args.temperature),
                            dual_query_token=not args.no_dual_token, gradient_checkpointing=args.gradient_checkpointing,
                            max_lists=args.max_lists, max_dev=args.max_dev)
-    mining = MiningConfig(methods=methods, n_negatives=args.mine_negatives, skip_top=args.skip_top,
-                          depth=args.mine_depth, strategy=args.mine_strategy, dev=args.dev,
-                          max_dev_per_source=args.max_dev_per_source, dev_depth=args.dev_depth,
-                          embedder=args.mine_model)
     command = "tamis " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["train"] else None
     summary = train_listwise(args.data, out, model, lists=lists, mining=mining, config=config, resume=args.resume,
                              save_dtype=args.save_dtype, name=args.name, command=command,

@@ -36,7 +36,15 @@ from tokenizers import Tokenizer as HFTokenizer
 from tamis.errors import CheckpointError
 from tamis.models.gguf import gguf_to_hf
 from tamis.models.loading import load_config, load_state_dict, read_json, resolve_dtype, resolve_model_dir
-from tamis.models.lora import add_adapter, lora_layers, merge_adapter, route_all, save_adapter, use_route
+from tamis.models.lora import (
+    add_adapter,
+    lora_layers,
+    merge_adapter,
+    route_all,
+    save_adapter,
+    trainable_adapter,
+    use_route,
+)
 from tamis.models.qwen3 import JinaListwiseModel, Qwen3Config
 from tamis.rerank.listwise import DOC_TOKEN, QUERY_TOKEN, ListwiseReranker
 from tamis.tokenize import Tokenizer
@@ -157,14 +165,7 @@ def init_listwise(model: str, work_dir: str | Path, cfg: ListwiseConfig, seed: i
 def add_lora(lm: ListwiseModel, cfg: ListwiseConfig, seed: int = 0) -> list[torch.nn.Parameter]:
     """LoRA on the decoder's projections plus the projector as the trainable parameters."""
     add_adapter(lm.model.model, ADAPTER, cfg.targets, r=cfg.lora_r, alpha=cfg.lora_alpha, seed=seed)
-    for p in lm.model.parameters():
-        p.requires_grad_(False)
-    params = []
-    for layer in lora_layers(lm.model.model).values():
-        for p in (layer.lora_A, layer.lora_B):
-            if p is not None:
-                p.requires_grad_(True)
-                params.append(p)
+    params = trainable_adapter(lm.model.model, ADAPTER)  # the decoder frozen but for its LoRA stacks
     for p in lm.model.projector.parameters():
         p.requires_grad_(True)
         params.append(p)
