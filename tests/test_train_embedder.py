@@ -148,6 +148,36 @@ def test_a_set_named_test_is_refused_unless_allowed(tmp_path):
     assert load_training_data(f"{tmp_path}:test", allow_test=True).positives("q1") == ["d1"]
 
 
+def _pair_set(directory: Path, topics: list[str]) -> Path:
+    directory.mkdir()
+    with gzip.open(directory / "pairs.jsonl.gz", "wt", encoding="utf-8") as f:
+        for topic in topics:
+            for q, doc in zip(QUESTIONS[topic], DOCS[topic]):
+                f.write(json.dumps({"query": q, "document": doc, "label": 1}) + "\n")
+    return directory
+
+
+def test_replay_sets_join_training_but_never_the_dev_slice(tmp_path):
+    from tamis.train.embedder import dev_corpus, prepare_pairs
+
+    target = _pair_set(tmp_path / "target", ["cats", "rust", "paris", "tea"])
+    general = _pair_set(tmp_path / "general", ["mars", "piano"])
+    mining = MiningConfig(methods=("bm25",), n_negatives=2, skip_top=0, depth=5, dev=3)
+    plain = prepare_pairs([str(target)], tmp_path / "w0", mining, 1, show_progress=False)
+    mixed = prepare_pairs([str(target)], tmp_path / "w1", mining, 1, show_progress=False, replay=[str(general)],
+                          replay_queries=4)
+    assert mixed.replay == ["general"] and mixed.sizes["general"]["replay_queries"] == 4
+    replayed = [t for t in mixed.train if t.qid.startswith("general/")]
+    assert len(replayed) == 4 and len(mixed.train) == len(plain.train) + 4
+    assert all(d.startswith("general/") for t in replayed for d in t.positives + t.negatives)  # mined in its own set
+    assert sorted(mixed.dev_qids) == sorted(f"target/{q}" for q in plain.dev_qids)  # dev: the target set only
+    assert set(dev_corpus(mixed, None)) == {f"target/{d}" for d in plain.data.corpus}
+    default = prepare_pairs([str(target)], tmp_path / "w2", mining, 1, show_progress=False, replay=[str(general)])
+    assert default.sizes["general"]["replay_queries"] == min(len(plain.train), 6)  # as many as the target trains on
+    with pytest.raises(ValueError, match="also a training set"):
+        prepare_pairs([str(target)], tmp_path / "w3", mining, 1, show_progress=False, replay=[str(target)])
+
+
 # ------------------------------------------------------------------------------------ losses and GradCache
 
 
@@ -390,6 +420,8 @@ def test_train_adapter_and_embedder_cli(encoder, pairs_dir, tmp_path, capsys):
     assert main(["train", "embedder", "--out", str(tmp_path / "e"), "--matryoshka-dims", "32,16",
                  "--mini-batch", "4", *args]) == 0
     capsys.readouterr()
+    with pytest.raises(SystemExit, match="also a training set"):  # one line, no traceback
+        main(["train", "embedder", "--out", str(tmp_path / "r"), "--replay", str(pairs_dir), *args])
     assert main(["train", "embedder", "--out", str(tmp_path / "e"), "--matryoshka-dims", "32,16",
                  "--mini-batch", "4", "--resume", *args]) == 0  # already done: resumes at the end
     assert json.loads(capsys.readouterr().out)["steps"] == 2

@@ -257,6 +257,11 @@ def _embedding_args(p: argparse.ArgumentParser, adapter: bool) -> None:
     g.add_argument("--max-dev-docs", type=int, default=None,
                    help="dev queries retrieve from their relevant documents plus a sample of the rest up to N "
                         "(default: the whole corpus)")
+    g.add_argument("--replay", action="append", default=[], metavar="DIR[:SPLIT]",
+                   help="general-domain set mixed into training (repeatable) so the model keeps its quality "
+                        "outside --data's domain; never in the dev slice; negatives mined with BM25")
+    g.add_argument("--replay-queries", type=int, default=None, metavar="N",
+                   help="seeded queries taken from each --replay set (default: as many as --data trains on)")
     m = p.add_argument_group("hard-negative mining")
     m.add_argument("--mine", default="bm25,dense", help="first stages to mine with: bm25, dense, both, or none")
     m.add_argument("--mine-model", default=None, help="embedding model of the dense first stage (default: --model)")
@@ -459,7 +464,8 @@ def embed_command(args: argparse.Namespace) -> int:
                                  adapter=adapter, unseen_dev_docs=args.unseen_dev_docs, max_dev_docs=args.max_dev_docs,
                                  allow_test=args.allow_test_split, merge_into=getattr(args, "merge_into", None),
                                  resume=args.resume, cache_dir=args.cache_dir, save_dtype=args.save_dtype,
-                                 name=args.name, command=command, show_progress=not args.quiet)
+                                 name=args.name, command=command, show_progress=not args.quiet,
+                                 replay=args.replay, replay_queries=args.replay_queries)
     except ValueError as exc:
         raise SystemExit(f"tamis train {'adapter' if args.adapter else 'embedder'}: {exc}") from None
     keys = ("output", "merged", "steps", "train_seconds", "best_dev", "last_dev")

@@ -111,15 +111,21 @@ class PreparedPairs:
     dev_qids: list[str]
     dev_docs: set[str]  # documents held out with the dev queries (``unseen_dev_docs``)
     sizes: dict[str, Any] = field(default_factory=dict)
+    replay: list[str] = field(default_factory=list)  # names of the replay sets (training only, never dev)
 
 
 def prepare_pairs(
     specs: Sequence[str], work_dir: str | Path, mining: MiningConfig, hard_negatives: int, seed: int = 0,
     unseen_dev_docs: bool = False, allow_test: bool = False, mine_model: str | Path | None = None,
-    cache: EmbeddingCache | None = None, show_progress: bool = True,
+    cache: EmbeddingCache | None = None, show_progress: bool = True, replay: Sequence[str] = (),
+    replay_queries: int | None = None,
 ) -> PreparedPairs:
     """Load each set, hold out dev queries (and with ``unseen_dev_docs`` their documents), mine hard
-    negatives for the training queries when ``hard_negatives`` > 0 (cached in ``work_dir``), merge."""
+    negatives for the training queries when ``hard_negatives`` > 0 (cached in ``work_dir``), merge.
+
+    ``replay``: general-domain sets mixed into training so that a model adapted to ``specs`` keeps its
+    quality elsewhere (rehearsal). Each contributes a seeded sample of ``replay_queries`` training queries
+    (default: as many as ``specs`` train on), negatives mined with BM25 only, and nothing to the dev slice."""
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     sets, all_lists, devs, held, sizes = [], [], [], [], {}
@@ -156,6 +162,35 @@ def prepare_pairs(
         all_lists.append(lists)
         devs.append(dev_q)
         held.append(dev_docs)
+    n_replay = replay_queries if replay_queries is not None else sum(len(ls) for ls in all_lists)
+    replay_names = []
+    for spec in replay:
+        data = load_training_data(spec)
+        if data.name in {d.name for d in sets}:
+            raise ValueError(f"replay set {data.name!r} is also a training set")
+        pool_ = sorted(data.trainable_queries())
+        qids = random.Random(f"replay:{seed}").sample(pool_, min(n_replay, len(pool_)))
+        lists = [TrainList(q, data.positives(q), data.labelled_negatives(q), len(data.labelled_negatives(q)))
+                 for q in qids]
+        if bool(hard_negatives):
+            lists_path, meta_path = work / f"emb-replay-{data.name}.jsonl", work / f"emb-replay-{data.name}.json"
+            meta = {"spec": str(spec), "seed": seed, "queries": len(qids), "methods": ["bm25"],
+                    "n_negatives": mining.n_negatives, "skip_top": mining.skip_top, "depth": mining.depth,
+                    "strategy": mining.strategy}
+            if lists_path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
+                lists = load_lists(lists_path)
+            else:
+                runs = first_stage_runs(data, qids, ("bm25",), mining.depth, None, cache, show_progress)
+                lists = mine_lists(data, qids, runs, mining.n_negatives, mining.skip_top, mining.depth,
+                                   mining.strategy, seed)
+                save_lists(lists, lists_path)
+                meta_path.write_text(json.dumps(meta, indent=1))
+        sizes[data.name] = {"replay_queries": len(lists), **data.sizes()}
+        sets.append(data)
+        all_lists.append(lists)
+        devs.append([])
+        held.append(set())
+        replay_names.append(data.name)
     if len(sets) == 1:
         return PreparedPairs(sets[0], all_lists[0], devs[0], held[0], sizes)
     merged = merge(sets)
@@ -163,7 +198,7 @@ def prepare_pairs(
                        [f"{d.name}/{x}" for x in t.negatives], t.labelled) for d, ls in zip(sets, all_lists) for t in ls]
     dev_q = [f"{d.name}/{q}" for d, qs in zip(sets, devs) for q in qs]
     dev_docs = {f"{d.name}/{x}" for d, hs in zip(sets, held) for x in hs}
-    return PreparedPairs(merged, lists, dev_q, dev_docs, sizes)
+    return PreparedPairs(merged, lists, dev_q, dev_docs, sizes, replay_names)
 
 
 @dataclass
@@ -359,8 +394,11 @@ def retrieval_metrics(
 
 def dev_corpus(prepared: PreparedPairs, max_docs: int | None, seed: int = 0) -> dict[str, str]:
     """The documents dev queries retrieve from: the whole training corpus, or (``max_docs``) their
-    relevant documents plus a seeded sample of the others."""
+    relevant documents plus a seeded sample of the others. Replay sets' documents are never in it."""
     corpus = prepared.data.corpus
+    if prepared.replay:
+        skip = tuple(f"{name}/" for name in prepared.replay)
+        corpus = {d: t for d, t in corpus.items() if not d.startswith(skip)}
     if max_docs is None or len(corpus) <= max_docs:
         return corpus
     must = sorted({d for q in prepared.dev_qids for d in prepared.data.positives(q)})
@@ -560,8 +598,14 @@ def train_embedder(
     name: str | None = None,
     command: str | None = None,
     show_progress: bool = True,
+    replay: Sequence[str] = (),
+    replay_queries: int | None = None,
 ) -> dict[str, Any]:
     """Train an embedding model (all weights) or, with ``adapter``, a task adapter on a frozen base.
+
+    ``replay``: general-domain sets mixed into the training batches (``replay_queries`` seeded queries
+    each; default as many as ``data`` trains on) so that the model keeps its quality outside ``data``'s
+    domain; they never enter the dev slice (see :func:`prepare_pairs`).
 
     Outputs under ``out_dir``: ``model/`` (full training: a sentence-transformers directory, or a
     jina-embeddings-v3 checkpoint) or ``adapter/`` (peft layout; ``adapter-<passage_task>/`` for a
@@ -606,7 +650,7 @@ def train_embedder(
             raise ValueError(f"freeze must be 'word' or None, got {embedding.freeze!r}")
     prepared = prepare_pairs(data, Path(data_dir) if data_dir else out / "data", mining, embedding.hard_negatives,
                              config.seed, unseen_dev_docs, allow_test, mine_model=model, cache=emb_cache,
-                             show_progress=show_progress)
+                             show_progress=show_progress, replay=replay, replay_queries=replay_queries)
     prep_s = time.perf_counter() - t0
     batcher = PairBatcher(prepared.data, prepared.train, embedding.batch_size, embedding.hard_negatives, config.seed)
     step = ContrastiveStep(emb, prepared.data, embedding, query_task, passage_task)
@@ -633,6 +677,9 @@ def train_embedder(
         "dev": f"{len(prepared.dev_qids)} held-out queries over {len(corpus)} documents"
                + (" (their documents never trained on)" if unseen_dev_docs else ""),
     }
+    if prepared.replay:
+        recipe["replay"] = ", ".join(f"{n}: {prepared.sizes[n]['replay_queries']} queries (BM25 negatives)"
+                                     for n in prepared.replay)
     if adapter is not None:
         recipe["adapter"] = "stacked v3 slices" if v3 else f"LoRA r={adapter.r}, alpha={adapter.alpha}, " \
                                                           f"targets {list(adapter.target_modules or ['all Linear'])}"
