@@ -693,7 +693,7 @@ def train_embedder(
             usage = (f'import tamis\nemb = tamis.Embedder("{base_name}", adapters={{"{adapter.task}": "path/to/adapter"}})\n'
                      f'emb.embed(["a text"], task="{adapter.task}")')
             card = embedder_card(f"{name} ({adapter.task} adapter)", "A LoRA task adapter trained with `tamis train "
-                                 "adapter`, in peft's layout.", base_name, list(data), recipe, usage, command=command)
+                                 "adapter`, in peft's layout.", base_name, [*data, *replay], recipe, usage, command=command)
             for task in trained_tasks:
                 target = directory if task == adapter.task else directory.with_name(f"adapter-{task}")
                 tmp = _fresh_tmp(target)
@@ -701,14 +701,14 @@ def train_embedder(
                 (tmp / "README.md").write_text(card)
                 _replace_dir(tmp, target)
             return
-        card = embedder_card(name, "An embedding model trained with `tamis train`.", base_name, list(data), recipe,
+        card = embedder_card(name, "An embedding model trained with `tamis train`.", base_name, [*data, *replay], recipe,
                              usage_full, command=command)
         if v3:
             save_v3(emb, directory, dtype, card)
         else:
             save_sentence_transformer(emb.model, emb, directory, dtype, card, extra)
 
-    describe = {"title": f"{name}: {recipe['loss']}", "base": base_name, "data": list(data), "mode": recipe["mode"],
+    describe = {"title": f"{name}: {recipe['loss']}", "base": base_name, "data": [*data, *replay], "mode": recipe["mode"],
                 "sizes": prepared.sizes, "parameters": params, "cpu": cpu_model(), "torch": torch.__version__,
                 "python": platform.python_version()}
     trainer = Trainer(emb.model, config, out, batcher, step, save, evaluate if prepared.dev_qids else None, describe)
@@ -728,7 +728,7 @@ def train_embedder(
         if passage_task != query_task:
             raise ValueError("a merged model has one set of weights: merge needs one adapter for queries and documents")
         merged_card = embedder_card(f"{name} (merged)", f"The {adapter.task!r} adapter folded into the base weights.",
-                                    base_name, list(data), recipe, usage_full, command=command)
+                                    base_name, [*data, *replay], recipe, usage_full, command=command)
         summary["merged"] = str(export_merged(model, result.model_dir, merge_into, adapter.task,
                                               _dtype(save_dtype), merged_card))
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
