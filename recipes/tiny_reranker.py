@@ -56,6 +56,9 @@ def main() -> int:
     p.add_argument("--teacher-steps", type=int, default=450)
     p.add_argument("--student-steps", type=int, default=600)
     p.add_argument("--student-layers", default="0,5")
+    p.add_argument("--student-loss", default="kl+0.2*infonce",
+                   help="student loss spec; a 'hidden' term runs the teacher beside the student (no pre-scoring)")
+    p.add_argument("--student-lists", type=int, default=1200, help="training lists the student sees (0: all)")
     p.add_argument("--eval-every", type=int, default=150)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
@@ -97,11 +100,12 @@ def main() -> int:
                           seed=args.seed, device=args.device, select_metric="nDCG@10", show_progress=show)
         summary = train_reranker(
             train_sets, work / "student", model=str(teacher_dir), layers=layers, teacher=str(teacher_dir),
-            lists=ListConfig(n_negatives=7, lists_per_batch=4, max_length=256, loss="kl+0.2*infonce",
-                             max_lists=1200, max_dev=120),
+            lists=ListConfig(n_negatives=7, lists_per_batch=4, max_length=256, loss=args.student_loss,
+                             max_lists=args.student_lists or None, max_dev=120),
             data_dir=work / "teacher" / "data",
             mining=mining, config=cfg, resume=True, cache_dir=cache_dir, name="tamis-reranker-tiny",
-            command=f"python recipes/tiny_reranker.py --stages student --student-layers {args.student_layers}",
+            command=f"python recipes/tiny_reranker.py --stages student --student-layers {args.student_layers} "
+                    f"--student-loss '{args.student_loss}' --student-lists {args.student_lists}",
             show_progress=show)
         log(f"student: {json.dumps({k: summary[k] for k in ('steps', 'train_seconds', 'best_dev')})}")
     if "evaluate" in stages:

@@ -225,6 +225,68 @@ def test_train_reranker_end_to_end_with_teacher_and_dev(pairs_dir, tiny_encoder,
     assert isinstance(tamis.Reranker(tmp_path / "run" / "model"), tamis.rerank.CrossEncoderReranker)
 
 
+def test_layer_states_match_the_forward_and_hidden_mse_by_hand(pairs_dir, tiny_encoder):
+    from tamis.rerank.cross_encoder import relevance_logits
+    from tamis.train.cross_encoder import default_layer_map, layer_states
+    from tamis.train.losses import hidden_mse
+
+    ce = init_cross_encoder(tiny_encoder, seed=0)
+    docs = list(from_pairs(pairs_dir).corpus.values())[:4]
+    padded = ce.tokenizer.pad(ce.tokenizer.encode_pairs(["why do cats purr"] * 4, docs, 64, truncate=True), "cpu")
+    logits, states = layer_states(ce.model, padded)
+    torch.testing.assert_close(logits, relevance_logits(ce.model, padded))  # the same modules as forward
+    assert len(states) == 3 and states[-1].shape == (4, padded.input_ids.shape[1], 32)
+    assert default_layer_map([0, 5], 2, 6) == [0, 1, 6] and default_layer_map(None, 2, 6) == [0, 3, 6]
+    a = [torch.zeros(1, 3, 2), torch.ones(1, 3, 2)]
+    b = [torch.zeros(1, 3, 2), torch.full((1, 3, 2), 5.0), torch.full((1, 3, 2), 3.0)]
+    mask = torch.tensor([[1, 1, 0]])
+    b[2][0, 2] = 100.0  # a padding position: ignored
+    assert hidden_mse(a, b, [0, 2], mask).item() == pytest.approx((0 + 4) / 2)
+
+
+def test_hidden_state_distillation_trains_a_layer_selected_student(pairs_dir, tiny_encoder, tmp_path):
+    teacher = init_cross_encoder(tiny_encoder, seed=0)
+    with torch.no_grad():  # a head that tells documents apart, so the teacher's lists are not flat
+        torch.nn.init.normal_(teacher.model.classifier.weight, std=3.0)
+    save_cross_encoder(teacher, tmp_path / "teacher", max_length=64)
+    data = from_pairs(pairs_dir)
+    lists = _all_other_docs(data)
+    student = init_cross_encoder(tmp_path / "teacher", layers=[1])
+    live = init_cross_encoder(tmp_path / "teacher")
+    batcher = ListBatcher(data, lists, student.tokenizer, n_negatives=3, lists_per_batch=9, max_length=64)
+    step = ListStep(student, data, "kl+hidden", 64, teacher_model=live, layer_map=[0, 2])
+    batch = batcher(0)[0]
+    with torch.no_grad():
+        first = step(batch)
+    assert first.metrics["loss_hidden"] > 0 and first.metrics["loss_kl"] > 0
+    opt = torch.optim.AdamW(student.model.parameters(), lr=3e-3)
+    for _ in range(5):
+        opt.zero_grad()
+        step(batch).loss.backward()
+        opt.step()
+    with torch.no_grad():
+        last = step(batch)
+    assert last.metrics["loss_hidden"] < first.metrics["loss_hidden"] and last.metrics["loss_kl"] < first.metrics["loss_kl"]
+    assert not any(p.requires_grad for p in live.model.parameters())  # the teacher stays frozen
+    with pytest.raises(ValueError, match="teacher model"):
+        ListStep(student, data, "hidden", 64)
+    summary = train_reranker(  # end to end: the live teacher replaces the cached scores
+        [str(pairs_dir)], tmp_path / "run", model=str(tmp_path / "teacher"), layers=[1],
+        teacher=str(tmp_path / "teacher"),
+        lists=ListConfig(n_negatives=3, lists_per_batch=4, max_length=64, loss="kl+0.5*hidden"),
+        mining=MiningConfig(methods=("bm25",), n_negatives=8, skip_top=0, dev=4, dev_depth=10),
+        config=TrainConfig(lr=1e-3, max_steps=2, eval_every=2, select_metric="nDCG@10", show_progress=False),
+        cache_dir=tmp_path / "cache", show_progress=False)
+    assert summary["steps"] == 2 and "live" in summary["teacher"]
+    assert summary["recipe"]["hidden-state map"].endswith("[0, 2]")
+    assert not (tmp_path / "run" / "teacher").exists()  # nothing pre-scored
+    with pytest.raises(ValueError, match="cross-encoder directory"):
+        train_reranker([str(pairs_dir)], tmp_path / "bad", model=str(tmp_path / "teacher"), layers=[1],
+                       teacher="ensemble:bm25", lists=ListConfig(loss="hidden"),
+                       mining=MiningConfig(methods=("bm25",), dev=0), cache_dir=tmp_path / "cache",
+                       show_progress=False)
+
+
 @needs_data
 def test_rerank_metrics_on_real_dev_slice():
     data = load_training_data(SHARED / "data" / "scifact")

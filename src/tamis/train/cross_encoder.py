@@ -33,10 +33,10 @@ from tamis.evaluate.datasets import Qrels, Run
 from tamis.evaluate.metrics import compute_metrics
 from tamis.models import bert, detect_family, is_cross_encoder
 from tamis.models.loading import load_config, load_state_dict, resolve_model_dir
-from tamis.rerank.cross_encoder import CrossEncoderReranker, relevance_logits
+from tamis.rerank.cross_encoder import CrossEncoderReranker, relevance_column, relevance_logits
 from tamis.tokenize import Tokenizer
 from tamis.train.data import RerankData, TrainList, make_groups
-from tamis.train.losses import compute, parse_loss_spec
+from tamis.train.losses import compute, hidden_mse, parse_loss_spec
 from tamis.train.trainer import StepOutput
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -199,13 +199,43 @@ class ListBatcher:
         return batches
 
 
+def layer_states(model: bert.BertForSequenceClassification, batch: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """:func:`relevance_logits` of a padded batch and every hidden state on the way (index 0: the
+    embeddings, i: the output of layer i), through the same modules as ``model.forward``."""
+    enc = model.encoder_model
+    token_types = batch.token_type_ids if batch.token_type_ids is not None else torch.zeros_like(batch.input_ids)
+    x = enc.embeddings(batch.input_ids, token_types, batch.attention_mask)
+    bias = enc.attention_bias(batch.attention_mask, x.dtype)
+    states = [x]
+    for layer in enc.encoder.layer:
+        x = layer(x, bias)
+        states.append(x)
+    return relevance_column(model.head(x[:, 0])), states
+
+
+def default_layer_map(kept: Sequence[int] | None, student_layers: int, teacher_layers: int) -> list[int]:
+    """The teacher state each student state learns (see :func:`tamis.train.losses.hidden_mse`): for a
+    student made of the teacher's layers ``kept``, its layer i matches the output of teacher layer
+    ``kept[i]``; otherwise layers are spread evenly (student layer i -> teacher layer round(i * T / S))."""
+    if kept is not None:
+        if len(kept) != student_layers:
+            raise ValueError(f"{len(kept)} kept layers for a {student_layers}-layer student")
+        return [0, *(k + 1 for k in kept)]
+    return [0, *(round((i + 1) * teacher_layers / student_layers) for i in range(student_layers))]
+
+
 class ListStep:
     """Forward pass and loss of one :class:`ListBatch`: scores ``[B, L]`` from the cross-encoder, then a
-    weighted sum of losses (:func:`tamis.train.losses.parse_loss_spec`) on labels and teacher scores."""
+    weighted sum of losses (:func:`tamis.train.losses.parse_loss_spec`) on labels and teacher scores.
+
+    ``teacher_model`` (a frozen cross-encoder) is run on every batch: its logits are the teacher scores
+    when no cached ``teacher`` table is given, and the ``hidden`` loss matches the student's hidden states
+    to its states ``layer_map`` (:func:`default_layer_map`)."""
 
     def __init__(self, ce: CrossEncoder, data: RerankData, loss: str, max_length: int,
                  teacher: dict[str, dict[str, float]] | None = None, temperature: float = 1.0,
-                 pos_weight: float | None = None):
+                 pos_weight: float | None = None, teacher_model: CrossEncoder | None = None,
+                 layer_map: Sequence[int] | None = None):
         self.ce = ce
         self.data = data
         self.terms = parse_loss_spec(loss)
@@ -213,9 +243,26 @@ class ListStep:
         self.teacher = teacher
         self.temperature = temperature
         self.pos_weight = pos_weight
+        self.teacher_model = teacher_model
+        self.hidden = any(n == "hidden" for n, _ in self.terms)
         needs = [n for n, _ in self.terms if n in ("mse", "margin-mse", "kl")]
-        if needs and teacher is None:
+        if needs and teacher is None and teacher_model is None:
             raise ValueError(f"loss {loss!r} uses {needs} but no teacher scores were given")
+        if self.hidden:
+            if teacher_model is None:
+                raise ValueError("loss 'hidden' needs a teacher model (a cross-encoder) run beside the student")
+            s_cfg, t_cfg = ce.model.cfg, teacher_model.model.cfg
+            if s_cfg.hidden_size != t_cfg.hidden_size:
+                raise ValueError(f"loss 'hidden' needs equal widths: student {s_cfg.hidden_size}, "
+                                 f"teacher {t_cfg.hidden_size}")
+            self.layer_map = list(layer_map) if layer_map is not None else default_layer_map(
+                None, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
+            if len(self.layer_map) != s_cfg.num_hidden_layers + 1 or not all(
+                    0 <= j <= t_cfg.num_hidden_layers for j in self.layer_map):
+                raise ValueError(f"layer_map {self.layer_map} does not fit a {s_cfg.num_hidden_layers}-layer "
+                                 f"student and a {t_cfg.num_hidden_layers}-layer teacher")
+        if teacher_model is not None:
+            teacher_model.model.eval().requires_grad_(False)
 
     def __call__(self, batch: ListBatch) -> StepOutput:
         q = [self.data.queries[qid] for qid, docs in zip(batch.qids, batch.docs) for _ in docs]
@@ -224,17 +271,30 @@ class ListStep:
         device = next(self.ce.model.parameters()).device
         padded = self.ce.tokenizer.pad(enc, device)
         b, n = len(batch.docs), len(batch.docs[0])
-        scores = relevance_logits(self.ce.model, padded).float().view(b, n)
+        if self.hidden:
+            logits, states = layer_states(self.ce.model, padded)
+        else:
+            logits, states = relevance_logits(self.ce.model, padded), []
+        scores = logits.float().view(b, n)
         labels = torch.tensor([[self.data.qrels.get(qid, {}).get(x, 0) for x in docs]
                                for qid, docs in zip(batch.qids, batch.docs)], dtype=torch.float32, device=device)
         teacher = None
         if self.teacher is not None:
             teacher = torch.tensor([[self.teacher[qid][x] for x in docs] for qid, docs in zip(batch.qids, batch.docs)],
                                    dtype=torch.float32, device=device)
+        t_states: list[torch.Tensor] = []
+        if self.teacher_model is not None:
+            with torch.no_grad():
+                t_logits, t_states = layer_states(self.teacher_model.model, padded)
+            if teacher is None:
+                teacher = t_logits.float().view(b, n)
         total = scores.new_zeros(())
         parts = {}
         for name, weight in self.terms:
-            value = compute(name, scores, labels, teacher, None, self.temperature, self.pos_weight)
+            if name == "hidden":
+                value = hidden_mse(states, t_states, self.layer_map, padded.attention_mask)
+            else:
+                value = compute(name, scores, labels, teacher, None, self.temperature, self.pos_weight)
             parts[f"loss_{name}"] = float(value.detach())
             total = total + weight * value
         return StepOutput(total, b * n, parts if len(self.terms) > 1 else {})

@@ -8,7 +8,8 @@ Losses are averaged over lists unless stated otherwise.
 Pointwise:   :func:`bce` (with ``pos_weight``), :func:`mse`.
 Listwise:    :func:`softmax_ce` (InfoNCE over 1+ positives and k negatives), :func:`listnet`,
              :func:`lambda_loss` (LambdaLoss, NDCG-Loss2++ weighting).
-Distillation on cached teacher scores: :func:`mse`, :func:`margin_mse`, :func:`kl_div`.
+Distillation on cached teacher scores: :func:`mse`, :func:`margin_mse`, :func:`kl_div`; on the live
+teacher's hidden states (a student made by layer selection): :func:`hidden_mse`.
 Embeddings: :func:`in_batch_infonce` (multiple-negatives ranking on vectors), :func:`matryoshka` (the
 same loss on nested prefixes of the vectors).
 jina-reranker-v3's listwise objective (vectors read in one prompt, cosine similarities, temperature τ):
@@ -256,6 +257,7 @@ LOSSES = {
     "lambda": "LambdaLoss (NDCG-Loss2++) on labels",
     "mse": "distillation: MSE to teacher scores",
     "margin-mse": "distillation: MarginMSE on teacher(pos) - teacher(neg)",
+    "hidden": "distillation: MSE of hidden states to the live teacher's mapped layers (layer-selected students)",
     "kl": "distillation: KL divergence between teacher and student softmax over each list",
 }
 
@@ -279,7 +281,28 @@ def compute(name: str, scores: torch.Tensor, labels: torch.Tensor, teacher: torc
         return margin_mse(scores, teacher, mask)
     if name == "kl":
         return kl_div(scores, teacher, temperature, mask)
+    if name == "hidden":
+        raise ValueError("loss 'hidden' compares hidden states, not scores: a ListStep with a live teacher "
+                         "model computes it (hidden_mse)")
     raise ValueError(f"unknown loss {name!r}; use one of {', '.join(LOSSES)}")
+
+
+def hidden_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor], layer_map: Sequence[int],
+               attention_mask: torch.Tensor) -> torch.Tensor:
+    """Intermediate-layer distillation (TinyBERT, arXiv 1909.10351): the mean over mapped layers of the MSE
+    between the student's hidden states and the teacher's, over real tokens only.
+
+    ``student[i]`` / ``teacher[j]``: ``[B, T, H]`` states, index 0 the embeddings, i the output of layer i;
+    ``layer_map[i]`` is the teacher state the student's state i learns (e.g. ``[0, 1, 6]`` for a student
+    keeping layers 0 and 5 of six). Every token's state is a target, so a small student gets a dense signal
+    where list losses give one scalar per pair."""
+    if len(layer_map) != len(student):
+        raise ValueError(f"layer_map has {len(layer_map)} entries for {len(student)} student states")
+    m = attention_mask.to(torch.bool)
+    total = student[0].new_zeros(())
+    for s, j in zip(student, layer_map):
+        total = total + ((s.float() - teacher[j].float()) ** 2)[m].mean()
+    return total / len(student)
 
 
 def parse_loss_spec(spec: str) -> list[tuple[str, float]]:

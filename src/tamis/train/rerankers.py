@@ -32,6 +32,7 @@ from tamis.train.cross_encoder import (
     ListBatcher,
     ListStep,
     count_parameters,
+    default_layer_map,
     freeze_embeddings,
     init_cross_encoder,
     rerank_metrics,
@@ -47,6 +48,7 @@ from tamis.train.data import (
     save_lists,
     split_dev,
 )
+from tamis.train.losses import parse_loss_spec
 from tamis.train.mining import candidate_run, first_stage_runs, mine_lists
 from tamis.train.teachers import EnsembleScorer, build_scorer, score_cached
 from tamis.train.trainer import TrainConfig, Trainer
@@ -221,7 +223,12 @@ def train_reranker(
     teacher_info: dict[str, Any] = {}
     table = None
     teacher_name = None
-    if teacher is not None:
+    teacher_model = None
+    live = any(name == "hidden" for name, _ in parse_loss_spec(lists.loss))
+    if live:  # the teacher runs beside the student on every batch: its states and its logits are the targets
+        teacher_model = _live_teacher(teacher, config.seed, config.device)
+        teacher_name = f"cross-encoder {Path(str(teacher)).name} (live: hidden states and scores)"
+    elif teacher is not None:
         table, teacher_name, teacher_info = teacher_scores(teacher, prepared, out / "teacher", config.device,
                                                            teacher_weights, emb_cache, show_progress)
     prep_s = time.perf_counter() - t0
@@ -230,7 +237,12 @@ def train_reranker(
     frozen = freeze_embeddings(ce, freeze) if freeze else 0
     batcher = ListBatcher(prepared.data, prepared.train, ce.tokenizer, lists.n_negatives, lists.lists_per_batch,
                           lists.max_length, config.seed)
-    step = ListStep(ce, prepared.data, lists.loss, lists.max_length, table, lists.temperature, lists.pos_weight)
+    layer_map = None
+    if teacher_model is not None:
+        layer_map = default_layer_map(layers, ce.model.cfg.num_hidden_layers,
+                                      teacher_model.model.cfg.num_hidden_layers)
+    step = ListStep(ce, prepared.data, lists.loss, lists.max_length, table, lists.temperature, lists.pos_weight,
+                    teacher_model, layer_map)
     params = count_parameters(ce.model)
     name = name or out.name
     recipe = {
@@ -243,6 +255,8 @@ def train_reranker(
         "device": config.device, "bf16": config.bf16,
         "lists used": f"{len(prepared.train)} (sampled)" if lists.max_lists else f"{len(prepared.train)} (all)",
     }
+    if layer_map is not None:
+        recipe["hidden-state map"] = f"student states {list(range(len(layer_map)))} -> teacher states {layer_map}"
 
     def save(directory: Path) -> None:
         arch = {"layers": ce.model.cfg.num_hidden_layers, "hidden": ce.model.cfg.hidden_size,
@@ -269,6 +283,23 @@ def train_reranker(
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
+
+
+def _live_teacher(teacher: Any, seed: int, device: str) -> CrossEncoder:
+    """The cross-encoder a ``hidden`` loss runs beside the student (a directory or a cached model name)."""
+    from tamis.errors import TamisError
+    from tamis.models import is_cross_encoder
+    from tamis.models.loading import load_config, resolve_model_dir
+
+    why = "loss 'hidden' needs --teacher to be a cross-encoder directory (run beside the student)"
+    if not isinstance(teacher, (str, Path)):
+        raise ValueError(why)
+    try:
+        if not is_cross_encoder(load_config(resolve_model_dir(teacher))):
+            raise ValueError(f"{why}; {teacher} is an embedding model")
+    except TamisError as exc:
+        raise ValueError(f"{why}; {exc}") from None
+    return init_cross_encoder(teacher, None, seed, device)
 
 
 def _dtype(name: str) -> torch.dtype:
