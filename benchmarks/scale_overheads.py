@@ -23,11 +23,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -41,11 +39,8 @@ from tamis.embed import TruncationWarning
 from tamis.train.card import cpu_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from local_server import free_port, start_server, stop_server  # noqa: E402
+from local_server import free_port, start_nginx, start_server, stop_server  # noqa: E402
 from scale_ray import cosines, load_corpus  # noqa: E402
-
-README = Path(__file__).resolve().parents[1] / "README.md"
-
 
 # ------------------------------------------------------------------------------------ spark
 
@@ -109,35 +104,6 @@ def spark_part(n_docs: int, rounds: int) -> bool:
 # ------------------------------------------------------------------------------------ replicas
 
 
-def start_nginx(tmp: Path, backends: list[int], port: int) -> subprocess.Popen:
-    """nginx running README's block as written, its ports replaced by ``backends`` and ``port``."""
-    blocks = re.findall(r"```nginx\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
-    block = blocks[0]
-    for readme_port, real in zip(("127.0.0.1:8081", "127.0.0.1:8082", "127.0.0.1:8080"), [*backends, port]):
-        block = block.replace(readme_port, f"127.0.0.1:{real}")
-    temp = "\n".join(f"    {k}_temp_path {tmp / k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    conf = tmp / "nginx.conf"
-    conf.write_text(("user root;\n" if os.geteuid() == 0 else "")
-                    + f"worker_processes 1;\npid {tmp / 'nginx.pid'};\nerror_log {tmp / 'error.log'} warn;\n"
-                    + "events { worker_connections 256; }\n"
-                    + f"http {{\n    access_log off;\n{temp}\n{block}}}\n")
-    proc = subprocess.Popen([shutil.which("nginx") or "nginx", "-p", str(tmp), "-c", str(conf), "-e",
-                             str(tmp / "error.log"), "-g", "daemon off;"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"nginx exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("nginx did not answer in 30 s")
-
-
 async def throughput(url: str, bodies: list[dict], clients: int, seconds: float) -> tuple[float, float]:
     """Requests per second and median latency (s) of ``clients`` concurrent loops over ``bodies``."""
     done: list[float] = []
@@ -179,7 +145,7 @@ def replicas_part(n_requests: int, seconds: float) -> bool:
         solo = start_server(solo_port, ["--dtype", "float32"], open(tmp / "solo.log", "wb"))
         (tmp / "nginx").mkdir()
         lb_port = free_port()
-        nginx = start_nginx(tmp / "nginx", ports, lb_port)
+        nginx = start_nginx(tmp / "nginx", ports, lb_port, connections=256)
         lb, direct = f"http://127.0.0.1:{lb_port}", f"http://127.0.0.1:{ports[0]}"
         try:
             with httpx.Client(timeout=120) as client:

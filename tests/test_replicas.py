@@ -4,7 +4,6 @@ answering when one replica is killed (the server is stateless: any replica can t
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import socket
@@ -20,7 +19,9 @@ import pytest
 import tamis
 from round_robin_proxy import RoundRobinProxy
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from local_server import start_nginx  # noqa: E402  (README's nginx block, shared with the benchmark)
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 V2 = SHARED / "fixtures" / "jina-embeddings-v2-tiny"
 CE = SHARED / "fixtures" / "jina-reranker-v1-tiny-like"
@@ -124,41 +125,6 @@ def test_two_replicas_behind_a_round_robin_proxy_with_failover(replicas):
 
 
 # ---------------------------------------------------------------------------- nginx, README's block as it is
-def _readme_nginx_block() -> str:
-    blocks = re.findall(r"```nginx\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
-    assert len(blocks) == 1, "README should hold one nginx example"
-    return blocks[0]
-
-
-def _start_nginx(tmp: Path, backends: list[int], port: int) -> subprocess.Popen:
-    block = _readme_nginx_block()
-    for readme_port, real in zip(("127.0.0.1:8081", "127.0.0.1:8082", "127.0.0.1:8080"), [*backends, port]):
-        assert readme_port in block
-        block = block.replace(readme_port, f"127.0.0.1:{real}")
-    temp = "\n".join(f"    {k}_temp_path {tmp / k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
-    conf = tmp / "nginx.conf"
-    conf.write_text(
-        ("user root;\n" if os.geteuid() == 0 else "")  # workers must reach the test's private temp dirs
-        + f"worker_processes 1;\npid {tmp / 'nginx.pid'};\nerror_log {tmp / 'error.log'} warn;\n"
-        + "events { worker_connections 64; }\n"
-        + f"http {{\n    access_log off;\n{temp}\n{block}}}\n")
-    proc = subprocess.Popen([shutil.which("nginx") or "nginx", "-p", str(tmp), "-c", str(conf), "-e",
-                             str(tmp / "error.log"), "-g", "daemon off;"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"nginx exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("nginx did not answer in 30 s")
-
-
 @pytest.mark.skipif(shutil.which("nginx") is None,
                     reason="nginx is not installed (apt-get install nginx): README's nginx block is not run")
 def test_two_replicas_behind_the_readme_nginx_config(replicas, tmp_path):
@@ -166,7 +132,7 @@ def test_two_replicas_behind_the_readme_nginx_config(replicas, tmp_path):
     nginx_dir = tmp_path / "nginx"
     nginx_dir.mkdir()
     port = _free_port()
-    nginx = _start_nginx(nginx_dir, ports, port)
+    nginx = start_nginx(nginx_dir, ports, port)
     url = f"http://127.0.0.1:{port}"
     try:
         with httpx.Client(timeout=60) as client:
