@@ -92,6 +92,9 @@ def test_losses_have_gradients_and_spec_parsing():
         losses.compute(name, s, y, t, None, temperature=1.0, pos_weight=4.0).backward()
         assert s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0, name
     assert losses.parse_loss_spec("infonce + 0.5*kl") == [("infonce", 1.0), ("kl", 0.5)]
+    assert losses.parse_loss_spec("kl+10*hidden") == [("kl", 1.0), ("hidden", 10.0)]  # a state loss
+    with pytest.raises(ValueError, match="hidden states"):
+        losses.compute("hidden", s, y, t, None)
     with pytest.raises(ValueError, match="unknown loss"):
         losses.parse_loss_spec("infonce+cosine")
     with pytest.raises(ValueError, match="teacher"):

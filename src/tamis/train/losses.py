@@ -257,8 +257,11 @@ LOSSES = {
     "lambda": "LambdaLoss (NDCG-Loss2++) on labels",
     "mse": "distillation: MSE to teacher scores",
     "margin-mse": "distillation: MarginMSE on teacher(pos) - teacher(neg)",
-    "hidden": "distillation: MSE of hidden states to the live teacher's mapped layers (layer-selected students)",
     "kl": "distillation: KL divergence between teacher and student softmax over each list",
+}
+# losses on hidden states rather than scores (a ListStep with a live teacher model computes them)
+STATE_LOSSES = {
+    "hidden": "distillation: MSE of hidden states to the live teacher's mapped layers (layer-selected students)",
 }
 
 
@@ -306,15 +309,16 @@ def hidden_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
 
 
 def parse_loss_spec(spec: str) -> list[tuple[str, float]]:
-    """``"infonce+0.5*kl"`` -> ``[("infonce", 1.0), ("kl", 0.5)]``; each name from :data:`LOSSES`."""
+    """``"infonce+0.5*kl"`` -> ``[("infonce", 1.0), ("kl", 0.5)]``; each name from :data:`LOSSES` or
+    :data:`STATE_LOSSES`."""
     terms = []
     for part in spec.replace(" ", "").split("+"):
         if not part:
             continue
         weight, _, name = part.rpartition("*")
         w = float(weight) if weight else 1.0
-        if name not in LOSSES:
-            raise ValueError(f"unknown loss {name!r} in {spec!r}; use one of {', '.join(LOSSES)}")
+        if name not in LOSSES and name not in STATE_LOSSES:
+            raise ValueError(f"unknown loss {name!r} in {spec!r}; use one of {', '.join([*LOSSES, *STATE_LOSSES])}")
         if not math.isfinite(w) or w < 0:
             raise ValueError(f"loss weight must be a non-negative number, got {weight!r}")
         terms.append((name, w))
