@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,18 +28,25 @@ def start_server(port: int, server_args: list[str], log: Any, timeout_s: float =
     cmd = [sys.executable, "-m", "tamis.server", "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "warning", *server_args]
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    return wait_healthy(proc, port, timeout_s, "server", lambda: f"exited with {proc.returncode}; see its log")
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, timeout_s: float, what: str,
+                 exit_reason: Callable[[], str]) -> subprocess.Popen:
+    """Return ``proc`` once ``http://127.0.0.1:{port}/health`` answers 200; raise if it exits first
+    (with ``exit_reason()``) or is not ready in ``timeout_s`` (then it is killed)."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}; see its log")
+            raise RuntimeError(f"{what} {exit_reason()}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass
-        time.sleep(0.2)
+        time.sleep(0.1)
     proc.kill()
-    raise RuntimeError(f"server not ready in {timeout_s:.0f} s")
+    raise RuntimeError(f"{what} not ready in {timeout_s:.0f} s")
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -78,15 +86,4 @@ def start_nginx(tmp: Path, backends: list[int], port: int, connections: int = 64
     proc = subprocess.Popen([shutil.which("nginx") or "nginx", "-p", str(tmp), "-c", str(conf), "-e",
                              str(tmp / "error.log"), "-g", "daemon off;"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"nginx exited: {proc.stderr.read().decode()[-2000:]}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError("nginx did not answer in 30 s")
+    return wait_healthy(proc, port, 30, "nginx", lambda: f"exited: {proc.stderr.read().decode()[-2000:]}")

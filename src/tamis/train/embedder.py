@@ -168,11 +168,11 @@ def prepare_pairs(
         data = load_training_data(spec)
         if data.name in {d.name for d in sets}:
             raise ValueError(f"replay set {data.name!r} is also a training set")
-        pool_ = sorted(data.trainable_queries())
-        qids = random.Random(f"replay:{seed}").sample(pool_, min(n_replay, len(pool_)))
+        candidates = sorted(data.trainable_queries())
+        qids = random.Random(f"replay:{seed}").sample(candidates, min(n_replay, len(candidates)))
         lists = [TrainList(q, data.positives(q), data.labelled_negatives(q), len(data.labelled_negatives(q)))
                  for q in qids]
-        if bool(hard_negatives):
+        if hard_negatives:
             lists_path, meta_path = work / f"emb-replay-{data.name}.jsonl", work / f"emb-replay-{data.name}.json"
             meta = {"spec": str(spec), "seed": seed, "queries": len(qids), "methods": ["bm25"],
                     "n_negatives": mining.n_negatives, "skip_top": mining.skip_top, "depth": mining.depth,
