@@ -10,6 +10,7 @@ One run, in order:
    be shared) and the faster of the two is used;
 3. starts ``python -m tamis.server`` as a subprocess on a free 127.0.0.1 port (``--max-queued-inputs``
    small enough for the burst to overflow it, large enough for the steady load never to);
+   start-up is timed: spawn until ``/health`` is ready, then the first and the second request;
 4. **load**: ``--clients`` concurrent clients send the requests in a loop for ``--duration`` seconds
    (base64 output, as the OpenAI client asks); throughput = inputs answered per second;
    latency p50/p90/p99 of the requests;
@@ -235,14 +236,26 @@ def main(argv: list[str] | None = None) -> int:
     url = f"http://127.0.0.1:{port}"
     log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"tamis-load-server-{port}.log"
     with open(log_path, "w") as log:
+        t_spawn = time.perf_counter()
         proc = start_server(port, ["--no-reranker", "--embedding-model", args.model,
                                    "--max-queued-inputs", str(args.max_queued_inputs)], log, timeout_s=120)
         try:
             bodies = [json.dumps({"model": None, "input": r, "truncate": True, "encoding_format": "base64"}).encode()
                       for r in requests]
-            warm = httpx.post(url + "/v1/embeddings", content=bodies[0], headers={"content-type": "application/json"},
-                              timeout=60)
-            assert warm.status_code == 200, warm.text
+            # first-request latency: start-up until /health says ready, then the first and second requests
+            # (the first pays any lazy warm-up: allocator, kernels, compile when enabled)
+            startup = {"healthy_after_s": time.perf_counter() - t_spawn}
+            for key in ("first_request_ms", "second_request_ms"):
+                t0 = time.perf_counter()
+                warm = httpx.post(url + "/v1/embeddings", content=bodies[0],
+                                  headers={"content-type": "application/json"}, timeout=60)
+                startup[key] = 1e3 * (time.perf_counter() - t0)
+                assert warm.status_code == 200, warm.text
+            startup["first_answer_after_spawn_s"] = startup["healthy_after_s"] + startup["first_request_ms"] / 1e3
+            startup["request_inputs"] = len(requests[0])
+            print(f"start-up: /health ready {startup['healthy_after_s']:.1f} s after spawn; first request "
+                  f"({len(requests[0])} inputs) {startup['first_request_ms']:.0f} ms, second "
+                  f"{startup['second_request_ms']:.0f} ms", flush=True)
             load = asyncio.run(run_load(url, bodies, [len(r) for r in requests], args.clients, args.duration,
                                         args.quiet))
             load["server"] = server_stats(httpx.get(url + "/metrics").text, load["seconds"])
@@ -283,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"offline_before": offline_before, "offline_after": offline_after,
-                                               "offline_baseline": offline, "load": load, "burst": burst,
+                                               "offline_baseline": offline, "startup": startup, "load": load,
+                                               "burst": burst,
                                                "ratio_inputs": ratio_inputs, "ratio_tokens": ratio_tokens,
                                                "checks": checks}, indent=2))
     return 0 if all(checks.values()) else 1

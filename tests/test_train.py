@@ -228,7 +228,7 @@ def test_train_reranker_end_to_end_with_teacher_and_dev(pairs_dir, tiny_encoder,
 def test_layer_states_match_the_forward_and_hidden_mse_by_hand(pairs_dir, tiny_encoder):
     from tamis.rerank.cross_encoder import relevance_logits
     from tamis.train.cross_encoder import default_layer_map, layer_states
-    from tamis.train.losses import hidden_mse
+    from tamis.train.losses import cls_distance, hidden_mse
 
     ce = init_cross_encoder(tiny_encoder, seed=0)
     docs = list(from_pairs(pairs_dir).corpus.values())[:4]
@@ -242,6 +242,12 @@ def test_layer_states_match_the_forward_and_hidden_mse_by_hand(pairs_dir, tiny_e
     mask = torch.tensor([[1, 1, 0]])
     b[2][0, 2] = 100.0  # a padding position: ignored
     assert hidden_mse(a, b, [0, 2], mask).item() == pytest.approx((0 + 4) / 2)
+    # cls: only the first token of the mapped layers (not the embeddings), after L2 normalisation
+    s = [torch.zeros(1, 3, 2), torch.tensor([[[3.0, 0.0], [9.0, 9.0], [9.0, 9.0]]])]
+    t = [torch.zeros(1, 3, 2), torch.tensor([[[0.0, 2.0], [0.0, 0.0], [0.0, 0.0]]]),
+         torch.tensor([[[5.0, 0.0], [1.0, 1.0], [1.0, 1.0]]])]
+    assert cls_distance(s, t, [0, 1]).item() == pytest.approx(2.0)  # orthogonal unit vectors
+    assert cls_distance(s, t, [0, 2]).item() == pytest.approx(0.0)  # same direction, other length
 
 
 def test_hidden_state_distillation_trains_a_layer_selected_student(pairs_dir, tiny_encoder, tmp_path):
@@ -254,11 +260,11 @@ def test_hidden_state_distillation_trains_a_layer_selected_student(pairs_dir, ti
     student = init_cross_encoder(tmp_path / "teacher", layers=[1])
     live = init_cross_encoder(tmp_path / "teacher")
     batcher = ListBatcher(data, lists, student.tokenizer, n_negatives=3, lists_per_batch=9, max_length=64)
-    step = ListStep(student, data, "kl+hidden", 64, teacher_model=live, layer_map=[0, 2])
+    step = ListStep(student, data, "kl+hidden+cls", 64, teacher_model=live, layer_map=[0, 2])
     batch = batcher(0)[0]
     with torch.no_grad():
         first = step(batch)
-    assert first.metrics["loss_hidden"] > 0 and first.metrics["loss_kl"] > 0
+    assert first.metrics["loss_hidden"] > 0 and first.metrics["loss_kl"] > 0 and first.metrics["loss_cls"] > 0
     opt = torch.optim.AdamW(student.model.parameters(), lr=3e-3)
     for _ in range(5):
         opt.zero_grad()
@@ -266,10 +272,11 @@ def test_hidden_state_distillation_trains_a_layer_selected_student(pairs_dir, ti
         opt.step()
     with torch.no_grad():
         last = step(batch)
-    assert last.metrics["loss_hidden"] < first.metrics["loss_hidden"] and last.metrics["loss_kl"] < first.metrics["loss_kl"]
+    assert all(last.metrics[k] < first.metrics[k] for k in ("loss_hidden", "loss_kl", "loss_cls"))
     assert not any(p.requires_grad for p in live.model.parameters())  # the teacher stays frozen
-    with pytest.raises(ValueError, match="teacher model"):
-        ListStep(student, data, "hidden", 64)
+    for term in ("hidden", "cls"):
+        with pytest.raises(ValueError, match="teacher model"):
+            ListStep(student, data, term, 64)
     summary = train_reranker(  # end to end: the live teacher replaces the cached scores
         [str(pairs_dir)], tmp_path / "run", model=str(tmp_path / "teacher"), layers=[1],
         teacher=str(tmp_path / "teacher"),

@@ -93,6 +93,7 @@ def test_losses_have_gradients_and_spec_parsing():
         assert s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0, name
     assert losses.parse_loss_spec("infonce + 0.5*kl") == [("infonce", 1.0), ("kl", 0.5)]
     assert losses.parse_loss_spec("kl+10*hidden") == [("kl", 1.0), ("hidden", 10.0)]  # a state loss
+    assert losses.parse_loss_spec("kl+cls") == [("kl", 1.0), ("cls", 1.0)]
     with pytest.raises(ValueError, match="hidden states"):
         losses.compute("hidden", s, y, t, None)
     with pytest.raises(ValueError, match="unknown loss"):

@@ -93,13 +93,14 @@ def _common(p: argparse.ArgumentParser, distill: bool) -> None:
         t.add_argument("--loss", default="kl",
                        help="loss spec, e.g. kl, margin-mse, kl+0.5*infonce (default kl); a 'hidden' term "
                             "(kl+hidden) also matches the student's hidden states to the teacher's layers it was "
-                            "cut from: the teacher (a cross-encoder) then runs beside the student on every batch")
+                            "cut from, a 'cls' term (kl+cls) its normalised [CLS] states (PKD): the teacher (a "
+                            "cross-encoder) then runs beside the student on every batch")
     else:
         t.add_argument("--model", default=None, help="encoder or cross-encoder to start from (default: bundled MiniLM)")
         t.add_argument("--layers", type=_layers, default=None, help="keep only these encoder layers")
         t.add_argument("--teacher", default=None, help="optional teacher for distillation terms in --loss")
         t.add_argument("--loss", default="infonce",
-                       help="loss spec: infonce, bce, lambda, listnet, mse, margin-mse, kl, hidden, or a "
+                       help="loss spec: infonce, bce, lambda, listnet, mse, margin-mse, kl, hidden, cls, or a "
                             "weighted sum such as infonce+0.5*kl (default infonce)")
     t.add_argument("--teacher-weights", type=_floats, default=None,
                    help="ensemble weights (default: learned on the training lists' labels)")

@@ -36,7 +36,7 @@ from tamis.models.loading import load_config, load_state_dict, resolve_model_dir
 from tamis.rerank.cross_encoder import CrossEncoderReranker, relevance_column, relevance_logits
 from tamis.tokenize import Tokenizer
 from tamis.train.data import RerankData, TrainList, make_groups
-from tamis.train.losses import compute, hidden_mse, parse_loss_spec
+from tamis.train.losses import STATE_LOSSES, cls_distance, compute, hidden_mse, parse_loss_spec
 from tamis.train.trainer import StepOutput
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -229,8 +229,8 @@ class ListStep:
     weighted sum of losses (:func:`tamis.train.losses.parse_loss_spec`) on labels and teacher scores.
 
     ``teacher_model`` (a frozen cross-encoder) is run on every batch: its logits are the teacher scores
-    when no cached ``teacher`` table is given, and the ``hidden`` loss matches the student's hidden states
-    to its states ``layer_map`` (:func:`default_layer_map`)."""
+    when no cached ``teacher`` table is given, and the ``hidden`` / ``cls`` losses match the student's hidden
+    states (every token / the first) to its states ``layer_map`` (:func:`default_layer_map`)."""
 
     def __init__(self, ce: CrossEncoder, data: RerankData, loss: str, max_length: int,
                  teacher: dict[str, dict[str, float]] | None = None, temperature: float = 1.0,
@@ -244,16 +244,17 @@ class ListStep:
         self.temperature = temperature
         self.pos_weight = pos_weight
         self.teacher_model = teacher_model
-        self.hidden = any(n == "hidden" for n, _ in self.terms)
+        self.hidden = any(n in STATE_LOSSES for n, _ in self.terms)
         needs = [n for n, _ in self.terms if n in ("mse", "margin-mse", "kl")]
         if needs and teacher is None and teacher_model is None:
             raise ValueError(f"loss {loss!r} uses {needs} but no teacher scores were given")
         if self.hidden:
+            what = "/".join(n for n, _ in self.terms if n in STATE_LOSSES)
             if teacher_model is None:
-                raise ValueError("loss 'hidden' needs a teacher model (a cross-encoder) run beside the student")
+                raise ValueError(f"loss {what!r} needs a teacher model (a cross-encoder) run beside the student")
             s_cfg, t_cfg = ce.model.cfg, teacher_model.model.cfg
             if s_cfg.hidden_size != t_cfg.hidden_size:
-                raise ValueError(f"loss 'hidden' needs equal widths: student {s_cfg.hidden_size}, "
+                raise ValueError(f"loss {what!r} needs equal widths: student {s_cfg.hidden_size}, "
                                  f"teacher {t_cfg.hidden_size}")
             self.layer_map = list(layer_map) if layer_map is not None else default_layer_map(
                 None, s_cfg.num_hidden_layers, t_cfg.num_hidden_layers)
@@ -293,6 +294,8 @@ class ListStep:
         for name, weight in self.terms:
             if name == "hidden":
                 value = hidden_mse(states, t_states, self.layer_map, padded.attention_mask)
+            elif name == "cls":
+                value = cls_distance(states, t_states, self.layer_map)
             else:
                 value = compute(name, scores, labels, teacher, None, self.temperature, self.pos_weight)
             parts[f"loss_{name}"] = float(value.detach())

@@ -9,7 +9,7 @@ Pointwise:   :func:`bce` (with ``pos_weight``), :func:`mse`.
 Listwise:    :func:`softmax_ce` (InfoNCE over 1+ positives and k negatives), :func:`listnet`,
              :func:`lambda_loss` (LambdaLoss, NDCG-Loss2++ weighting).
 Distillation on cached teacher scores: :func:`mse`, :func:`margin_mse`, :func:`kl_div`; on the live
-teacher's hidden states (a student made by layer selection): :func:`hidden_mse`.
+teacher's hidden states (a student made by layer selection): :func:`hidden_mse` (every token), :func:`cls_distance` ([CLS]).
 Embeddings: :func:`in_batch_infonce` (multiple-negatives ranking on vectors), :func:`matryoshka` (the
 same loss on nested prefixes of the vectors).
 jina-reranker-v3's listwise objective (vectors read in one prompt, cosine similarities, temperature τ):
@@ -262,6 +262,7 @@ LOSSES = {
 # losses on hidden states rather than scores (a ListStep with a live teacher model computes them)
 STATE_LOSSES = {
     "hidden": "distillation: MSE of hidden states to the live teacher's mapped layers (layer-selected students)",
+    "cls": "distillation: squared distance of normalised [CLS] states to the live teacher's mapped layers (PKD)",
 }
 
 
@@ -284,9 +285,9 @@ def compute(name: str, scores: torch.Tensor, labels: torch.Tensor, teacher: torc
         return margin_mse(scores, teacher, mask)
     if name == "kl":
         return kl_div(scores, teacher, temperature, mask)
-    if name == "hidden":
-        raise ValueError("loss 'hidden' compares hidden states, not scores: a ListStep with a live teacher "
-                         "model computes it (hidden_mse)")
+    if name in STATE_LOSSES:
+        raise ValueError(f"loss {name!r} compares hidden states, not scores: a ListStep with a live teacher "
+                         "model computes it (hidden_mse, cls_distance)")
     raise ValueError(f"unknown loss {name!r}; use one of {', '.join(LOSSES)}")
 
 
@@ -306,6 +307,28 @@ def hidden_mse(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
     for s, j in zip(student, layer_map):
         total = total + ((s.float() - teacher[j].float()) ** 2)[m].mean()
     return total / len(student)
+
+
+def cls_distance(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
+                 layer_map: Sequence[int]) -> torch.Tensor:
+    """Patient knowledge distillation (PKD, arXiv 1908.09355): the mean over mapped layers (not the
+    embeddings) of the squared distance between the student's and the teacher's L2-normalised first-token
+    ([CLS]) states, so in [0, 4] per pair.
+
+    A cross-encoder's head reads only that state; a layer-selected student starts with a [CLS] that is
+    nearly the same for every document (layers 0-1 of six: cosine 1.0 between documents), so its scores
+    are flat and list losses give it almost no gradient. This term gives the 384-wide target the head reads
+    instead of one scalar per pair."""
+    if len(layer_map) != len(student):
+        raise ValueError(f"layer_map has {len(layer_map)} entries for {len(student)} student states")
+    pairs = [(s, teacher[j]) for s, j in list(zip(student, layer_map))[1:]]
+    if not pairs:
+        raise ValueError("loss 'cls' needs a student with at least one layer")
+    total = student[0].new_zeros(())
+    for s, t in pairs:
+        diff = F.normalize(s[:, 0].float(), dim=-1) - F.normalize(t[:, 0].float(), dim=-1)
+        total = total + (diff ** 2).sum(-1).mean()
+    return total / len(pairs)
 
 
 def parse_loss_spec(spec: str) -> list[tuple[str, float]]:

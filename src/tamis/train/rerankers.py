@@ -48,7 +48,7 @@ from tamis.train.data import (
     save_lists,
     split_dev,
 )
-from tamis.train.losses import parse_loss_spec
+from tamis.train.losses import STATE_LOSSES, parse_loss_spec
 from tamis.train.mining import candidate_run, first_stage_runs, mine_lists
 from tamis.train.teachers import EnsembleScorer, build_scorer, score_cached
 from tamis.train.trainer import TrainConfig, Trainer
@@ -224,7 +224,7 @@ def train_reranker(
     table = None
     teacher_name = None
     teacher_model = None
-    live = any(name == "hidden" for name, _ in parse_loss_spec(lists.loss))
+    live = any(name in STATE_LOSSES for name, _ in parse_loss_spec(lists.loss))
     if live:  # the teacher runs beside the student on every batch: its states and its logits are the targets
         teacher_model = _live_teacher(teacher, config.seed, config.device)
         teacher_name = f"cross-encoder {Path(str(teacher)).name} (live: hidden states and scores)"
@@ -286,12 +286,12 @@ def train_reranker(
 
 
 def _live_teacher(teacher: Any, seed: int, device: str) -> CrossEncoder:
-    """The cross-encoder a ``hidden`` loss runs beside the student (a directory or a cached model name)."""
+    """The cross-encoder a ``hidden`` or ``cls`` loss runs beside the student (a directory or a cached model name)."""
     from tamis.errors import TamisError
     from tamis.models import is_cross_encoder
     from tamis.models.loading import load_config, resolve_model_dir
 
-    why = "loss 'hidden' needs --teacher to be a cross-encoder directory (run beside the student)"
+    why = "losses 'hidden' and 'cls' need --teacher to be a cross-encoder directory (run beside the student)"
     if not isinstance(teacher, (str, Path)):
         raise ValueError(why)
     try:
