@@ -244,11 +244,11 @@ class ListStep:
         self.temperature = temperature
         self.pos_weight = pos_weight
         self.teacher_model = teacher_model
-        self.hidden = any(n in STATE_LOSSES for n, _ in self.terms)
+        self.uses_states = any(n in STATE_LOSSES for n, _ in self.terms)
         needs = [n for n, _ in self.terms if n in ("mse", "margin-mse", "kl")]
         if needs and teacher is None and teacher_model is None:
             raise ValueError(f"loss {loss!r} uses {needs} but no teacher scores were given")
-        if self.hidden:
+        if self.uses_states:
             what = "/".join(n for n, _ in self.terms if n in STATE_LOSSES)
             if teacher_model is None:
                 raise ValueError(f"loss {what!r} needs a teacher model (a cross-encoder) run beside the student")
@@ -272,7 +272,7 @@ class ListStep:
         device = next(self.ce.model.parameters()).device
         padded = self.ce.tokenizer.pad(enc, device)
         b, n = len(batch.docs), len(batch.docs[0])
-        if self.hidden:
+        if self.uses_states:
             logits, states = layer_states(self.ce.model, padded)
         else:
             logits, states = relevance_logits(self.ce.model, padded), []
