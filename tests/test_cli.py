@@ -354,6 +354,30 @@ def test_interrupted_run_resumes_to_the_uninterrupted_output(tmp_path, capsys, m
     assert "has no resume state" in capsys.readouterr().err
 
 
+def test_resume_records_the_dtype_auto_resolved_to(tmp_path, capsys, monkeypatch):
+    """A run started where "auto" meant float32 is not continued where it means bfloat16 (mixed numerics),
+    and an explicit --dtype equal to what "auto" resolved to continues it."""
+    import torch
+
+    import tamis.hardware
+
+    src = _inputs(tmp_path, 24)
+    part = tmp_path / "part.jsonl"
+    common = ["--dimensions", "8", "--write-every", "8", "-q"]
+    monkeypatch.setattr(tamis.hardware, "auto_dtype", lambda device="cpu", cpu=None: (torch.float32, "test"))
+    with monkeypatch.context() as m:
+        _interrupt_on_call(m, 2)
+        assert main(["embed", str(src), "-o", str(part), *common]) == 130
+    capsys.readouterr()
+    assert json.loads(Path(str(part) + ".resume.json").read_text())["fingerprint"]["dtype"] == "float32"
+    with monkeypatch.context() as m:
+        m.setattr(tamis.hardware, "auto_dtype", lambda device="cpu", cpu=None: (torch.bfloat16, "test"))
+        assert main(["embed", str(src), "-o", str(part), "--resume", *common]) == 2
+    assert "dtype: 'float32' then, 'bfloat16' now" in capsys.readouterr().err
+    assert main(["embed", str(src), "-o", str(part), "--resume", "--dtype", "float32", *common]) == 0
+    assert len(part.read_text().splitlines()) == 24
+
+
 def test_resume_drops_a_torn_jsonl_line(tmp_path, capsys, monkeypatch):
     src = _inputs(tmp_path, 24)
     full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"

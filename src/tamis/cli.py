@@ -110,8 +110,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
         )
     texts = [(r.title + " " + r.text).strip() if args.with_title else r.text for r in records]
     model_dir = resolve_model_dir(args.model)  # a missing model fails here, before torch is imported
+    from tamis.hardware import resolve_precision
+
+    # "auto" as resolved on this machine: a run resumed where it means another dtype must not mix the two
+    precision = resolve_precision(args.dtype, args.device)
     fingerprint = {
-        "model": str(model_dir), "dtype": args.dtype, "task": args.task, "dimensions": args.dimensions,
+        "model": str(model_dir), "dtype": precision.name, "task": args.task, "dimensions": args.dimensions,
         "normalized": not args.no_normalize, "embedding_type": types, "truncate": not args.no_truncate,
         "late_chunking": args.late_chunking, "with_title": args.with_title,
         "inputs": len(texts), "input_sha256": input_digest(records, texts),
