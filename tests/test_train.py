@@ -26,7 +26,14 @@ from tamis.train.cross_encoder import (
 )
 from tamis.train.data import TrainList, from_pairs, load_training_data, make_groups, split_dev
 from tamis.train.mining import first_stage_runs, mine_lists
-from tamis.train.teachers import BM25Scorer, EnsembleScorer, RerankerScorer, score_cached, standardize
+from tamis.train.teachers import (
+    BM25Scorer,
+    EnsembleScorer,
+    RerankerScorer,
+    build_scorer,
+    score_cached,
+    standardize,
+)
 from tamis.train.trainer import Trainer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -90,6 +97,27 @@ def test_mining_skips_positives_and_top_ranks(pairs_dir):
     assert all(len(docs) == 4 and docs[0] in data.positives(q) for q, docs in groups)
     cat_q = next(q for q, t in data.queries.items() if t == "why do cats purr")
     assert dict(groups)[cat_q][1] == data.labelled_negatives(cat_q)[0]  # judged negatives come first
+
+
+def test_teacher_scores_from_a_file(pairs_dir, tmp_path):
+    """Scores computed elsewhere are read as a teacher (the cache's JSONL format; later lines override);
+    a pair the file lacks and a malformed line are one-line errors."""
+    data = from_pairs(pairs_dir)
+    q = data.trainable_queries()[0]
+    docs = list(data.corpus)[:3]
+    f = tmp_path / "teacher.jsonl"
+    f.write_text(json.dumps({"qid": q, "scores": {docs[0]: 1.5, docs[1]: -2.0}}) + "\n\n"
+                 + json.dumps({"qid": q, "scores": {docs[1]: 0.25}}) + "\n")
+    scorer = build_scorer(f"scores={f}")
+    assert scorer.name == "scores:teacher"
+    np.testing.assert_array_equal(scorer.score(data, [(q, docs[:2])])[0], np.array([1.5, 0.25], dtype=np.float32))
+    with pytest.raises(ValueError, match=f"no score for query '{q}' and document '{docs[2]}'"):
+        scorer.score(data, [(q, docs)])
+    f.write_text('{"qid": "q1", "scores": [1, 2]}\n')
+    with pytest.raises(ValueError, match="line 1: expected"):
+        build_scorer(f"scores={f}")
+    with pytest.raises(ValueError, match="not found"):
+        build_scorer(f"scores={tmp_path / 'missing.jsonl'}")
 
 
 def test_teacher_scores_cached_and_ensemble_learns_weights(pairs_dir, tmp_path):

@@ -85,7 +85,7 @@ def _common(p: argparse.ArgumentParser, distill: bool) -> None:
     if distill:
         t.add_argument("--teacher", required=True,
                        help="teacher: a reranker directory/name, or a scorer spec (bm25, dense[=MODEL], "
-                            "splade=DIR, ensemble:A,B,...)")
+                            "splade=DIR, scores=FILE.jsonl computed elsewhere, ensemble:A,B,...)")
         t.add_argument("--layers", type=_layers, default=None,
                        help="student = these layers of the teacher (a cross-encoder), e.g. 0,5")
         t.add_argument("--student", default=None,

@@ -7,6 +7,7 @@ one score array per list:
 - :class:`DenseScorer`: cosine of any ``tamis.Embedder`` (each distinct text embedded once, cached);
 - :class:`BM25Scorer`: lexical BM25 against the data set's own corpus statistics;
 - :class:`SpladeScorer`: a SPLADE sparse encoder (masked-LM logits, ``log(1 + relu)`` max-pooled);
+- :class:`ScoresFileScorer`: scores computed elsewhere (another machine, another tool), read from JSONL;
 - :class:`EnsembleScorer`: a weighted sum of per-list standardised scores of several scorers, with
   given weights or weights learned on labelled lists (:meth:`EnsembleScorer.fit`).
 
@@ -170,6 +171,42 @@ class SpladeScorer:
         return out
 
 
+class ScoresFileScorer:
+    """Teacher scores computed elsewhere — on a GPU machine, by another tool or a model tamis cannot run —
+    read from JSONL in the cache's own format: one line per query, ``{"qid": ..., "scores": {doc id: score}}``
+    (later lines add to or override earlier ones). Ids are those of the training lists (for merged sets,
+    ``"<set name>/<id>"``). A pair the file lacks is an error, never a silent zero."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ValueError(f"teacher scores file {self.path} not found")
+        self.name = f"scores:{self.path.stem}"
+        self.table: dict[str, dict[str, float]] = {}
+        with open(self.path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    self.table.setdefault(str(row["qid"]), {}).update(
+                        {str(d): float(x) for d, x in row["scores"].items()})
+                except (ValueError, KeyError, TypeError, AttributeError):
+                    raise ValueError(f"{self.path} line {n}: expected {{\"qid\": ..., \"scores\": {{doc id: score}}}}"
+                                     ) from None
+
+    def score(self, data: RerankData, lists: Lists) -> list[np.ndarray]:
+        out = []
+        for qid, docs in lists:
+            known = self.table.get(qid, {})
+            missing = [d for d in docs if d not in known]
+            if missing:
+                raise ValueError(f"{self.path} has no score for query {qid!r} and document {missing[0]!r}"
+                                 + (f" (and {len(missing) - 1} more of its list)" if len(missing) > 1 else ""))
+            out.append(np.array([known[d] for d in docs], dtype=np.float32))
+        return out
+
+
 def standardize(scores: np.ndarray) -> np.ndarray:
     """Per-list z-scores (a constant list maps to zeros): puts scorers with different scales on one."""
     scores = np.asarray(scores, dtype=np.float32)
@@ -292,6 +329,7 @@ def build_scorer(spec: str, device: str = "cpu", cache: Any = None, show_progres
 
     - ``PATH`` or model name: a ``tamis.Reranker`` (cross-encoder logits; embedding models: cosine);
     - ``bm25``; ``dense`` (bundled MiniLM) or ``dense=MODEL``; ``splade=DIR``; ``reranker=MODEL``;
+    - ``scores=FILE``: scores computed elsewhere (:class:`ScoresFileScorer`);
     - ``ensemble:A,B,...`` of the above (weights learned on the training lists unless given).
     """
     spec = spec.strip()
@@ -307,6 +345,10 @@ def build_scorer(spec: str, device: str = "cpu", cache: Any = None, show_progres
         from tamis.embed import Embedder
 
         return DenseScorer(Embedder(arg or None, device=device, dtype="float32"), cache, show_progress)
+    if kind == "scores":
+        if not arg:
+            raise ValueError("scores needs a file: scores=FILE.jsonl")
+        return ScoresFileScorer(arg)
     if kind == "splade":
         if not arg:
             raise ValueError("splade needs a model directory: splade=DIR")
