@@ -253,6 +253,26 @@ def test_train_reranker_end_to_end_with_teacher_and_dev(pairs_dir, tiny_encoder,
     assert isinstance(tamis.Reranker(tmp_path / "run" / "model"), tamis.rerank.CrossEncoderReranker)
 
 
+def test_distill_cli_from_a_scores_file_into_layers_of_another_checkpoint(pairs_dir, tiny_encoder, tmp_path):
+    """`tamis train distill --teacher scores=FILE --student MODEL --layers ...`: a teacher scored elsewhere
+    distilled into a layer cut of another checkpoint."""
+    from tamis.cli import main
+
+    data = from_pairs(pairs_dir)
+    bm25 = BM25Scorer(show_progress=False).score(data, [(q, list(data.corpus)) for q in data.queries])
+    scores = tmp_path / "teacher.jsonl"
+    scores.write_text("".join(json.dumps({"qid": q, "scores": dict(zip(data.corpus, map(float, s)))}) + "\n"
+                              for q, s in zip(data.queries, bm25)))
+    out = tmp_path / "run"
+    assert main(["train", "distill", "--data", str(pairs_dir), "--out", str(out), "--teacher", f"scores={scores}",
+                 "--student", str(tiny_encoder), "--layers", "1", "--loss", "kl", "--mine", "bm25", "--skip-top", "0",
+                 "--mine-negatives", "8", "--negatives", "3", "--max-length", "64", "--max-steps", "2",
+                 "--dev", "4", "--dev-depth", "10", "--cache-dir", str(tmp_path / "cache"), "-q"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 2 and summary["teacher"] == "scores:teacher"
+    assert json.loads((out / "model" / "config.json").read_text())["num_hidden_layers"] == 1
+
+
 def test_layer_states_match_the_forward_and_hidden_mse_by_hand(pairs_dir, tiny_encoder):
     from tamis.rerank.cross_encoder import relevance_logits
     from tamis.train.cross_encoder import default_layer_map, layer_states
@@ -347,5 +367,8 @@ def test_train_cli_help_and_bad_arguments(capsys):
     with pytest.raises(SystemExit) as exc:
         main(["train", "distill", "--data", "x", "--out", "y", "--teacher", "t"])
     assert "give --layers" in str(exc.value.code)
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "distill", "--data", "x", "--out", "y", "--teacher", "scores=t.jsonl", "--layers", "0,1"])
+    assert "is a scorer, not a cross-encoder" in str(exc.value.code)
     with pytest.raises(SystemExit):
         main(["train", "reranker", "--data", "x", "--out", "y", "--layers", "a,b"])

@@ -87,9 +87,11 @@ def _common(p: argparse.ArgumentParser, distill: bool) -> None:
                        help="teacher: a reranker directory/name, or a scorer spec (bm25, dense[=MODEL], "
                             "splade=DIR, scores=FILE.jsonl computed elsewhere, ensemble:A,B,...)")
         t.add_argument("--layers", type=_layers, default=None,
-                       help="student = these layers of the teacher (a cross-encoder), e.g. 0,5")
+                       help="student = these layers of the teacher (a cross-encoder), e.g. 0,5; with --student, "
+                            "these layers of that checkpoint")
         t.add_argument("--student", default=None,
-                       help="student from another checkpoint instead (encoder + fresh head, or cross-encoder)")
+                       help="student from another checkpoint instead (encoder + fresh head, or cross-encoder); "
+                            "needed when the teacher is not a cross-encoder (a scorer spec or scores=FILE)")
         t.add_argument("--loss", default="kl",
                        help="loss spec, e.g. kl, margin-mse, kl+0.5*infonce (default kl); a 'hidden' term "
                             "(kl+hidden) also matches the student's hidden states to the teacher's layers it was "
@@ -324,10 +326,12 @@ def train_command(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise SystemExit(f"tamis train: --out {out} exists and is not a directory")
     if args.distill:
-        if args.layers is not None and args.student is not None:
-            raise SystemExit("tamis train distill: give --layers (student from the teacher) or --student, not both")
         if args.student is None and args.layers is None:
             raise SystemExit("tamis train distill: give --layers (e.g. 0,5) or --student MODEL")
+        kind = args.teacher.strip().partition("=")[0]
+        if args.student is None and (kind in ("bm25", "dense", "splade", "scores") or kind.startswith("ensemble:")):
+            raise SystemExit(f"tamis train distill: the teacher {args.teacher!r} is a scorer, not a cross-encoder to "
+                             "cut layers from; give --student MODEL (with --layers to keep some of its layers)")
         model = args.student if args.student is not None else args.teacher
     else:
         model = args.model
