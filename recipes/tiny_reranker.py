@@ -7,7 +7,8 @@ Stages (each cached under --work, so a rerun continues where it stopped):
             mined with BM25 + all-MiniLM-L6-v2, top 3 ranks skipped; a dev slice of the training
             queries held out for model selection
   teacher   a 6-layer cross-encoder from all-MiniLM-L6-v2 (fresh head), trained on the labels (InfoNCE)
-            and on an ensemble teacher (BM25 + MiniLM cosine, weights learned on the training lists)
+            and on an ensemble teacher (BM25 + MiniLM cosine, weights learned on the training lists;
+            --teacher-signal picks another scorer, or scores=FILE.jsonl computed elsewhere)
             by listwise KL. (SPLADE-tiny added nothing on the dev lists, 0.9183 vs 0.9184 nDCG@10,
             and costs ~80 CPU minutes to score the lists, so it is left out.)
   student   layers of the teacher kept (--student-layers, default 0,5: the first and the last, so the
@@ -54,6 +55,11 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--stages", default="all", help=f"comma list of {', '.join(STAGES)} (default all)")
     p.add_argument("--teacher-steps", type=int, default=450)
+    p.add_argument("--teacher-signal", default="ensemble:bm25,dense",
+                   help="what the cross-encoder teacher is distilled from besides the labels: a scorer spec "
+                        "(default: BM25 + MiniLM cosine, weights learned on the training lists), e.g. "
+                        "ensemble:bm25,dense,dense=DIR/all-mpnet-base-v2, or scores=FILE.jsonl scored elsewhere "
+                        "(carry that file to a GPU machine instead of the models)")
     p.add_argument("--student-steps", type=int, default=600)
     p.add_argument("--student-layers", default="0,5")
     p.add_argument("--student-loss", default="kl+0.2*infonce",
@@ -87,7 +93,7 @@ def main() -> int:
         cfg = TrainConfig(lr=3e-5, max_steps=args.teacher_steps, warmup=0.1, eval_every=args.eval_every,
                           seed=args.seed, device=args.device, select_metric="nDCG@10", show_progress=show)
         summary = train_reranker(
-            train_sets, work / "teacher", model=None, teacher="ensemble:bm25,dense",
+            train_sets, work / "teacher", model=None, teacher=args.teacher_signal,
             lists=ListConfig(n_negatives=7, lists_per_batch=4, max_length=256, loss="infonce+kl", max_dev=120),
             data_dir=work / "teacher" / "data",
             mining=mining, config=cfg, resume=True, cache_dir=cache_dir, name="tamis-reranker-teacher",
@@ -197,7 +203,7 @@ def ship_card(work: Path) -> str:
         notes.append(f"Reranking speed, student vs teacher (`tamis bench --task rerank`, DL21 10 queries x 100 "
                      f"BM25 candidates, same process, interleaved): {v:.2f}x ({k.split(':', 1)[1]}).")
     notes.append(f"Teacher: {teacher['init']}, trained {teacher['steps']} steps on the same lists with labels "
-                 f"(InfoNCE) and an ensemble of BM25 and all-MiniLM-L6-v2 cosine (listwise KL), weights "
+                 f"(InfoNCE) and the scores of {teacher.get('teacher', 'an ensemble')} (listwise KL), weights "
                  f"{json.dumps(teacher.get('teacher_info', {}).get('weights', {}))}; best dev nDCG@10 "
                  f"{teacher['best_dev']:.4f}. Student best dev nDCG@10 {student['best_dev']:.4f}.")
     notes.append("Weights are stored as float16 (config says float32: loaders up-cast); scores in float32 "
