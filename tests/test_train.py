@@ -109,7 +109,9 @@ def test_teacher_scores_from_a_file(pairs_dir, tmp_path):
     f.write_text(json.dumps({"qid": q, "scores": {docs[0]: 1.5, docs[1]: -2.0}}) + "\n\n"
                  + json.dumps({"qid": q, "scores": {docs[1]: 0.25}}) + "\n")
     scorer = build_scorer(f"scores={f}")
-    assert scorer.name == "scores:teacher"
+    assert scorer.name.startswith("scores:teacher-")
+    f.write_text(f.read_text() + json.dumps({"qid": q, "scores": {docs[2]: 3.0}}) + "\n")
+    assert build_scorer(f"scores={f}").name != scorer.name  # an edited file is another teacher (cache key)
     np.testing.assert_array_equal(scorer.score(data, [(q, docs[:2])])[0], np.array([1.5, 0.25], dtype=np.float32))
     with pytest.raises(ValueError, match=f"no score for query '{q}' and document '{docs[2]}'"):
         scorer.score(data, [(q, docs)])
@@ -269,7 +271,7 @@ def test_distill_cli_from_a_scores_file_into_layers_of_another_checkpoint(pairs_
                  "--mine-negatives", "8", "--negatives", "3", "--max-length", "64", "--max-steps", "2",
                  "--dev", "4", "--dev-depth", "10", "--cache-dir", str(tmp_path / "cache"), "-q"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 2 and summary["teacher"] == "scores:teacher"
+    assert summary["steps"] == 2 and summary["teacher"].startswith("scores:teacher-")
     assert json.loads((out / "model" / "config.json").read_text())["num_hidden_layers"] == 1
 
 

@@ -181,7 +181,11 @@ class ScoresFileScorer:
         self.path = Path(path)
         if not self.path.is_file():
             raise ValueError(f"teacher scores file {self.path} not found")
-        self.name = f"scores:{self.path.stem}"
+        import hashlib
+
+        # the content's hash in the name: scores cached under it are never reused for an edited file
+        digest = hashlib.sha256(self.path.read_bytes()).hexdigest()[:12]
+        self.name = f"scores:{self.path.stem}-{digest}"
         self.table: dict[str, dict[str, float]] = {}
         with open(self.path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
