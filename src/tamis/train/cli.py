@@ -328,8 +328,9 @@ def train_command(args: argparse.Namespace) -> int:
     if args.distill:
         if args.student is None and args.layers is None:
             raise SystemExit("tamis train distill: give --layers (e.g. 0,5) or --student MODEL")
-        kind = args.teacher.strip().partition("=")[0]
-        if args.student is None and (kind in ("bm25", "dense", "splade", "scores") or kind.startswith("ensemble:")):
+        from tamis.train.teachers import is_scorer_spec
+
+        if args.student is None and is_scorer_spec(args.teacher):
             raise SystemExit(f"tamis train distill: the teacher {args.teacher!r} is a scorer, not a cross-encoder to "
                              "cut layers from; give --student MODEL (with --layers to keep some of its layers)")
         model = args.student if args.student is not None else args.teacher

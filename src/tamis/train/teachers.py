@@ -186,18 +186,7 @@ class ScoresFileScorer:
         # the content's hash in the name: scores cached under it are never reused for an edited file
         digest = hashlib.sha256(self.path.read_bytes()).hexdigest()[:12]
         self.name = f"scores:{self.path.stem}-{digest}"
-        self.table: dict[str, dict[str, float]] = {}
-        with open(self.path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    self.table.setdefault(str(row["qid"]), {}).update(
-                        {str(d): float(x) for d, x in row["scores"].items()})
-                except (ValueError, KeyError, TypeError, AttributeError):
-                    raise ValueError(f"{self.path} line {n}: expected {{\"qid\": ..., \"scores\": {{doc id: score}}}}"
-                                     ) from None
+        self.table = read_scores(self.path)
 
     def score(self, data: RerankData, lists: Lists) -> list[np.ndarray]:
         out = []
@@ -300,18 +289,28 @@ def _cache_file(cache_dir: str | os.PathLike[str], scorer: Any, data: RerankData
     return Path(cache_dir) / f"{slug}.jsonl"
 
 
+def read_scores(path: str | os.PathLike[str]) -> dict[str, dict[str, float]]:
+    """``{qid: {doc id: score}}`` from JSONL lines ``{"qid": ..., "scores": {doc id: score}}`` (the cache's
+    format; later lines add to or override earlier ones). A malformed line is a one-line ``ValueError``."""
+    table: dict[str, dict[str, float]] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                table.setdefault(str(row["qid"]), {}).update({str(d): float(x) for d, x in row["scores"].items()})
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise ValueError(f"{path} line {n}: expected {{\"qid\": ..., \"scores\": {{doc id: score}}}}") from None
+    return table
+
+
 def score_cached(scorer: Any, data: RerankData, lists: Lists, cache_dir: str | os.PathLike[str]
                  ) -> list[np.ndarray]:
     """``scorer.score`` with a JSONL cache (one line per query: ``{"qid", "scores": {doc id: score}}``):
     only (query, document) pairs missing from the cache are scored, and they are appended to it."""
     path = _cache_file(cache_dir, scorer, data)
-    known: dict[str, dict[str, float]] = {}
-    if path.is_file():
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    row = json.loads(line)
-                    known.setdefault(row["qid"], {}).update(row["scores"])
+    known = read_scores(path) if path.is_file() else {}
     todo = []
     for qid, docs in lists:
         missing = [d for d in docs if d not in known.get(qid, {})]
@@ -326,6 +325,15 @@ def score_cached(scorer: Any, data: RerankData, lists: Lists, cache_dir: str | o
                 known.setdefault(qid, {}).update(row)
                 f.write(json.dumps({"qid": qid, "scores": row}) + "\n")
     return [np.array([known[qid][d] for d in docs], dtype=np.float32) for qid, docs in lists]
+
+
+SCORER_KINDS = ("bm25", "dense", "splade", "scores")
+
+
+def is_scorer_spec(spec: str) -> bool:
+    """Whether ``spec`` names a scorer (BM25, dense, SPLADE, a scores file, an ensemble) rather than a model."""
+    spec = spec.strip()
+    return spec.startswith("ensemble:") or spec.partition("=")[0] in SCORER_KINDS
 
 
 def build_scorer(spec: str, device: str = "cpu", cache: Any = None, show_progress: bool = True) -> Any:
