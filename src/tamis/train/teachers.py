@@ -146,8 +146,10 @@ class SpladeScorer:
             for idx in batches:
                 batch = self.tokenizer.pad([encodings[i] for i in idx], self.device)
                 logits = self.model(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-                weights = torch.log1p(torch.relu(logits.float())) * batch.attention_mask[..., None]
-                pooled = weights.amax(dim=1).cpu()
+                # log(1 + relu(.)) is monotonic: max-pool the raw logits first (padding at -inf), then
+                # saturate the [B, V] maximum, not the [B, L, V] logits — same vectors, far less work.
+                logits = logits.float().masked_fill_(~batch.attention_mask.bool()[..., None], float("-inf"))
+                pooled = torch.log1p(torch.relu(logits.amax(dim=1))).cpu()
                 for row, i in enumerate(idx):
                     nz = pooled[row].nonzero().flatten()
                     out[i] = (nz.numpy(), pooled[row, nz].numpy())
