@@ -3,8 +3,12 @@
 ``Reranker(name_or_path)`` reads the checkpoint's config and returns
 - a :class:`CrossEncoderReranker` for BERT / JinaBERT sequence classifiers (jina-reranker-v1-*);
 - a :class:`ListwiseReranker` for the jina-reranker-v3 layout (Qwen3 decoder + projector);
+- an :class:`EnsembleReranker` for a saved ensemble (``model_type`` ``tamis-ensemble``: several
+  rerankers' standardised scores, weighted);
 - an :class:`EmbeddingReranker` for embedding models (and for no argument: the bundled
   all-MiniLM-L6-v2, until tamis ships a trained cross-encoder).
+
+:class:`SpladeReranker` (a SPLADE sparse encoder) is built directly or named in an ensemble.
 """
 
 from __future__ import annotations
@@ -19,16 +23,20 @@ from tamis.models.loading import DEFAULT_MODEL_ALIASES, load_config, resolve_mod
 from tamis.rerank.base import RerankerLike, document_texts
 from tamis.rerank.cross_encoder import CrossEncoderReranker
 from tamis.rerank.embedding import EmbeddingReranker
+from tamis.rerank.ensemble import MODEL_TYPE as ENSEMBLE_MODEL_TYPE
+from tamis.rerank.ensemble import EnsembleReranker
 from tamis.rerank.results import RankedResults, RankResult
 
 __all__ = [
     "CrossEncoderReranker",
     "EmbeddingReranker",
+    "EnsembleReranker",
     "ListwiseReranker",
     "RankResult",
     "RankedResults",
     "Reranker",
     "RerankerLike",
+    "SpladeReranker",
     "document_texts",
 ]
 
@@ -49,6 +57,8 @@ def Reranker(  # noqa: N802 - a factory with the name of the thing it makes, as 
     model_dir = resolve_model_dir(name_or_path)
     name = _model_name(name_or_path, model_dir)
     config = load_config(model_dir)
+    if config.get("model_type") == ENSEMBLE_MODEL_TYPE:
+        return EnsembleReranker.from_dir(model_dir, device=device, dtype=dtype, name=name)
     family = detect_family(config)
     if name_or_path is None or str(name_or_path).lower() in DEFAULT_MODEL_ALIASES:
         return EmbeddingReranker(Embedder(name_or_path, device=device, dtype=dtype, **kwargs), name=name)
@@ -68,4 +78,8 @@ def __getattr__(name: str) -> Any:
         from tamis.rerank.listwise import ListwiseReranker
 
         return ListwiseReranker
+    if name == "SpladeReranker":
+        from tamis.rerank.sparse import SpladeReranker
+
+        return SpladeReranker
     raise AttributeError(name)

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tamis.rerank.ensemble import standardize
 from tamis.train.data import RerankData
 
 Lists = Sequence[tuple[str, Sequence[str]]]
@@ -115,61 +116,34 @@ class BM25Scorer:
 class SpladeScorer:
     """SPLADE: ``w_t = max_i log(1 + relu(logit_{i,t}))`` over the tokens of a text, score = ``q · d``.
 
-    ``model_dir`` holds a BERT masked-LM checkpoint trained as a SPLADE encoder (e.g. SPLADE-tiny).
-    Vectors are kept sparse (only non-zero terms), each distinct text encoded once.
+    ``model_dir`` holds a BERT masked-LM checkpoint trained as a SPLADE encoder (e.g. SPLADE-tiny); the
+    encoder is :class:`tamis.rerank.sparse.SpladeReranker`'s. Each distinct text is encoded once.
     """
 
     def __init__(self, model_dir: str | os.PathLike[str], device: str = "cpu", max_length: int = 256,
                  max_tokens_per_batch: int = 8192, show_progress: bool = True):
-        from tamis.models import bert
-        from tamis.models.loading import load_config
-        from tamis.tokenize import Tokenizer
+        from tamis.rerank.sparse import SpladeReranker
 
-        self.model_dir = Path(model_dir)
+        self.encoder = SpladeReranker(model_dir, device=device, max_length=max_length,
+                                      max_tokens_per_batch=max_tokens_per_batch)
+        self.model_dir = self.encoder.model_dir
         self.name = f"splade:{self.model_dir.name}"
-        self.device = torch.device(device)
-        self.model = bert.from_pretrained(self.model_dir, self.device, masked_lm=True)
-        self.tokenizer = Tokenizer.from_dir(self.model_dir, load_config(self.model_dir))
-        self.max_length = max_length
-        self.max_tokens_per_batch = max_tokens_per_batch
         self.show_progress = show_progress
 
-    @torch.inference_mode()
     def encode(self, texts: Sequence[str], desc: str = "splade") -> list[tuple[np.ndarray, np.ndarray]]:
         """Sparse vectors as ``(term ids, weights)`` per text."""
-        from tamis.batching import plan_batches
-
-        encodings = self.tokenizer.encode(list(texts), self.max_length, truncate=True)
-        out: list[Any] = [None] * len(encodings)
-        batches = plan_batches([len(e) for e in encodings], self.max_tokens_per_batch)
-        with tqdm(total=len(encodings), desc=desc, unit="text", disable=not self.show_progress) as bar:
-            for idx in batches:
-                batch = self.tokenizer.pad([encodings[i] for i in idx], self.device)
-                logits = self.model(batch.input_ids, batch.attention_mask, batch.token_type_ids)
-                # log(1 + relu(.)) is monotonic: max-pool the raw logits first (padding at -inf), then
-                # saturate the [B, V] maximum, not the [B, L, V] logits — same vectors, far less work.
-                logits = logits.float().masked_fill_(~batch.attention_mask.bool()[..., None], float("-inf"))
-                pooled = torch.log1p(torch.relu(logits.amax(dim=1))).cpu()
-                for row, i in enumerate(idx):
-                    nz = pooled[row].nonzero().flatten()
-                    out[i] = (nz.numpy(), pooled[row, nz].numpy())
-                bar.update(len(idx))
-        return out
+        return self.encoder.encode(texts, show_progress=self.show_progress, desc=desc)
 
     def score(self, data: RerankData, lists: Lists) -> list[np.ndarray]:
+        from tamis.rerank.sparse import sparse_dot
+
         qids = sorted({q for q, _ in lists})
         dids = sorted({d for _, docs in lists for d in docs})
         qv = dict(zip(qids, self.encode([data.queries[q] for q in qids], "splade queries")))
         dv = dict(zip(dids, self.encode([data.corpus[d] for d in dids], "splade documents")))
         out = []
         for q, docs in lists:
-            terms, weights = qv[q]
-            lookup = dict(zip(terms.tolist(), weights.tolist()))
-            row = np.empty(len(docs), dtype=np.float32)
-            for j, d in enumerate(docs):
-                dt, dw = dv[d]
-                row[j] = sum(lookup.get(t, 0.0) * w for t, w in zip(dt.tolist(), dw.tolist()))
-            out.append(row)
+            out.append(np.array([sparse_dot(qv[q], dv[d]) for d in docs], dtype=np.float32))
         return out
 
 
@@ -200,13 +174,6 @@ class ScoresFileScorer:
                                  + (f" (and {len(missing) - 1} more of its list)" if len(missing) > 1 else ""))
             out.append(np.array([known[d] for d in docs], dtype=np.float32))
         return out
-
-
-def standardize(scores: np.ndarray) -> np.ndarray:
-    """Per-list z-scores (a constant list maps to zeros): puts scorers with different scales on one."""
-    scores = np.asarray(scores, dtype=np.float32)
-    std = scores.std()
-    return (scores - scores.mean()) / std if std > 1e-8 else np.zeros_like(scores)
 
 
 class EnsembleScorer:

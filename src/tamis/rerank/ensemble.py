@@ -1,0 +1,142 @@
+"""Several rerankers as one: a weighted sum of their per-request standardised scores.
+
+Score fusion of dense, sparse and cross-encoder rankers is what a distillation teacher is made of (see
+:class:`tamis.train.teachers.EnsembleScorer`, which fits the weights on labelled training lists); this
+module runs such a fused ranker on live requests, so the teacher can be evaluated, benchmarked and served
+like any other reranker. Scores of each member are z-scored over the request's documents (members have
+unrelated scales), then ``scale · Σ_m w_m · z_m``.
+
+A saved ensemble is a directory whose ``config.json`` reads::
+
+    {"model_type": "tamis-ensemble", "scale": 2.6,
+     "members": [{"model": "all-MiniLM-L6-v2", "weight": 0.1},
+                 {"model": "/models/all-mpnet-base-v2", "weight": 0.4, "max_length": 256},
+                 {"model": "/models/splade-tiny", "kind": "splade", "weight": 0.5}]}
+
+``model`` is a name or path (relative paths are relative to the directory); ``kind`` is ``"splade"`` for a
+SPLADE masked-LM encoder, otherwise the checkpoint decides (as ``tamis.Reranker`` does); other keys are
+passed to the member's loader.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tamis.errors import CheckpointError
+from tamis.rerank.base import RerankerLike, document_texts, query_text
+from tamis.rerank.results import RankedResults, rank
+
+MODEL_TYPE = "tamis-ensemble"
+
+
+def standardize(scores: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Z-scores of one list (a constant list maps to zeros): puts rankers with different scales on one."""
+    scores = np.asarray(scores, dtype=np.float32)
+    std = scores.std()
+    return (scores - scores.mean()) / std if std > 1e-8 else np.zeros_like(scores)
+
+
+class EnsembleReranker:
+    """``scale · Σ_m w_m · standardize(scores_m)`` over member rerankers."""
+
+    kind = "ensemble"
+
+    def __init__(self, members: Sequence[RerankerLike], weights: Sequence[float], scale: float = 1.0,
+                 name: str | None = None, specs: Sequence[dict[str, Any]] | None = None):
+        if not members or len(members) != len(weights):
+            raise ValueError("an ensemble needs one weight per member, and at least one member")
+        self.members = list(members)
+        self.weights = [float(w) for w in weights]
+        self.scale = float(scale)
+        self.name = name or "ensemble(" + "+".join(m.name for m in self.members) + ")"
+        self.specs = [dict(s) for s in specs] if specs is not None else None
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{w:.3g}*{m.name}" for m, w in zip(self.members, self.weights))
+        return f"EnsembleReranker(name={self.name!r}: {self.scale:.3g} x ({parts}) of per-request z-scores)"
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike[str], device: str | torch.device = "cpu",
+                 dtype: str | torch.dtype = "auto", name: str | None = None) -> EnsembleReranker:
+        """Load a saved ensemble (see the module doc for ``config.json``)."""
+        from tamis.rerank import Reranker
+        from tamis.rerank.sparse import SpladeReranker
+
+        root = Path(path)
+        config = json.loads((root / "config.json").read_text())
+        specs = config.get("members")
+        if config.get("model_type") != MODEL_TYPE or not isinstance(specs, list) or not specs:
+            raise CheckpointError(f"{root}/config.json is not a tamis ensemble (model_type {MODEL_TYPE!r}, members)")
+        members, weights = [], []
+        for i, spec in enumerate(specs):
+            if not isinstance(spec, dict) or "model" not in spec or "weight" not in spec:
+                raise CheckpointError(f"{root}/config.json member {i} needs 'model' and 'weight'")
+            extra = {k: v for k, v in spec.items() if k not in ("model", "weight", "kind")}
+            model = str(spec["model"])
+            local = root / model
+            if not Path(model).is_absolute() and local.is_dir():
+                model = str(local)
+            if spec.get("kind") == "splade":
+                members.append(SpladeReranker(model, device=device, **extra))
+            else:
+                members.append(Reranker(model, device=device, **{"dtype": dtype, **extra}))
+            weights.append(float(spec["weight"]))
+        return cls(members, weights, float(config.get("scale", 1.0)), name=name or root.name, specs=specs)
+
+    def save(self, path: str | os.PathLike[str], card: str | None = None) -> Path:
+        """Write ``config.json`` (members by the specs this ensemble was built from) and a card."""
+        if self.specs is None:
+            raise ValueError("this ensemble was built from loaded members: give specs=[{'model': ...}, ...] to save it")
+        root = Path(path)
+        root.mkdir(parents=True, exist_ok=True)
+        members = [{**s, "weight": w} for s, w in zip(self.specs, self.weights)]
+        config = {"model_type": MODEL_TYPE, "architectures": ["TamisEnsembleReranker"], "scale": self.scale,
+                  "members": members}
+        (root / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+        if card is not None:
+            (root / "README.md").write_text(card)
+        return root
+
+    def rerank(
+        self,
+        query: Any,
+        documents: Sequence[Any],
+        top_n: int | None = None,
+        return_documents: bool = True,
+        *,
+        truncate: bool = True,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> RankedResults:
+        """Every member scores all documents; the fused scores rank them. ``progress`` counts member
+        passes over the documents (``done`` of ``members × documents``)."""
+        q = query_text(query)
+        docs = document_texts(documents)
+        if not docs:
+            return rank(q, [], [], top_n, return_documents, model=self.name)
+        total = np.zeros(len(docs), dtype=np.float64)
+        tokens, truncated, query_cut = 0, set(), False
+        passes = len(self.members) * len(docs)
+        for m, (member, weight) in enumerate(zip(self.members, self.weights)):
+            step = None
+            if progress is not None:
+                def step(done: int, n: int, base: int = m * len(docs)) -> None:
+                    progress(base + done, passes)
+            res = member.rerank(q, docs, top_n=None, return_documents=False, truncate=truncate, progress=step)
+            scores = np.empty(len(docs), dtype=np.float32)
+            for r in res.results:
+                scores[r.index] = r.relevance_score
+            total += weight * standardize(scores)
+            tokens += res.total_tokens
+            truncated.update(res.truncated)
+            query_cut = query_cut or bool(res.extras.get("query_truncated"))
+        scores = (self.scale * total).astype(np.float32)
+        return rank(q, scores.tolist(), list(documents), top_n, return_documents, model=self.name,
+                    total_tokens=tokens, truncated=sorted(truncated),
+                    extras={"query_truncated": True} if query_cut else {})
