@@ -374,3 +374,24 @@ def test_train_cli_help_and_bad_arguments(capsys):
     assert "is a scorer, not a cross-encoder" in str(exc.value.code)
     with pytest.raises(SystemExit):
         main(["train", "reranker", "--data", "x", "--out", "y", "--layers", "a,b"])
+
+
+@needs_data
+def test_scorer_suite_scores_the_same_candidates_as_the_reranker_suite(tmp_path):
+    """A teacher scored as a cached list scorer (each text encoded once) and the same model run as a reranker
+    give the same metrics on the same candidates; an ensemble of one member is that member, and the dense
+    scorer can encode only the listed documents under a name of its own (its cache file)."""
+    from tamis.evaluate.suite import rerank_suite, scorer_suite
+    from tamis.train.teachers import DenseScorer, EnsembleScorer
+
+    emb = tamis.Embedder(dtype="float32")
+    dense = DenseScorer(emb, show_progress=False, whole_corpus=False, name="dense:minilm-lists")
+    want = rerank_suite(tamis.Reranker("embedding", dtype="float32"), SHARED / "data", sets=("noveleval",),
+                        dtype="float32", cache_dir=tmp_path, show_progress=False)[0]
+    got = scorer_suite(dense, SHARED / "data", tmp_path, sets=("noveleval",), dtype="float32", show_progress=False)[0]
+    assert (tmp_path / "noveleval-test--dense_minilm-lists.jsonl").is_file()
+    for k in ("nDCG@10", "MRR@10", "first:nDCG@10"):
+        assert got[k] == pytest.approx(want[k], abs=1e-4), k
+    one = scorer_suite(EnsembleScorer([dense], [1.0], 1.0), SHARED / "data", tmp_path, sets=("noveleval",),
+                       dtype="float32", show_progress=False)[0]
+    assert one["nDCG@10"] == pytest.approx(want["nDCG@10"], abs=1e-4) and one["reranker"].startswith("ensemble(")

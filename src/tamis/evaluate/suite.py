@@ -68,3 +68,50 @@ def rerank_suite(
         row["pairs_per_s"] = round(report.final.info.get("pairs_per_second", 0.0), 1)
         rows.append(row)
     return rows
+
+
+def scorer_suite(
+    scorer: Any,
+    data_root: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str],
+    sets: tuple[str, ...] | None = None,
+    dtype: str = "auto",
+    show_progress: bool = True,
+) -> list[dict[str, Any]]:
+    """The same sets, candidates and metrics as :func:`rerank_suite`, scored by a list scorer of
+    :mod:`tamis.train.teachers` (e.g. a teacher ensemble) with its scores cached per (query, document): each
+    distinct text is encoded once, where a reranker re-encodes a document for every query that retrieves it."""
+    from tamis.evaluate.datasets import load_dataset, sorted_docs
+    from tamis.evaluate.metrics import compute_metrics
+    from tamis.evaluate.pipeline import default_relevance_level
+    from tamis.train.data import from_beir
+    from tamis.train.teachers import EnsembleScorer, score_cached
+
+    rows = []
+    for s in RERANK_SUITE:
+        if sets is not None and s.name not in sets:
+            continue
+        path = Path(data_root) / s.directory
+        report = evaluate(path, split=s.split, first_stage=s.first_stage, k_values=(1, 3, 5, 10, 100),
+                          cache_dir=cache_dir, dtype=dtype, show_progress=show_progress)
+        first = report.stages[-1]
+        dataset, data = load_dataset(path, s.split), from_beir(path, split=s.split)
+        lists = []
+        for q in dataset.queries:
+            if q in first.run:
+                docs = [d for d, _ in sorted_docs(first.run[q])[: s.depth] if d in data.corpus]
+                if docs:
+                    lists.append((q, docs))
+        if isinstance(scorer, EnsembleScorer):
+            scores = scorer.combine(scorer.components(data, lists, cache_dir))
+        else:
+            scores = score_cached(scorer, data, lists, cache_dir)
+        run = {q: {d: float(x) for d, x in zip(docs, sc)} for (q, docs), sc in zip(lists, scores)}
+        final = compute_metrics(dataset.qrels, run, (1, 3, 5, 10, 100), default_relevance_level(dataset)).mean
+        row: dict[str, Any] = {"set": s.name, "first_stage": s.first_stage, "depth": s.depth,
+                               "reranker": getattr(scorer, "name", str(scorer))}
+        for m in s.metrics:
+            row[f"first:{m}"] = round(first.metrics.mean[m], 4)
+            row[m] = round(final[m], 4)
+        rows.append(row)
+    return rows

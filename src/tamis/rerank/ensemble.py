@@ -94,15 +94,7 @@ class EnsembleReranker:
         """Write ``config.json`` (members by the specs this ensemble was built from) and a card."""
         if self.specs is None:
             raise ValueError("this ensemble was built from loaded members: give specs=[{'model': ...}, ...] to save it")
-        root = Path(path)
-        root.mkdir(parents=True, exist_ok=True)
-        members = [{**s, "weight": w} for s, w in zip(self.specs, self.weights)]
-        config = {"model_type": MODEL_TYPE, "architectures": ["TamisEnsembleReranker"], "scale": self.scale,
-                  "members": members}
-        (root / "config.json").write_text(json.dumps(config, indent=1) + "\n")
-        if card is not None:
-            (root / "README.md").write_text(card)
-        return root
+        return save_ensemble(path, self.specs, self.weights, self.scale, card)
 
     def rerank(
         self,
@@ -140,3 +132,19 @@ class EnsembleReranker:
         return rank(q, scores.tolist(), list(documents), top_n, return_documents, model=self.name,
                     total_tokens=tokens, truncated=sorted(truncated),
                     extras={"query_truncated": True} if query_cut else {})
+
+
+def save_ensemble(path: str | os.PathLike[str], specs: Sequence[dict[str, Any]], weights: Sequence[float],
+                  scale: float = 1.0, card: str | None = None) -> Path:
+    """Write an ensemble directory (``config.json``, optional README card) without loading its members."""
+    if not specs or len(specs) != len(weights):
+        raise ValueError("an ensemble needs one weight per member, and at least one member")
+    root = Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+    members = [{**s, "weight": float(w)} for s, w in zip(specs, weights)]
+    config = {"model_type": MODEL_TYPE, "architectures": ["TamisEnsembleReranker"], "scale": float(scale),
+              "members": members}
+    (root / "config.json").write_text(json.dumps(config, indent=1) + "\n")
+    if card is not None:
+        (root / "README.md").write_text(card)
+    return root

@@ -66,17 +66,21 @@ class RerankerScorer:
 class DenseScorer:
     """Cosine similarity of an embedding model's query and document vectors."""
 
-    def __init__(self, embedder: Any, cache: Any = None, show_progress: bool = True):
+    def __init__(self, embedder: Any, cache: Any = None, show_progress: bool = True, whole_corpus: bool = True,
+                 name: str | None = None):
         self.embedder = embedder
         self.cache = cache
-        self.name = f"dense:{getattr(embedder, 'name', 'model')}"
+        self.name = name or f"dense:{getattr(embedder, 'name', 'model')}"  # names the score cache file
         self.show_progress = show_progress
+        # True: embed the whole corpus in file order, the same cache entry as dense mining with this model;
+        # False: only the listed documents (a slow model that mining does not use)
+        self.whole_corpus = whole_corpus
 
     def score(self, data: RerankData, lists: Lists) -> list[np.ndarray]:
         from tamis.evaluate.first_stage import encode
 
         qids = sorted({q for q, _ in lists})
-        dids = list(data.corpus)  # the whole corpus, in file order: the same cache entry as dense mining
+        dids = list(data.corpus) if self.whole_corpus else sorted({d for _, docs in lists for d in docs})
         qv = encode(self.embedder, [data.queries[q] for q in qids], getattr(self.embedder, "query_task", None),
                     self.cache, self.show_progress, "queries")
         dv = encode(self.embedder, [data.corpus[d] for d in dids], getattr(self.embedder, "passage_task", None),
