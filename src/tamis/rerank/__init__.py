@@ -5,8 +5,12 @@
 - a :class:`ListwiseReranker` for the jina-reranker-v3 layout (Qwen3 decoder + projector);
 - an :class:`EnsembleReranker` for a saved ensemble (``model_type`` ``tamis-ensemble``: several
   rerankers' standardised scores, weighted);
-- an :class:`EmbeddingReranker` for embedding models (and for no argument: the bundled
-  all-MiniLM-L6-v2, until tamis ships a trained cross-encoder).
+- an :class:`EmbeddingReranker` for embedding models.
+
+No argument (or ``"default"``) gives the shipped tiny cross-encoder ``tamis-reranker-tiny`` (made by
+``recipes/tiny_reranker.py``; see its model card in ``weights/``) when the package holds its weights, else
+the embedding reranker on the bundled all-MiniLM-L6-v2, which stays reachable by name: ``"embedding"`` or
+``"all-MiniLM-L6-v2"``.
 
 :class:`SpladeReranker` (a SPLADE sparse encoder) is built directly or named in an ensemble.
 """
@@ -18,14 +22,18 @@ from typing import Any
 
 import torch
 
+from tamis.errors import ModelNotFoundError
 from tamis.models import detect_family, is_cross_encoder
-from tamis.models.loading import DEFAULT_MODEL_ALIASES, load_config, resolve_model_dir
+from tamis.models.loading import load_config, resolve_model_dir
 from tamis.rerank.base import RerankerLike, document_texts
 from tamis.rerank.cross_encoder import CrossEncoderReranker
 from tamis.rerank.embedding import EmbeddingReranker
 from tamis.rerank.ensemble import MODEL_TYPE as ENSEMBLE_MODEL_TYPE
 from tamis.rerank.ensemble import EnsembleReranker
 from tamis.rerank.results import RankedResults, RankResult
+
+SHIPPED_RERANKER = "tamis-reranker-tiny"
+EMBEDDING_RERANKER_ALIASES = {"embedding", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 
 __all__ = [
     "CrossEncoderReranker",
@@ -34,10 +42,13 @@ __all__ = [
     "ListwiseReranker",
     "RankResult",
     "RankedResults",
+    "EMBEDDING_RERANKER_ALIASES",
+    "SHIPPED_RERANKER",
     "Reranker",
     "RerankerLike",
     "SpladeReranker",
     "document_texts",
+    "shipped_reranker_dir",
 ]
 
 
@@ -54,14 +65,22 @@ def Reranker(  # noqa: N802 - a factory with the name of the thing it makes, as 
     :mod:`tamis.hardware`); an explicit dtype wins."""
     from tamis.embed import Embedder, _model_name
 
+    key = None if name_or_path is None else str(name_or_path).lower()
+    if key in (None, "default", SHIPPED_RERANKER):
+        shipped = shipped_reranker_dir()
+        if shipped is not None:
+            return CrossEncoderReranker(shipped, SHIPPED_RERANKER, device=device, dtype=dtype, **kwargs)
+        if key == SHIPPED_RERANKER:
+            raise ModelNotFoundError(SHIPPED_RERANKER, [str(_SHIPPED_DIR)])
+    if key in EMBEDDING_RERANKER_ALIASES or key in (None, "default"):
+        embedder = Embedder(None, device=device, dtype=dtype, **kwargs)
+        return EmbeddingReranker(embedder, name=embedder.name)
     model_dir = resolve_model_dir(name_or_path)
     name = _model_name(name_or_path, model_dir)
     config = load_config(model_dir)
     if config.get("model_type") == ENSEMBLE_MODEL_TYPE:
         return EnsembleReranker.from_dir(model_dir, device=device, dtype=dtype, name=name)
     family = detect_family(config)
-    if name_or_path is None or str(name_or_path).lower() in DEFAULT_MODEL_ALIASES:
-        return EmbeddingReranker(Embedder(name_or_path, device=device, dtype=dtype, **kwargs), name=name)
     if family == "qwen3-listwise":
         from tamis.rerank.listwise import ListwiseReranker
 
@@ -71,6 +90,14 @@ def Reranker(  # noqa: N802 - a factory with the name of the thing it makes, as 
     if family == "bert" and is_cross_encoder(config):
         return CrossEncoderReranker(model_dir, name, device=device, dtype=dtype, **kwargs)
     return EmbeddingReranker(Embedder(model_dir, device=device, dtype=dtype, **kwargs), name=name)
+
+
+_SHIPPED_DIR = Path(__file__).resolve().parent / "weights" / SHIPPED_RERANKER
+
+
+def shipped_reranker_dir() -> Path | None:
+    """The packaged tamis-reranker-tiny directory, or None when this install does not hold its weights."""
+    return _SHIPPED_DIR if (_SHIPPED_DIR / "model.safetensors").is_file() else None
 
 
 def __getattr__(name: str) -> Any:

@@ -56,7 +56,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="embedding model: local dir, HF id in the local cache, or 'default'; repeat to serve several "
                         "(requests pick one with their 'model' field); NAME= sets the served name")
     p.add_argument("--reranker-model", action="append", default=None, metavar="[NAME=]MODEL",
-                   help="reranker model (cross-encoder, listwise, or 'default' = embedding similarity); repeatable")
+                   help="reranker model (cross-encoder, listwise, ensemble; 'default' = the shipped tamis-reranker-tiny, "
+                        "'embedding' = all-MiniLM-L6-v2 similarity); repeatable")
     p.add_argument("--no-embedding", action="store_true", help="serve no embedding model")
     p.add_argument("--no-reranker", action="store_true", help="serve no reranker")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"bind address (default {DEFAULT_HOST})")
@@ -133,7 +134,11 @@ def load_models(
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load models by spec; served name = ``NAME=`` if given, else the model's own name."""
     import tamis
-    from tamis.rerank import EmbeddingReranker
+    from tamis.models.loading import DEFAULT_MODEL_ALIASES
+    from tamis.rerank import EMBEDDING_RERANKER_ALIASES, EmbeddingReranker, shipped_reranker_dir
+
+    def bundled(model: str) -> str:  # every spelling of the bundled all-MiniLM-L6-v2 shares one copy
+        return "default" if model.lower() in DEFAULT_MODEL_ALIASES | EMBEDDING_RERANKER_ALIASES else model
 
     embedders: dict[str, Any] = {}
     rerankers: dict[str, Any] = {}
@@ -141,13 +146,14 @@ def load_models(
     for spec in embedding_specs:
         name, model = parse_model_spec(spec)
         emb = tamis.Embedder(None if model == "default" else model, device=device, dtype=dtype)
-        by_spec[model] = emb
+        by_spec[bundled(model)] = emb
         _add(embedders, name or emb.name, emb, "embedding")
     for spec in reranker_specs:
         name, model = parse_model_spec(spec)
-        if model in by_spec:
+        # the default reranker is the shipped cross-encoder when the package holds it
+        if bundled(model) in by_spec and not (model == "default" and shipped_reranker_dir() is not None):
             # the same embedding model on both routes: one copy in memory, one worker per route
-            rr = EmbeddingReranker(by_spec[model], name=by_spec[model].name)
+            rr = EmbeddingReranker(by_spec[bundled(model)], name=by_spec[bundled(model)].name)
         else:
             rr = tamis.Reranker(None if model == "default" else model, device=device, dtype=dtype)
         _add(rerankers, name or rr.name, rr, "reranker")
