@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,8 +13,8 @@ from tokenizers import models, pre_tokenizers, processors
 
 import tamis
 from tamis.cli import main
-from tamis.errors import InvalidInputError
-from tamis.rerank import CrossEncoderReranker, EmbeddingReranker
+from tamis.errors import InvalidInputError, ModelNotFoundError
+from tamis.rerank import CrossEncoderReranker, EmbeddingReranker, shipped_reranker_dir
 from tamis.tokenize import Tokenizer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -71,9 +72,10 @@ def test_long_query_keeps_room_for_the_document(v1):
     assert sum(enc.type_ids) >= 3  # the document's tokens (type 1) survive
 
 
-def test_default_reranker_is_embedding_based_and_says_so():
-    rr = tamis.Reranker()
-    assert isinstance(rr, EmbeddingReranker) and rr.kind == "embedding"
+def test_embedding_reranker_stays_reachable_by_name_and_says_so():
+    for name in ("embedding", "all-MiniLM-L6-v2"):
+        rr = tamis.Reranker(name)
+        assert isinstance(rr, EmbeddingReranker) and rr.kind == "embedding" and rr.name == "all-MiniLM-L6-v2"
     assert "cosine similarity of all-MiniLM-L6-v2 embeddings" in repr(rr)
     docs = ["Paris is the capital of France.", "Bananas are rich in potassium.", "France's capital city is Paris."]
     res = rr.rerank("What is the capital of France?", docs)
@@ -81,6 +83,29 @@ def test_default_reranker_is_embedding_based_and_says_so():
     emb = rr.embedder.embed(["What is the capital of France?", *docs])
     np.testing.assert_allclose(sorted(res.scores, reverse=True), sorted(emb[1:] @ emb[0], reverse=True), atol=1e-6)
     assert res.total_tokens > 0
+
+
+def test_default_reranker_is_the_shipped_cross_encoder_only_when_the_package_holds_it(monkeypatch, tmp_path):
+    """No shipped weights (today: no student has met the bar, see recipes/tiny_reranker.py): the default is
+    the embedding reranker and the shipped name is a clear error. Weights in the package's slot: the
+    default, "default" and the name all give that cross-encoder, with sentence-transformers' scores."""
+    import tamis.rerank as rerank_pkg
+
+    if shipped_reranker_dir() is None:
+        assert isinstance(tamis.Reranker(), EmbeddingReranker)
+        with pytest.raises(ModelNotFoundError, match="tamis-reranker-tiny"):
+            tamis.Reranker("tamis-reranker-tiny")
+    slot = tmp_path / "weights" / "tamis-reranker-tiny"
+    shutil.copytree(V1, slot)
+    monkeypatch.setattr(rerank_pkg, "_SHIPPED_DIR", slot)
+    assert shipped_reranker_dir() == slot
+    for rr in (tamis.Reranker(dtype="float32"), tamis.Reranker("default", dtype="float32"),
+               tamis.Reranker("tamis-reranker-tiny", dtype="float32")):
+        assert isinstance(rr, CrossEncoderReranker) and rr.kind == "cross-encoder" and rr.name == "tamis-reranker-tiny"
+    assert isinstance(tamis.Reranker("embedding"), EmbeddingReranker)
+    expected = json.loads((V1 / "expected_text.json").read_text())
+    np.testing.assert_allclose(tamis.Reranker(dtype="float32").score(expected["query"], expected["documents"]),
+                               expected["scores.sigmoid"], atol=1e-5)
 
 
 def test_ties_sorted_by_index_and_bad_inputs(v1):

@@ -734,8 +734,12 @@ def test_json_parsed_whatever_the_content_type() -> None:
 
 
 def test_default_serving_shares_one_model_between_routes():
+    from tamis.rerank import shipped_reranker_dir
     from tamis.server.cli import load_models
 
-    embedders, rerankers = load_models(["default"], ["default"])
+    embedders, rerankers = load_models(["default"], ["embedding"])
     (emb,), (rr,) = embedders.values(), rerankers.values()
     assert rr.kind == "embedding" and rr.embedder is emb  # one copy of all-MiniLM-L6-v2 in memory
+    _, rerankers = load_models(["default"], ["default"])  # the shipped cross-encoder when the package holds it
+    (rr,) = rerankers.values()
+    assert rr.kind == ("cross-encoder" if shipped_reranker_dir() else "embedding")

@@ -118,9 +118,9 @@ def test_auto_is_the_default_of_every_inference_entry_point(monkeypatch):
         assert cli.parse_args([*command, "--dtype", "int8"]).dtype == "int8"
 
     monkeypatch.setattr(hardware, "cpu_info", lambda: CPUInfo("Fake CPU", "x86_64", "AVX512", frozenset({"amx_bf16"})))
-    rr = tamis.Reranker()
+    rr = tamis.Reranker("embedding")
     assert rr.embedder.dtype == torch.bfloat16 and "AMX" in repr(rr.embedder)
-    assert tamis.Reranker(dtype="float32").embedder.dtype == torch.float32
+    assert tamis.Reranker("embedding", dtype="float32").embedder.dtype == torch.float32
 
 
 def test_this_cpu_is_described():
