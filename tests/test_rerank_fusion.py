@@ -12,6 +12,7 @@ import torch
 
 import tamis
 from tamis.errors import CheckpointError, InputTooLongError
+from tamis.evaluate.bench import _precision_of
 from tamis.models.loading import resolve_model_dir
 from tamis.rerank import EnsembleReranker, SpladeReranker
 from tamis.rerank.ensemble import standardize
@@ -95,6 +96,8 @@ def test_ensemble_fuses_standardised_member_scores_and_loads_from_a_directory(sp
     ens = tamis.Reranker(tmp_path / "ens")
     assert isinstance(ens, EnsembleReranker) and ens.kind == "ensemble" and ens.name == "ens"
     assert "0.5*" in repr(ens) and [m.kind for m in ens.members] == ["cross-encoder", "splade", "embedding"]
+    precision = _precision_of(ens)  # what `tamis bench` prints for an ensemble: its members' dtypes
+    assert precision["dtype"] == "float32" and len(precision["members"]) == 3
     seen = []
     res = ens.rerank(query, DOCS, top_n=3, progress=lambda done, n: seen.append((done, n)))
     assert res.indices == sorted(range(len(DOCS)), key=lambda i: (-want[i], i))[:3]

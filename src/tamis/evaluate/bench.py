@@ -586,12 +586,21 @@ def _distinct_names(workloads: Sequence[Workload], specs: Sequence[Any]) -> None
 
 def _precision_of(model: Any) -> dict[str, Any]:
     """What dtype a tamis model resolved to and why (``dtype="auto"``), and whether it runs packed."""
+    members = getattr(model, "members", None)
+    if members:  # an ensemble: the dtypes its members resolved to, each named once
+        parts = [_precision_of(getattr(m, "embedder", m)) for m in members]
+        return {"dtype": "+".join(dict.fromkeys(str(p["dtype"]) for p in parts)), "packed": None, "members": parts}
     p = getattr(model, "precision", None)
     out: dict[str, Any] = {"packed": getattr(model, "packed", None)}
     if p is not None:
         out.update(dtype=p.name, requested=p.requested, reason=p.reason)
-    else:
-        out["dtype"] = str(getattr(model, "dtype", "")).removeprefix("torch.") or None
+        return out
+    import torch
+
+    dtype = getattr(model, "dtype", None)
+    if dtype is None and isinstance(getattr(model, "model", None), torch.nn.Module):
+        dtype = next(model.model.parameters()).dtype  # e.g. SpladeReranker: always the checkpoint's float32
+    out["dtype"] = str(dtype or "").removeprefix("torch.") or None
     return out
 
 

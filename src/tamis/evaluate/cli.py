@@ -216,7 +216,8 @@ def bench_command(args: argparse.Namespace) -> int:
         t = cfg.get(task, {}).get("tamis")
         if t:
             why = f" ({t['requested']}: {t['reason']})" if t.get("reason") else ""
-            print(f"{task}: tamis dtype {t.get('dtype')}{why}, packed={t.get('packed')}", file=out)
+            packed = f", packed={t['packed']}" if t.get("packed") is not None else ""
+            print(f"{task}: tamis dtype {t.get('dtype')}{why}{packed}", file=out)
     print(format_table([r.row() for r in report.results], floatfmt=".2f"), file=out)
     for task in ("embed", "rerank"):
         for suffix, who in (("", "sentence-transformers"), ("_vs_st_bf16", "sentence-transformers + bf16 autocast")):
