@@ -554,7 +554,7 @@ def run_bench(
         config["rerank"] = {"data": str(data), "queries": len(groups), "depth": depth,
                             "pairs": sum(len(g[1]) for g in groups)}
         rr = load_reranker(reranker, device, dtype)
-        config["rerank"]["tamis"] = _precision_of(getattr(rr, "embedder", rr))
+        config["rerank"]["tamis"] = _precision_of(rr)
         ours = tamis_rerank_workload(rr, groups)
         if compare_rerankers:
             # several tamis rerankers (e.g. a teacher and its distilled student), interleaved call by call
@@ -585,22 +585,19 @@ def _distinct_names(workloads: Sequence[Workload], specs: Sequence[Any]) -> None
 
 
 def _precision_of(model: Any) -> dict[str, Any]:
-    """What dtype a tamis model resolved to and why (``dtype="auto"``), and whether it runs packed."""
+    """What dtype a tamis model (an embedding reranker: its embedder) resolved to and why (``dtype="auto"``),
+    and whether it runs packed; an ensemble gives its members' dtypes, each named once."""
+    model = getattr(model, "embedder", model)
     members = getattr(model, "members", None)
-    if members:  # an ensemble: the dtypes its members resolved to, each named once
-        parts = [_precision_of(getattr(m, "embedder", m)) for m in members]
+    if members:
+        parts = [_precision_of(m) for m in members]
         return {"dtype": "+".join(dict.fromkeys(str(p["dtype"]) for p in parts)), "packed": None, "members": parts}
     p = getattr(model, "precision", None)
     out: dict[str, Any] = {"packed": getattr(model, "packed", None)}
     if p is not None:
         out.update(dtype=p.name, requested=p.requested, reason=p.reason)
-        return out
-    import torch
-
-    dtype = getattr(model, "dtype", None)
-    if dtype is None and isinstance(getattr(model, "model", None), torch.nn.Module):
-        dtype = next(model.model.parameters()).dtype  # e.g. SpladeReranker: always the checkpoint's float32
-    out["dtype"] = str(dtype or "").removeprefix("torch.") or None
+    else:
+        out["dtype"] = str(getattr(model, "dtype", "")).removeprefix("torch.") or None
     return out
 
 

@@ -44,6 +44,11 @@ class SpladeReranker:
         self.max_length = max_length
         self.max_tokens_per_batch = max_tokens_per_batch
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (SPLADE runs in its checkpoint's precision; no ``dtype="auto"`` choice)."""
+        return next(self.model.parameters()).dtype
+
     def __repr__(self) -> str:
         return f"SpladeReranker(name={self.name!r}: SPLADE term weights of {self.model_dir}, max {self.max_length} tokens)"
 
