@@ -461,6 +461,22 @@ def test_bench_against_sentence_transformers_on_real_texts():
                                for s in ("", "_vs_st_bf16")}
     assert all(v > 0 for v in rep.ratios.values())
     assert rep.config["cpu"] and rep.config["embed"]["tamis"]["packed"] is True
+    probe = rep.config["matmul_probe_gflops"]
+    assert probe["float32"] > 0 and probe["bfloat16"] > 0 and probe["shape"] == {"hidden": 384, "intermediate": 1536}
+    embeds = [r for r in rep.results if r.task == "embed"]
+    assert len({r.extra["gflop_per_pass"] for r in embeds}) == 1  # the same useful work for every system
+    for r in embeds:  # each against its own dtype's ceiling: ST float32 / ST autocast bfloat16 / tamis float32
+        assert r.extra["ceiling_dtype"] == ("bfloat16" if r.system == st16 else "float32")
+        assert 0 < r.extra["pct_of_ceiling"] < 200 and "% ceiling" in r.row()
+
+
+def test_encoder_gflop_counts_projections_and_attention_by_hand():
+    from tamis.evaluate.bench import encoder_gflop
+
+    cfg = {"hidden_size": 4, "intermediate_size": 8, "num_hidden_layers": 2}
+    # per layer: projections 2 * (4*16 + 2*4*8) = 256 FLOP per token x 4 tokens; attention 4 * 4 * (3^2 + 1^2)
+    assert encoder_gflop(cfg, [3, 1]) == pytest.approx(2 * (256 * 4 + 160) / 1e9)
+    assert encoder_gflop({"hidden_size": 4}, [3]) is None
 
 
 def test_rank_agreement_tolerates_near_ties_and_monotone_maps():

@@ -138,6 +138,8 @@ class BenchResult:
             "p95 ms": round(self.p95_ms, 1),
             "peak RSS MB": round(self.peak_rss_mb),
             "+RSS MB": round(self.rss_growth_mb),
+            **({"GFLOP/s": round(self.extra["gflops"]), "% ceiling": round(self.extra["pct_of_ceiling"])}
+               if "pct_of_ceiling" in self.extra else {}),
         }
 
     def to_dict(self) -> dict[str, Any]:
@@ -268,6 +270,78 @@ def _result(w: Workload, t: dict[str, Any], repeats: int) -> BenchResult:
         seconds_per_pass=t["seconds_per_pass"], repeats=repeats, memory_scope=t["memory_scope"],
         gpu_peak_mb=t["gpu_peak_mb"], extra={**w.extra, "pass_seconds": t["pass_seconds"]},
     )
+
+
+# ------------------------------------------------------------------------------- matmul ceiling
+
+
+def matmul_probe(dtype: str, hidden: int = 384, intermediate: int = 1536, tokens: int = 4096,
+                 device: str = "cpu", repeats: int = 5) -> float:
+    """GFLOP/s of ``F.linear`` in ``dtype`` at a BERT layer's FFN shapes ([tokens, hidden] x [hidden,
+    intermediate] and back), the faster shape's median over ``repeats``: the practical matmul ceiling a model
+    of those sizes can reach on this machine (the "% of ceiling" of ``tamis bench``)."""
+    import torch
+    import torch.nn.functional as F
+
+    dt = getattr(torch, dtype)
+    gen = torch.Generator().manual_seed(0)
+    best = 0.0
+    with torch.inference_mode():
+        for k, n in ((hidden, intermediate), (intermediate, hidden)):
+            x = torch.randn(tokens, k, generator=gen).to(device=device, dtype=dt)
+            w = torch.randn(n, k, generator=gen).to(device=device, dtype=dt)
+            for _ in range(2):
+                F.linear(x, w)
+            times = []
+            for _ in range(repeats):
+                _sync(device)
+                t0 = time.perf_counter()
+                F.linear(x, w)
+                _sync(device)
+                times.append(time.perf_counter() - t0)
+            best = max(best, 2.0 * tokens * k * n / statistics.median(times) / 1e9)
+    return best
+
+
+def encoder_gflop(config: dict[str, Any], lengths: Sequence[int]) -> float | None:
+    """Matmul work of one pass of a BERT-like encoder over sequences of these token counts, in GFLOP: the
+    layers' projections (2 x (4 h^2 + 2 h i) per token) plus attention's two products (4 L^2 h per sequence
+    and layer); embeddings, norms, pooling and heads are left out. None for configs without those sizes."""
+    try:
+        h, i, n = int(config["hidden_size"]), int(config["intermediate_size"]), int(config["num_hidden_layers"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    tokens = sum(lengths)
+    squares = sum(x * x for x in lengths)
+    return n * (2.0 * (4 * h * h + 2 * h * i) * tokens + 4.0 * h * squares) / 1e9
+
+
+def _token_lengths(task: str, model: Any, items: Sequence[Any]) -> list[int] | None:
+    """Token counts a tamis model computes for the timed items (texts, or (query, passages) groups for a
+    cross-encoder), truncated as it truncates them; None where the model has no single encoder to count."""
+    tok, limit = getattr(model, "tokenizer", None), getattr(model, "max_length", None)
+    if tok is None or getattr(model, "config", None) is None:
+        return None
+    if task == "embed":
+        return [len(e) for e in tok.encode(list(items), limit)]
+    if not hasattr(tok, "encode_pairs") or getattr(model, "kind", None) not in (None, "cross-encoder"):
+        return None
+    return [len(e) for q, docs in items for e in tok.encode_pairs([q] * len(docs), docs, limit)]
+
+
+def _attach_flops(results: Sequence[BenchResult], config: dict[str, Any], lengths: Sequence[int] | None,
+                  ceilings: dict[str, float], st_dtype: str) -> None:
+    """Achieved GFLOP/s (useful work: real tokens, padding not counted) and % of the dtype's matmul ceiling
+    for every system timed on the same items."""
+    work = encoder_gflop(config, lengths) if lengths else None
+    if work is None:
+        return
+    for r in results:
+        dtype = st_dtype if r.system == ST else "bfloat16" if r.system == ST_BF16 else r.extra.get("dtype")
+        rate = work / r.seconds_per_pass
+        r.extra.update(gflop_per_pass=work, gflops=rate)
+        if dtype in ceilings:
+            r.extra.update(ceiling_dtype=dtype, pct_of_ceiling=100.0 * rate / ceilings[dtype])
 
 
 # ---------------------------------------------------------------------------------------- workloads
@@ -479,6 +553,7 @@ def run_bench(
     show_progress: bool = True,
     compare_rerankers: Sequence[Any] = (),
     st_bf16: bool = True,
+    compile: bool = False,
 ) -> BenchReport:
     """Benchmark embedding (SciFact documents) and reranking (TREC DL 21 BM25 candidates), and with
     ``vs="sentence-transformers"`` the same calls through sentence-transformers (float32, and with
@@ -486,6 +561,7 @@ def run_bench(
 
     ``ratios[task]`` is tamis / sentence-transformers float32 throughput, ``ratios[task + "_vs_st_bf16"]``
     tamis / sentence-transformers bf16 autocast; ``*_paired_median`` the median per-call speedups.
+    ``compile`` loads tamis's models with ``compile=True`` (warm-up paid and reported before timing).
     ``checks`` compare every system's outputs with sentence-transformers float32 (the reference)."""
     from tamis.evaluate.pipeline import load_embedder, load_reranker
     from tamis.hardware import cpu_info
@@ -500,9 +576,26 @@ def run_bench(
     info = cpu_info()
     config: dict[str, Any] = {"device": device, "dtype": dtype, "repeats": repeats, "vs": vs,
                               "torch_threads": _threads(), "cpus": os.cpu_count(), "cpu": info.describe(),
-                              "cpu_info": info.to_dict()}
+                              "cpu_info": info.to_dict(), "compile": compile}
+    options: dict[str, Any] = {"compile": True} if compile else {}
 
-    def measure(task: str, ours: Workload, make_theirs: Callable[[bool], Workload], sample: Sequence[Any]) -> None:
+    ceilings: dict[str, float] = {}
+
+    def attach_flops(task: str, model: Any, res: Sequence[BenchResult], items: Sequence[Any]) -> None:
+        cfg = getattr(model, "config", None)
+        lengths = _token_lengths(task, model, items) if isinstance(cfg, dict) else None
+        if not lengths or encoder_gflop(cfg, lengths) is None:
+            return
+        res[0].extra["dtype"] = config[task]["tamis"].get("dtype")
+        sizes = {"hidden": int(cfg["hidden_size"]), "intermediate": int(cfg["intermediate_size"])}
+        for dt in dict.fromkeys([res[0].extra["dtype"], "float32", "bfloat16"]):
+            if dt in ("float32", "bfloat16", "float16") and dt not in ceilings:
+                ceilings[dt] = matmul_probe(dt, device=device, **sizes)
+        config["matmul_probe_gflops"] = {**ceilings, "shape": sizes}
+        _attach_flops(res, cfg, lengths, ceilings, "float32")
+
+    def measure(task: str, ours: Workload, make_theirs: Callable[[bool], Workload], sample: Sequence[Any],
+                model: Any = None) -> None:
         workloads = [ours]
         if vs == ST:
             try:
@@ -515,6 +608,7 @@ def run_bench(
         timed = time_workloads(workloads, repeats, device=device, show_progress=show_progress)
         res = [_result(w, t, repeats) for w, t in zip(workloads, timed)]
         results.extend(res)
+        attach_flops(task, model, res, [t for b in ours.items for t in b] if task == "embed" else ours.items)
         if len(res) < 2:
             return
         outputs = [[w.call(x) for x in sample] for w in workloads]
@@ -538,13 +632,13 @@ def run_bench(
         data = Path(embed_data) if embed_data else root / "scifact"
         texts = embedding_texts(data, n_docs)
         config["embed"] = {"data": str(data), "documents": len(texts), "batch_size": batch_size}
-        emb = load_embedder(model, device, dtype)
+        emb = load_embedder(model, device, dtype, **options)
         config["embed"]["tamis"] = _precision_of(emb)
         ours = tamis_embed_workload(emb, texts, batch_size)
         measure("embed", ours,
                 lambda bf16: st_embed_workload(emb.model_dir, texts, batch_size, device,
                                                getattr(emb, "max_length", None), ours.model, bf16),
-                _batches(texts[:64], batch_size))
+                _batches(texts[:64], batch_size), emb)
         del emb, ours
         gc.collect()
 
@@ -553,12 +647,13 @@ def run_bench(
         groups = rerank_groups(data, n_queries, depth)
         config["rerank"] = {"data": str(data), "queries": len(groups), "depth": depth,
                             "pairs": sum(len(g[1]) for g in groups)}
-        rr = load_reranker(reranker, device, dtype)
+        rr = load_reranker(reranker, device, dtype, **options)
         config["rerank"]["tamis"] = _precision_of(rr)
         ours = tamis_rerank_workload(rr, groups)
         if compare_rerankers:
             # several tamis rerankers (e.g. a teacher and its distilled student), interleaved call by call
-            others = [tamis_rerank_workload(load_reranker(c, device, dtype), groups) for c in compare_rerankers]
+            others = [tamis_rerank_workload(load_reranker(c, device, dtype, **options), groups)
+                      for c in compare_rerankers]
             _distinct_names([ours, *others], [reranker, *compare_rerankers])
             timed = time_workloads([ours, *others], repeats, device=device, show_progress=show_progress)
             results.extend(_result(w, t, repeats) for w, t in zip([ours, *others], timed))
@@ -567,7 +662,8 @@ def run_bench(
                 ratios[f"rerank:{w.model}/{ours.model}_paired_median"] = paired_speedup(t["latencies"],
                                                                                        timed[0]["latencies"])
         else:
-            measure("rerank", ours, lambda bf16: st_rerank_workload(rr, groups, device, batch_size, bf16), groups[:3])
+            measure("rerank", ours, lambda bf16: st_rerank_workload(rr, groups, device, batch_size, bf16), groups[:3],
+                    rr)
         del rr, ours
         gc.collect()
     return BenchReport(results, ratios, checks, config, skipped)
@@ -594,6 +690,8 @@ def _precision_of(model: Any) -> dict[str, Any]:
         return {"dtype": "+".join(dict.fromkeys(str(p["dtype"]) for p in parts)), "packed": None, "members": parts}
     p = getattr(model, "precision", None)
     out: dict[str, Any] = {"packed": getattr(model, "packed", None)}
+    if getattr(model, "compile_seconds", None) is not None:
+        out["compile_seconds"] = model.compile_seconds
     if p is not None:
         out.update(dtype=p.name, requested=p.requested, reason=p.reason)
     else:

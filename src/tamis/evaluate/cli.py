@@ -100,6 +100,9 @@ def register(subparsers: Any) -> None:
     b.add_argument("--device", default="cpu")
     b.add_argument("--dtype", default="auto",
                    help="auto (bf16 with native bf16 on CPU / on GPU, else float32), float32, bfloat16, int8")
+    b.add_argument("--compile", action="store_true",
+                   help="load tamis's models with torch.compile (BERT family; warm-up paid before timing and "
+                        "printed)")
     b.add_argument("--no-st-bf16", dest="st_bf16", action="store_false",
                    help="with --vs, skip sentence-transformers under bf16 autocast")
     b.add_argument("--quiet", action="store_true")
@@ -202,8 +205,13 @@ def bench_command(args: argparse.Namespace) -> int:
             args.data, model=args.model, reranker=args.reranker, tasks=tasks, n_docs=args.docs,
             batch_size=args.batch_size, n_queries=args.queries, depth=args.depth, repeats=args.repeats,
             vs=args.vs, device=args.device, dtype=args.dtype, show_progress=not args.quiet,
-            compare_rerankers=args.compare_reranker, st_bf16=args.st_bf16,
+            compare_rerankers=args.compare_reranker, st_bf16=args.st_bf16, compile=args.compile,
         )
+    except TypeError as exc:
+        if not args.compile or "compile" not in str(exc):
+            raise
+        print(f"tamis bench: error: --compile is for BERT-family embedders and cross-encoders ({exc})", file=sys.stderr)
+        return 2
     except (TamisError, ValueError, FileNotFoundError) as exc:
         print(f"tamis bench: error: {exc}", file=sys.stderr)
         return 2
@@ -217,7 +225,8 @@ def bench_command(args: argparse.Namespace) -> int:
         if t:
             why = f" ({t['requested']}: {t['reason']})" if t.get("reason") else ""
             packed = f", packed={t['packed']}" if t.get("packed") is not None else ""
-            print(f"{task}: tamis dtype {t.get('dtype')}{why}{packed}", file=out)
+            compiled = f", compiled (warm-up {t['compile_seconds']:.1f} s)" if "compile_seconds" in t else ""
+            print(f"{task}: tamis dtype {t.get('dtype')}{why}{packed}{compiled}", file=out)
     print(format_table([r.row() for r in report.results], floatfmt=".2f"), file=out)
     for task in ("embed", "rerank"):
         for suffix, who in (("", "sentence-transformers"), ("_vs_st_bf16", "sentence-transformers + bf16 autocast")):

@@ -98,23 +98,24 @@ def default_relevance_level(dataset: Dataset) -> int:
     return 2 if dataset.path.name.lower().startswith("trec-dl") else 1
 
 
-def load_embedder(model: Any, device: str = "cpu", dtype: str = "auto") -> Any:
-    """An Embedder object as is, or ``tamis.Embedder(model)`` for a name / path / None."""
+def load_embedder(model: Any, device: str = "cpu", dtype: str = "auto", **options: Any) -> Any:
+    """An Embedder object as is, or ``tamis.Embedder(model, **options)`` for a name / path / None."""
     if model is not None and hasattr(model, "embed"):
         return model
     from tamis.embed import Embedder
 
-    return Embedder(model, device=device, dtype=dtype)
+    return Embedder(model, device=device, dtype=dtype, **options)
 
 
-def load_reranker(reranker: Any, device: str = "cpu", dtype: str = "auto") -> Any:
-    """A Reranker object as is; ``"default"`` -> ``tamis.Reranker()``; a name / path -> ``tamis.Reranker(it)``."""
+def load_reranker(reranker: Any, device: str = "cpu", dtype: str = "auto", **options: Any) -> Any:
+    """A Reranker object as is; ``"default"`` -> ``tamis.Reranker()``; a name / path -> ``tamis.Reranker(it)``
+    (``options`` such as ``compile=True`` passed on)."""
     if reranker is not None and hasattr(reranker, "rerank"):
         return reranker
     from tamis.rerank import Reranker
 
     name = None if reranker in (None, "default") else reranker
-    return Reranker(name, device=device, dtype=dtype)
+    return Reranker(name, device=device, dtype=dtype, **options)
 
 
 def rerank_run(
