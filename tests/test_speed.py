@@ -201,6 +201,39 @@ def test_packed_forward_matches_padded_on_random_models(style):
     torch.testing.assert_close(packed_hidden, real, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", ["none", "alibi", "mpnet"])
+def test_matmul_attention_matches_sdpa(bias, monkeypatch):
+    """The two-matmul attention of bf16 CPU inference equals SDPA: to 1e-5 in float32 (forced), with every
+    bias kind and with runs split into several chunks; to bf16 rounding in bfloat16."""
+    torch.manual_seed(0)
+    heads, d = 4, 8
+    lengths = [9, 9, 9, 6, 4, 4, 1]
+    runs = bert.Packing(lengths).runs
+    rel = torch.randn(32, heads) if bias == "mpnet" else None
+    q, k, v = (torch.randn(sum(lengths), 3 * heads * d)[:, : heads * d] for _ in range(3))  # strided, as fused
+    monkeypatch.setattr(bert, "_SCORES_PER_CHUNK", heads * 9 * 9 * 2)  # the 3 sequences of length 9: 2 chunks
+    with torch.inference_mode():
+        ref = bert._attend_runs(q, k, v, runs, heads, bias == "alibi", rel, matmul=False)
+        got = bert._attend_runs(q, k, v, runs, heads, bias == "alibi", rel, matmul=True)
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+        qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+        got16 = bert._attend_runs(qb, kb, vb, runs, heads, bias == "alibi", rel, matmul=True)
+    assert got16.dtype == torch.bfloat16
+    torch.testing.assert_close(got16.float(), ref, rtol=0, atol=0.05)
+
+
+def test_matmul_attention_only_for_bf16_inference_on_native_bf16(monkeypatch):
+    x = torch.zeros(2, 8, dtype=torch.bfloat16)
+    for native in (True, False):
+        monkeypatch.setattr(bert, "cpu_info", lambda native=native: CPUInfo(
+            "test", "x86_64", "AVX512", frozenset({"avx512_bf16"} if native else set())))
+        with torch.inference_mode():
+            assert bert.use_matmul_attention(x) is native
+            assert not bert.use_matmul_attention(x.float())
+        with torch.enable_grad():  # training keeps SDPA
+            assert not bert.use_matmul_attention(x)
+
+
 @needs_shared
 @pytest.mark.parametrize("model", [None, "jina-embeddings-v2-tiny"])
 def test_embedder_packed_matches_padded(model):

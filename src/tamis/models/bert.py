@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tamis.errors import UnsupportedModelError
+from tamis.hardware import cpu_info
 from tamis.models import lora
 from tamis.models.activations import ACTIVATIONS
 from tamis.models.loading import apply_key_map, load_config, load_state_dict
@@ -194,14 +195,54 @@ def _run_bias(n: int, n_heads: int, dtype: torch.dtype, device: torch.device, al
     return None
 
 
+# Score elements per chunk of the CPU bf16 attention: 4 MiB of fp32 scores, so a chunk stays in cache.
+_SCORES_PER_CHUNK = 1 << 20
+
+
+def use_matmul_attention(q: torch.Tensor) -> bool:
+    """Whether packed attention computes ``softmax(q k^T) v`` with two bf16 matmuls instead of SDPA: bf16
+    inference on a CPU with native bf16, where torch's flash kernel for CPU runs its small per-block GEMMs at
+    a fraction of the bf16 rate (measured 1.37-1.6x slower for 32-256 tokens at head size 32, README "Speed").
+    Elsewhere (float32: flash is as fast or faster; GPUs; training) SDPA."""
+    return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and not torch.is_grad_enabled()
+            and cpu_info().bf16_native)
+
+
+def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``[g, heads, n, d]`` -> ``[g * n, heads * d]``: ``softmax(q k^T / sqrt(d) + bias) v``, a chunk of
+    sequences at a time. The matmuls accumulate in float32 and round their results to the input dtype; softmax
+    computes in float32 whatever its input (torch's CPU kernel upcasts bf16), so without a bias the scale is
+    folded into ``q`` and the scores never take a float32 copy; with a bias the scores are upcast to add it."""
+    g, n_heads, n, d = q.shape
+    per = max(1, _SCORES_PER_CHUNK // (n_heads * n * n))
+    scale = d**-0.5
+    q = q * scale if bias is None else q.contiguous()  # one copy of each per run, not per chunk
+    k, v = k.transpose(-1, -2).contiguous(), v.contiguous()
+    outs = []
+    for s0 in range(0, g, per):
+        sl = slice(s0, s0 + per)
+        scores = torch.matmul(q[sl], k[sl])
+        if bias is None:
+            probs = torch.softmax(scores, dim=-1)
+        else:
+            probs = torch.softmax(scores.float().mul_(scale) + bias.float(), dim=-1).to(v.dtype)
+        o = torch.matmul(probs, v[sl])
+        outs.append(o.transpose(1, 2).reshape(o.shape[0] * n, n_heads * d))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 def _attend_runs(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: torch.Tensor, n_heads: int, alibi: bool,
     rel: torch.Tensor | None = None, biases: dict[int, torch.Tensor | None] | None = None,
+    matmul: bool | None = None,
 ) -> torch.Tensor:
-    """``biases``: length -> bias, filled on the way (shared by the layers of one forward, then dropped)."""
+    """``biases``: length -> bias, filled on the way (shared by the layers of one forward, then dropped).
+    ``matmul``: force (True) or forbid (False) :func:`_matmul_attention`; None decides by
+    :func:`use_matmul_attention`."""
     h = q.shape[-1]
     d = h // n_heads
     biases = {} if biases is None else biases
+    matmul = use_matmul_attention(q) if matmul is None else matmul
     outs = []
     for row, g, n in runs.tolist():
         rows = slice(row, row + g * n)
@@ -211,6 +252,9 @@ def _attend_runs(
 
         if n not in biases:
             biases[n] = _run_bias(n, n_heads, q.dtype, q.device, alibi, rel)
+        if matmul:
+            outs.append(_matmul_attention(heads(q), heads(k), heads(v), biases[n]))
+            continue
         o = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), biases[n])
         outs.append(o.transpose(1, 2).reshape(g * n, h))
     return outs[0] if len(outs) == 1 else torch.cat(outs)
