@@ -25,7 +25,7 @@ from tamis.errors import InputTooLongError, UnknownTaskError
 from tamis.rerank.results import rank
 from tamis.server import ServerSettings, create_app
 from tamis.server.auth import KeyChecker, startup_message
-from tamis.server.batcher import ModelWorker, grow_batch
+from tamis.server.batcher import ModelWorker, grow_batch, grow_packed_batch
 from tamis.server.cli import parse_model_spec
 from tamis.server.errors import ClientDisconnected
 from tamis.tokenize import Encoded
@@ -279,6 +279,53 @@ def test_grow_batch_keeps_similar_lengths_within_budget() -> None:
         width = max(ls[i] for i in b)
         waste = len(b) * width - sum(ls[i] for i in b)
         assert len(b) == 1 or (len(b) * width <= 4096 and waste <= max(0.1 * sum(ls[i] for i in b), 64))
+
+
+def test_grow_packed_batch_fills_the_budget_in_real_tokens() -> None:
+    lengths = [10, 256, 250, 12, 11, 200]
+    assert grow_packed_batch(lengths, 0, 1000, 8) == [0, 1, 2, 3, 4, 5]  # 739 real tokens; padded: [0, 3, 4]
+    assert grow_packed_batch(lengths, 0, 500, 8) == [0, 2, 3, 4, 5]  # nearest lengths first: 256 no longer fits
+    assert grow_packed_batch(lengths, 0, 1000, 3) == [0, 3, 4]  # row cap
+    assert grow_packed_batch(lengths, 5, 460, 8) == [2, 5]  # 200 -> 250 (nearer than 12) -> 256 over budget
+    assert grow_packed_batch([5000], 0, 100, 8) == [0]  # over budget alone: its own batch
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        ls = rng.integers(3, 300, size=rng.integers(1, 200)).tolist()
+        seed = int(rng.integers(len(ls)))
+        b = grow_packed_batch(ls, seed, 4096, 64)
+        assert seed in b and len(b) <= 64 and (len(b) == 1 or sum(ls[i] for i in b) <= 4096)
+        ranks = sorted(range(len(ls)), key=lambda i: (-ls[i], i))
+        pos = sorted(ranks.index(i) for i in b)
+        assert pos == list(range(pos[0], pos[0] + len(b)))  # a contiguous stretch of the length order
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_packed_models_get_batches_planned_on_real_tokens(packed: bool) -> None:
+    """A model that runs packed (tamis's BERT embedders) gets mixed-length rows in one call up to the budget
+    in real tokens; planned padded (rows x longest <= budget, padding bound) the same rows take several."""
+    emb = FakeEmbedder()
+    emb.packed = packed
+    emb.gate = threading.Event()
+    app = make_app(emb, max_batch_tokens=40, max_batch_size=8, gather_batches=4)
+    reqs = [["w " * 12, "w"], ["w " * 6, "w w"]]  # 14 + 3 and 8 + 4 tokens with [1] ... [2]
+
+    async def go():
+        async with client(app) as c:
+            first = asyncio.ensure_future(c.post("/v1/embeddings", json={"input": ["warm up"]}))
+            await asyncio.sleep(0.2)
+            rest = [asyncio.ensure_future(c.post("/v1/embeddings", json={"input": t})) for t in reqs]
+            await asyncio.sleep(0.3)
+            emb.gate.set()
+            return await first, await asyncio.gather(*rest)
+
+    first, rest = run(go())
+    assert first.status_code == 200 and all(r.status_code == 200 for r in rest)
+    later = emb.calls[1:]
+    assert sorted(len(ids) for call in later for ids in call) == [3, 4, 8, 14]
+    if packed:
+        assert len(later) == 1  # 29 real tokens, 56 padded
+    else:
+        assert len(later) > 1 and all(len(c) * max(len(ids) for ids in c) <= 40 for c in later)
 
 
 def test_queue_bound_answers_429_and_recovers() -> None:

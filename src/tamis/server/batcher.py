@@ -81,6 +81,36 @@ def grow_batch(
     return sorted(order[a : b + 1])
 
 
+def grow_packed_batch(lengths: Sequence[int], seed: int, max_tokens: int, max_rows: int) -> list[int]:
+    """Indices of a batch around row ``seed`` for a model that runs packed (no padding computed): rows of
+    nearest length while the *real* tokens stay within ``max_tokens`` and rows within ``max_rows``.
+
+    Padding costs nothing there, so no padding bound applies and a batch fills its budget even when the
+    queued lengths are mixed; nearest lengths first still keeps the runs of equal length that packed
+    attention processes together few."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    a = b = order.index(seed)
+    rows, real = 1, lengths[seed]
+    while rows < max_rows:
+        up = lengths[order[a - 1]] if a > 0 else None  # next longer
+        down = lengths[order[b + 1]] if b < len(order) - 1 else None  # next shorter
+        centre = lengths[seed]
+        if up is not None and (down is None or up - centre <= centre - down):
+            n, step = up, -1
+        elif down is not None:
+            n, step = down, 1
+        else:
+            break
+        if real + n > max_tokens:
+            break
+        if step < 0:
+            a -= 1
+        else:
+            b += 1
+        rows, real = rows + 1, real + n
+    return sorted(order[a : b + 1])
+
+
 class JobStopped(Exception):
     """Raised by :meth:`Job.progress` inside a running call whose request was given up on."""
 
@@ -387,12 +417,21 @@ class ModelWorker:
             keep.append(job)
         self._queue = keep
 
+    def _runs_packed(self, tasks: Sequence[str | None]) -> bool:
+        """Whether the model computes this window's rows packed (a tamis BERT-family embedder, no task-adapter
+        row: those run padded), so batches are planned on real tokens rather than padded ones."""
+        if not getattr(self.model, "packed", False):
+            return False
+        adapter_ids = getattr(self.model, "_adapter_ids", None)
+        return adapter_ids is None or adapter_ids(list(tasks), len(tasks)) is None
+
     def _next_batch_locked(self) -> list[tuple[RowsJob, int]]:
         """One batch, planned over a window of the oldest queued rows.
 
         The window holds queued rows in arrival order up to ``gather_batches`` batches' worth. The batch is
-        built around the oldest row from the rows of nearest length (:func:`grow_batch`: the token budget
-        of :func:`plan_batches` plus a bound on padding), or, with ``max_padding=None``, it is the
+        built around the oldest row from the rows of nearest length: for a model that runs packed
+        (:func:`grow_packed_batch`) up to the token budget in real tokens; otherwise (:func:`grow_batch`)
+        within the budget of :func:`plan_batches` plus a bound on padding, or, with ``max_padding=None``, it is the
         :func:`plan_batches` batch that holds the oldest row. The rest stay queued and are planned again
         with whatever arrives meanwhile, so the model never waits for a round to drain and requests finish
         in arrival order.
@@ -415,7 +454,9 @@ class ModelWorker:
             if full:
                 break
         lengths = [len(j.encodings[r]) for j, r in window]
-        if self.max_padding is None:
+        if self._runs_packed([j.tasks[r] for j, r in window]):
+            chosen = grow_packed_batch(lengths, 0, self.max_batch_tokens, self.max_batch_size)
+        elif self.max_padding is None:
             chosen = sorted(next(b for b in plan_batches(lengths, self.max_batch_tokens, self.max_batch_size)
                                  if 0 in b))
         else:
