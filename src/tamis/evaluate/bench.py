@@ -25,6 +25,7 @@ import gc
 import os
 import resource
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -39,6 +40,10 @@ from tamis.evaluate.first_stage import quiet_truncation
 
 ST = "sentence-transformers"
 ST_BF16 = "sentence-transformers+bf16-autocast"
+ORT = "onnxruntime"
+ORT_INT8 = "onnxruntime-int8-dynamic"
+# ratio / check key suffix of every reference system (tamis / it), sentence-transformers fp32 first
+REFERENCES = {ST: "", ST_BF16: "_vs_st_bf16", ORT: "_vs_ort", ORT_INT8: "_vs_ort_int8"}
 
 
 # ------------------------------------------------------------------------------------------ memory
@@ -278,8 +283,9 @@ def _result(w: Workload, t: dict[str, Any], repeats: int) -> BenchResult:
 def matmul_probe(dtype: str, hidden: int = 384, intermediate: int = 1536, tokens: int = 4096,
                  device: str = "cpu", repeats: int = 5) -> float:
     """GFLOP/s of ``F.linear`` in ``dtype`` at a BERT layer's FFN shapes ([tokens, hidden] x [hidden,
-    intermediate] and back), the faster shape's median over ``repeats``: the practical matmul ceiling a model
-    of those sizes can reach on this machine (the "% of ceiling" of ``tamis bench``)."""
+    intermediate] and back), the faster shape's median over ``repeats``: the matmul rate torch's kernels reach
+    at those sizes on this machine, the practical ceiling of torch-based code (the "% ceiling" column of
+    ``tamis bench``; another runtime's own kernels, ONNX Runtime's fp32 GEMM say, can pass it)."""
     import torch
     import torch.nn.functional as F
 
@@ -337,7 +343,7 @@ def _attach_flops(results: Sequence[BenchResult], config: dict[str, Any], length
     if work is None:
         return
     for r in results:
-        dtype = st_dtype if r.system == ST else "bfloat16" if r.system == ST_BF16 else r.extra.get("dtype")
+        dtype = {ST: st_dtype, ST_BF16: "bfloat16", ORT: "float32", ORT_INT8: "int8"}.get(r.system, r.extra.get("dtype"))
         rate = work / r.seconds_per_pass
         r.extra.update(gflop_per_pass=work, gflops=rate)
         if dtype in ceilings:
@@ -478,6 +484,66 @@ def st_rerank_workload(
                     {"kind": kind})
 
 
+def ort_embed_workloads(embedder: Any, texts: Sequence[str], batch_size: int, workdir: str | os.PathLike[str],
+                        threads: int) -> list[Workload]:
+    """ONNX Runtime float32 and dynamic int8 (per-channel weights, ``quantize_dynamic``) of the embedder's
+    own weights: tamis's padded BERT module exported to ONNX (opset 17) into ``workdir``, inputs tokenized
+    by tamis and padded per call, pooled and L2-normalised as tamis pools. BERT-family embedders only;
+    needs ``onnxruntime`` (and ``onnx`` for the export)."""
+    import onnxruntime as ort
+    import torch
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from tamis.embed import pool
+
+    if getattr(embedder, "family", None) != "bert":
+        raise ValueError(f"the ONNX Runtime comparison runs BERT-family embedders, not {embedder.family}")
+    fp32 = Path(workdir) / "model.onnx"
+    int8 = Path(workdir) / "model-int8.onnx"
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    from tamis.models import bert
+
+    model = bert.from_pretrained(embedder.model_dir, device="cpu", dtype=torch.float32, classification=False).eval()
+    ids = torch.ones(2, 8, dtype=torch.long)
+    with torch.no_grad():
+        torch.onnx.export(model, (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(fp32),
+                          input_names=names, output_names=["hidden"], opset_version=17, dynamo=False,
+                          dynamic_axes={k: {0: "batch", 1: "tokens"} for k in [*names, "hidden"]})
+    del model
+    quantize_dynamic(str(fp32), str(int8), weight_type=QuantType.QInt8, per_channel=True)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    batches = _batches(texts, batch_size)
+    out = []
+    for system, path in ((ORT, fp32), (ORT_INT8, int8)):
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+        def call(batch: list[str], session: Any = session) -> np.ndarray:
+            with quiet_truncation():
+                enc = embedder.tokenizer.pad(embedder.tokenize(batch), "cpu")
+            feeds = {"input_ids": enc.input_ids.numpy(), "attention_mask": enc.attention_mask.numpy(),
+                     "token_type_ids": enc.token_type_ids.numpy()}
+            hidden = torch.from_numpy(session.run(None, feeds)[0])
+            vecs = torch.nn.functional.normalize(pool(hidden, enc.attention_mask, embedder.pooling), dim=-1)
+            return vecs.numpy()
+
+        out.append(Workload(system, "embed", str(getattr(embedder, "name", "")), call, batches,
+                            [len(b) for b in batches], {"batch_size": batch_size}))
+    return out
+
+
+def _ort_unavailable(embedder: Any, device: str) -> str | None:
+    """Why the ONNX Runtime comparison cannot run here, or None."""
+    import importlib.util
+
+    missing = [m for m in ("onnxruntime", "onnx") if importlib.util.find_spec(m) is None]
+    if missing:
+        return f"not installed: {', '.join(missing)} (pip install onnxruntime onnx)"
+    if str(device) != "cpu" or getattr(embedder, "family", None) != "bert":
+        return "runs BERT-family embedders on the CPU only"
+    return None
+
+
 def _reranker_dir(reranker: Any) -> Path:
     for attr in ("model_dir", "path"):
         d = getattr(reranker, attr, None)
@@ -554,6 +620,7 @@ def run_bench(
     compare_rerankers: Sequence[Any] = (),
     st_bf16: bool = True,
     compile: bool = False,
+    ort: bool = True,
 ) -> BenchReport:
     """Benchmark embedding (SciFact documents) and reranking (TREC DL 21 BM25 candidates), and with
     ``vs="sentence-transformers"`` the same calls through sentence-transformers (float32, and with
@@ -562,6 +629,9 @@ def run_bench(
     ``ratios[task]`` is tamis / sentence-transformers float32 throughput, ``ratios[task + "_vs_st_bf16"]``
     tamis / sentence-transformers bf16 autocast; ``*_paired_median`` the median per-call speedups.
     ``compile`` loads tamis's models with ``compile=True`` (warm-up paid and reported before timing).
+    With ``vs`` and ``ort``, embedding also times ONNX Runtime float32 and dynamic int8 of the same weights
+    when ``onnxruntime`` is installed (:func:`ort_embed_workloads`; ratios ``embed_vs_ort`` /
+    ``embed_vs_ort_int8``); otherwise ``skipped["embed:onnxruntime"]`` says why.
     ``checks`` compare every system's outputs with sentence-transformers float32 (the reference)."""
     from tamis.evaluate.pipeline import load_embedder, load_reranker
     from tamis.hardware import cpu_info
@@ -595,7 +665,7 @@ def run_bench(
         _attach_flops(res, cfg, lengths, ceilings, "float32")
 
     def measure(task: str, ours: Workload, make_theirs: Callable[[bool], Workload], sample: Sequence[Any],
-                model: Any = None) -> None:
+                model: Any = None, make_ort: Callable[[], list[Workload]] | None = None) -> None:
         workloads = [ours]
         if vs == ST:
             try:
@@ -605,6 +675,8 @@ def run_bench(
             except Exception as exc:  # e.g. a model sentence-transformers could only load with remote code
                 skipped[task] = f"{type(exc).__name__}: {exc}"
                 workloads = workloads[:1]
+            if len(workloads) > 1 and make_ort is not None:
+                workloads.extend(make_ort())
         timed = time_workloads(workloads, repeats, device=device, show_progress=show_progress)
         res = [_result(w, t, repeats) for w, t in zip(workloads, timed)]
         results.extend(res)
@@ -614,13 +686,13 @@ def run_bench(
         outputs = [[w.call(x) for x in sample] for w in workloads]
         ref = outputs[1]  # sentence-transformers float32
         for k in range(1, len(res)):
-            suffix = "" if k == 1 else "_vs_st_bf16"
+            suffix = REFERENCES[workloads[k].system]
             ratios[task + suffix] = res[0].docs_per_second / res[k].docs_per_second
             ratios[f"{task}_paired_median{suffix}"] = paired_speedup(timed[0]["latencies"], timed[k]["latencies"])
         for k, out in enumerate(outputs):
             if k == 1:
                 continue
-            who = "" if k == 0 else "st_bf16_"
+            who = "" if k == 0 else REFERENCES[workloads[k].system].removeprefix("_vs_") + "_"
             if task == "embed":
                 checks[f"embed_{who}min_cosine_vs_st"] = _agreement(np.concatenate(out), np.concatenate(ref))
             else:
@@ -635,10 +707,18 @@ def run_bench(
         emb = load_embedder(model, device, dtype, **options)
         config["embed"]["tamis"] = _precision_of(emb)
         ours = tamis_embed_workload(emb, texts, batch_size)
+        make_ort = None
+        if ort and vs == ST:
+            why = _ort_unavailable(emb, device)
+            if why:
+                skipped["embed:onnxruntime"] = why
+            else:
+                workdir = tempfile.TemporaryDirectory(prefix="tamis-bench-onnx-")
+                make_ort = lambda: ort_embed_workloads(emb, texts, batch_size, workdir.name, _threads())  # noqa: E731
         measure("embed", ours,
                 lambda bf16: st_embed_workload(emb.model_dir, texts, batch_size, device,
                                                getattr(emb, "max_length", None), ours.model, bf16),
-                _batches(texts[:64], batch_size), emb)
+                _batches(texts[:64], batch_size), emb, make_ort)
         del emb, ours
         gc.collect()
 

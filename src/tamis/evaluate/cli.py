@@ -106,6 +106,9 @@ def register(subparsers: Any) -> None:
                         "printed)")
     b.add_argument("--no-st-bf16", dest="st_bf16", action="store_false",
                    help="with --vs, skip sentence-transformers under bf16 autocast")
+    b.add_argument("--no-ort", dest="ort", action="store_false",
+                   help="with --vs, skip ONNX Runtime fp32 / int8 of the embedding model (run when onnxruntime "
+                        "and onnx are installed)")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=bench_command)
 
@@ -206,7 +209,7 @@ def bench_command(args: argparse.Namespace) -> int:
             args.data, model=args.model, reranker=args.reranker, tasks=tasks, n_docs=args.docs,
             batch_size=args.batch_size, n_queries=args.queries, depth=args.depth, repeats=args.repeats,
             vs=args.vs, device=args.device, dtype=args.dtype, show_progress=not args.quiet,
-            compare_rerankers=args.compare_reranker, st_bf16=args.st_bf16, compile=args.compile,
+            compare_rerankers=args.compare_reranker, st_bf16=args.st_bf16, compile=args.compile, ort=args.ort,
         )
     except TypeError as exc:
         if not args.compile or "compile" not in str(exc):
@@ -230,7 +233,8 @@ def bench_command(args: argparse.Namespace) -> int:
             print(f"{task}: tamis dtype {t.get('dtype')}{why}{packed}{compiled}", file=out)
     print(format_table([r.row() for r in report.results], floatfmt=".2f"), file=out)
     for task in ("embed", "rerank"):
-        for suffix, who in (("", "sentence-transformers"), ("_vs_st_bf16", "sentence-transformers + bf16 autocast")):
+        for suffix, who in (("", "sentence-transformers"), ("_vs_st_bf16", "sentence-transformers + bf16 autocast"),
+                            ("_vs_ort", "ONNX Runtime fp32"), ("_vs_ort_int8", "ONNX Runtime int8 dynamic")):
             if task + suffix in report.ratios:
                 paired = report.ratios.get(f"{task}_paired_median{suffix}", float("nan"))
                 print(f"{task}: tamis / {who} throughput = {report.ratios[task + suffix]:.2f}x "
@@ -242,8 +246,9 @@ def bench_command(args: argparse.Namespace) -> int:
                   f"(median of paired per-call speedups: {paired:.2f}x)", file=out)
     for name, value in report.checks.items():
         print(f"check {name}: {value:.6g}" if isinstance(value, float) else f"check {name}: {value}", file=out)
-    for task, why in report.skipped.items():
-        print(f"{task}: sentence-transformers skipped ({why})", file=out)
+    for key, why in report.skipped.items():
+        task, _, who = key.partition(":")
+        print(f"{task}: {who or 'sentence-transformers'} skipped ({why})", file=out)
 
     if args.plot:
         quality = _quality_from_reports(args.quality)

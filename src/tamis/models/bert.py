@@ -201,8 +201,8 @@ _SCORES_PER_CHUNK = 1 << 20
 
 def use_matmul_attention(q: torch.Tensor) -> bool:
     """Whether packed attention computes ``softmax(q k^T) v`` with two bf16 matmuls instead of SDPA: bf16
-    inference on a CPU with native bf16, where torch's flash kernel for CPU runs its small per-block GEMMs at
-    a fraction of the bf16 rate (measured 1.37-1.6x slower for 32-256 tokens at head size 32, README "Speed").
+    inference on a CPU with native bf16, where torch's flash SDPA kernel for CPU measured 1.37-1.6x slower than
+    this for 32-256 tokens at head size 32 (README "Speed").
     Elsewhere (float32: flash is as fast or faster; GPUs; training) SDPA."""
     return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and not torch.is_grad_enabled()
             and cpu_info().bf16_native)
