@@ -304,7 +304,7 @@ def test_packed_models_get_batches_planned_on_real_tokens(packed: bool) -> None:
     """A model that runs packed (tamis's BERT embedders) gets mixed-length rows in one call up to the budget
     in real tokens; planned padded (rows x longest <= budget, padding bound) the same rows take several."""
     emb = FakeEmbedder()
-    emb.packed = packed
+    emb.runs_packed = lambda tasks: packed  # as tamis.Embedder.runs_packed answers for a BERT-family model
     emb.gate = threading.Event()
     app = make_app(emb, max_batch_tokens=40, max_batch_size=8, gather_batches=4)
     reqs = [["w " * 12, "w"], ["w " * 6, "w w"]]  # 14 + 3 and 8 + 4 tokens with [1] ... [2]

@@ -314,6 +314,7 @@ def test_adapter_rows_run_their_lora_deltas_with_fused_qkv():
     skipped under a LoRA route), rows without it run the packed fast path on the base weights."""
     emb = tamis.Embedder(dtype="float32")
     emb.add_adapter("t", target_modules=["query", "value"], r=4, alpha=8)
+    assert emb.runs_packed([None, None]) and not emb.runs_packed([None, "t"])  # what the server plans on
     from tamis.models import lora
 
     g = torch.Generator().manual_seed(0)

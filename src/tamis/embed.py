@@ -405,6 +405,11 @@ class Embedder:
         with use_route(route):
             return self.model(input_ids, attention_mask, token_type_ids)
 
+    def runs_packed(self, tasks: Sequence[str | None]) -> bool:
+        """Whether :meth:`forward` computes rows with these tasks packed (no padding token computed): a
+        BERT-family model and no task-adapter row. The server plans such batches on real tokens."""
+        return self.packed and self._adapter_ids(list(tasks), len(tasks)) is None
+
     def forward(self, encodings: Sequence[Encoded], tasks: Sequence[str | None] | str | None = None) -> torch.Tensor:
         """Run one batch; returns pooled float32 vectors [n, dimension] (not normalised).
 
@@ -413,7 +418,7 @@ class Embedder:
         rounding), as do batches with a task adapter row (the LoRA routing is per padded row)."""
         if isinstance(tasks, str) or tasks is None:
             tasks = [tasks] * len(encodings)
-        if self.packed and self._adapter_ids(tasks, len(encodings)) is None:
+        if self.runs_packed(tasks):
             return self._forward_packed(encodings, tasks)
         batch = self.tokenizer.pad(encodings, self.device)
         hidden = self.token_states(batch.input_ids, batch.attention_mask, batch.token_type_ids, tasks)

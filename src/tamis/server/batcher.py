@@ -418,12 +418,10 @@ class ModelWorker:
         self._queue = keep
 
     def _runs_packed(self, tasks: Sequence[str | None]) -> bool:
-        """Whether the model computes this window's rows packed (a tamis BERT-family embedder, no task-adapter
-        row: those run padded), so batches are planned on real tokens rather than padded ones."""
-        if not getattr(self.model, "packed", False):
-            return False
-        adapter_ids = getattr(self.model, "_adapter_ids", None)
-        return adapter_ids is None or adapter_ids(list(tasks), len(tasks)) is None
+        """Whether the model computes this window's rows packed (:meth:`tamis.Embedder.runs_packed`), so
+        batches are planned on real tokens rather than padded ones."""
+        runs_packed = getattr(self.model, "runs_packed", None)
+        return bool(runs_packed(tasks)) if callable(runs_packed) else False
 
     def _next_batch_locked(self) -> list[tuple[RowsJob, int]]:
         """One batch, planned over a window of the oldest queued rows.

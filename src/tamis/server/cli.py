@@ -79,7 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"rows per forward pass (default {d.max_batch_size})")
     p.add_argument("--max-padding", type=_padding, default=d.max_padding,
                    help=f"padding bound of a batch as a fraction of its tokens (default {d.max_padding}); 'none' fills "
-                        "the token budget instead (better on GPUs)")
+                        "the token budget instead (better on GPUs). Models that run packed (BERT-family embedders) "
+                        "compute no padding: their batches fill the budget in real tokens whatever this says")
     p.add_argument("--max-queued-inputs", type=int, default=d.max_queued_inputs,
                    help=f"per-model queue bound in inputs; beyond it requests get 429 (default {d.max_queued_inputs})")
     p.add_argument("--request-timeout", type=float, default=d.request_timeout_s,

@@ -41,7 +41,8 @@ class ServerSettings:
             Larger requests are always tokenized in the thread pool, never on the model thread.
         max_padding: bound on a batch's padding, as a fraction of its real tokens (0.1 = 10 %): batches
             are grown around the oldest queued row from rows of similar length. None = fill the token budget
-            (plan_batches), which suits GPUs better than CPUs.
+            (plan_batches), which suits GPUs better than CPUs. Rows a model runs packed (BERT-family
+            embedders, no task adapter) compute no padding: their batches fill the budget in real tokens.
     Queueing (per model):
         max_queued_inputs: bound on admitted-but-unfinished inputs; a request that would exceed it gets
             429 with Retry-After (a request always fits an empty queue, so no valid request starves).
