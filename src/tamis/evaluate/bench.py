@@ -336,14 +336,14 @@ def _token_lengths(task: str, model: Any, items: Sequence[Any]) -> list[int] | N
 
 
 def _attach_flops(results: Sequence[BenchResult], config: dict[str, Any], lengths: Sequence[int] | None,
-                  ceilings: dict[str, float], st_dtype: str) -> None:
+                  ceilings: dict[str, float]) -> None:
     """Achieved GFLOP/s (useful work: real tokens, padding not counted) and % of the dtype's matmul ceiling
     for every system timed on the same items."""
     work = encoder_gflop(config, lengths) if lengths else None
     if work is None:
         return
     for r in results:
-        dtype = {ST: st_dtype, ST_BF16: "bfloat16", ORT: "float32", ORT_INT8: "int8"}.get(r.system, r.extra.get("dtype"))
+        dtype = {ST: "float32", ST_BF16: "bfloat16", ORT: "float32", ORT_INT8: "int8"}.get(r.system, r.extra.get("dtype"))
         rate = work / r.seconds_per_pass
         r.extra.update(gflop_per_pass=work, gflops=rate)
         if dtype in ceilings:
@@ -495,14 +495,13 @@ def ort_embed_workloads(embedder: Any, texts: Sequence[str], batch_size: int, wo
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from tamis.embed import pool
+    from tamis.models import bert
 
     if getattr(embedder, "family", None) != "bert":
         raise ValueError(f"the ONNX Runtime comparison runs BERT-family embedders, not {embedder.family}")
     fp32 = Path(workdir) / "model.onnx"
     int8 = Path(workdir) / "model-int8.onnx"
     names = ["input_ids", "attention_mask", "token_type_ids"]
-    from tamis.models import bert
-
     model = bert.from_pretrained(embedder.model_dir, device="cpu", dtype=torch.float32, classification=False).eval()
     ids = torch.ones(2, 8, dtype=torch.long)
     with torch.no_grad():
@@ -662,7 +661,7 @@ def run_bench(
             if dt in ("float32", "bfloat16", "float16") and dt not in ceilings:
                 ceilings[dt] = matmul_probe(dt, device=device, **sizes)
         config["matmul_probe_gflops"] = {**ceilings, "shape": sizes}
-        _attach_flops(res, cfg, lengths, ceilings, "float32")
+        _attach_flops(res, cfg, lengths, ceilings)
 
     def measure(task: str, ours: Workload, make_theirs: Callable[[bool], Workload], sample: Sequence[Any],
                 model: Any = None, make_ort: Callable[[], list[Workload]] | None = None) -> None:

@@ -74,7 +74,8 @@ def register(subparsers: Any) -> None:
         help="throughput of embedding and reranking on real texts (optionally vs sentence-transformers)",
         description="Time embedding (SciFact documents) and reranking (TREC DL 2021 BM25 candidates): "
         "documents/s, documents per 50 ms, batch latency p50/p95, peak memory, and for BERT-family models the useful "
-        "GFLOP/s and its % of a quick matmul probe of the same dtype at the model's shapes (the machine's ceiling).",
+        "GFLOP/s and its % of a quick torch matmul probe of the same dtype at the model's shapes (the practical ceiling "
+        "of torch-based code on this machine).",
     )
     b.add_argument("--data", default=_default_data_root(),
                    help="data root holding scifact/ and trec-dl21/ (default $TAMIS_DATA or ../shared/data)")
