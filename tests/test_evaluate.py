@@ -446,9 +446,9 @@ def test_faiss_ann_agrees_with_exact_on_a_small_corpus(toy: Path):
 def test_bench_against_sentence_transformers_on_real_texts():
     """Both systems run on the same weights and texts; their outputs agree (so the timing is fair)."""
     pytest.importorskip("sentence_transformers")
+    pytest.importorskip("onnxruntime")
     rep = run_bench(DATA, n_docs=8, batch_size=4, n_queries=1, depth=8, repeats=1, vs="sentence-transformers",
                     dtype="float32", show_progress=False)
-    pytest.importorskip("onnxruntime")
     assert not rep.skipped, rep.skipped
     st, st16 = "sentence-transformers", "sentence-transformers+bf16-autocast"
     ort, ort8 = "onnxruntime", "onnxruntime-int8-dynamic"

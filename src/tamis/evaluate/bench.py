@@ -335,15 +335,16 @@ def _token_lengths(task: str, model: Any, items: Sequence[Any]) -> list[int] | N
     return [len(e) for q, docs in items for e in tok.encode_pairs([q] * len(docs), docs, limit)]
 
 
-def _attach_flops(results: Sequence[BenchResult], config: dict[str, Any], lengths: Sequence[int] | None,
-                  ceilings: dict[str, float]) -> None:
-    """Achieved GFLOP/s (useful work: real tokens, padding not counted) and % of the dtype's matmul ceiling
-    for every system timed on the same items."""
-    work = encoder_gflop(config, lengths) if lengths else None
-    if work is None:
-        return
+def _compute_dtype(r: BenchResult) -> str | None:
+    """The dtype a timed system computes its matmuls in (tamis's own results carry it in ``extra``)."""
+    return {ST: "float32", ST_BF16: "bfloat16", ORT: "float32", ORT_INT8: "int8"}.get(r.system, r.extra.get("dtype"))
+
+
+def _attach_flops(results: Sequence[BenchResult], work: float, ceilings: dict[str, float]) -> None:
+    """Achieved GFLOP/s (``work`` GFLOP of useful work per pass: real tokens, padding not counted) and % of
+    the dtype's matmul ceiling for every system timed on the same items."""
     for r in results:
-        dtype = {ST: "float32", ST_BF16: "bfloat16", ORT: "float32", ORT_INT8: "int8"}.get(r.system, r.extra.get("dtype"))
+        dtype = _compute_dtype(r)
         rate = work / r.seconds_per_pass
         r.extra.update(gflop_per_pass=work, gflops=rate)
         if dtype in ceilings:
@@ -653,15 +654,16 @@ def run_bench(
     def attach_flops(task: str, model: Any, res: Sequence[BenchResult], items: Sequence[Any]) -> None:
         cfg = getattr(model, "config", None)
         lengths = _token_lengths(task, model, items) if isinstance(cfg, dict) else None
-        if not lengths or encoder_gflop(cfg, lengths) is None:
+        work = encoder_gflop(cfg, lengths) if lengths else None
+        if work is None:
             return
         res[0].extra["dtype"] = config[task]["tamis"].get("dtype")
         sizes = {"hidden": int(cfg["hidden_size"]), "intermediate": int(cfg["intermediate_size"])}
-        for dt in dict.fromkeys([res[0].extra["dtype"], "float32", "bfloat16"]):
+        for dt in dict.fromkeys(_compute_dtype(r) for r in res):  # probe only the dtypes timed
             if dt in ("float32", "bfloat16", "float16") and dt not in ceilings:
                 ceilings[dt] = matmul_probe(dt, device=device, **sizes)
         config["matmul_probe_gflops"] = {**ceilings, "shape": sizes}
-        _attach_flops(res, cfg, lengths, ceilings)
+        _attach_flops(res, work, ceilings)
 
     def measure(task: str, ours: Workload, make_theirs: Callable[[bool], Workload], sample: Sequence[Any],
                 model: Any = None, make_ort: Callable[[], list[Workload]] | None = None) -> None:

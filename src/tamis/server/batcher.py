@@ -90,11 +90,11 @@ def grow_packed_batch(lengths: Sequence[int], seed: int, max_tokens: int, max_ro
     attention processes together few."""
     order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
     a = b = order.index(seed)
-    rows, real = 1, lengths[seed]
+    centre = lengths[seed]
+    rows, real = 1, centre
     while rows < max_rows:
         up = lengths[order[a - 1]] if a > 0 else None  # next longer
         down = lengths[order[b + 1]] if b < len(order) - 1 else None  # next shorter
-        centre = lengths[seed]
         if up is not None and (down is None or up - centre <= centre - down):
             n, step = up, -1
         elif down is not None:
