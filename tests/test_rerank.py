@@ -108,6 +108,26 @@ def test_default_reranker_is_the_shipped_cross_encoder_only_when_the_package_hol
                                expected["scores.sigmoid"], atol=1e-5)
 
 
+@pytest.mark.skipif(shipped_reranker_dir() is None, reason="this install holds no shipped reranker weights")
+def test_shipped_reranker_loads_in_sentence_transformers_with_the_same_scores():
+    """The shipped tamis-reranker-tiny is an ordinary BertForSequenceClassification checkpoint: its card
+    names data, recipe and licences, and sentence-transformers' CrossEncoder scores what tamis scores."""
+    st = pytest.importorskip("sentence_transformers")
+    shipped = shipped_reranker_dir()
+    card = (shipped / "README.md").read_text()
+    for needed in ("recipes/tiny_reranker.py", "nDCG@10", "ares-pairs", "Apache-2.0"):
+        assert needed in card
+    query = "what causes the northern lights"
+    docs = ["Auroras happen when charged particles from the solar wind collide with gases in the upper atmosphere.",
+            "The northern lights are best seen in winter from places like Tromso and Fairbanks.",
+            "A recipe for lemon cake: butter, sugar, eggs, flour and the zest of two lemons.",
+            "Solar storms push electrons along Earth's magnetic field lines toward the poles, where oxygen glows green."]
+    ours = tamis.Reranker(dtype="float32").score(query, docs)
+    theirs = st.CrossEncoder(str(shipped), device="cpu").predict([(query, d) for d in docs])
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    assert np.argmin(ours) == 2  # the cake recipe is last
+
+
 def test_ties_sorted_by_index_and_bad_inputs(v1):
     res = v1.rerank("q", ["same", "same", "same"])
     assert res.indices == [0, 1, 2]

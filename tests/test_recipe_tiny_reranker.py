@@ -1,0 +1,68 @@
+"""recipes/tiny_reranker.py: the gate that decides whether a student becomes the default reranker, and the
+model card it ships with (built from the run's own files, whatever the student's shape)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny_reranker.py"
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    spec = importlib.util.spec_from_file_location("tiny_reranker_recipe", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(name: str, ndcg: float, hit3: float | None = None, mrr: float | None = None) -> dict:
+    row = {"set": name, "first_stage": "bm25", "depth": 100, "nDCG@10": ndcg, "first:nDCG@10": 0.4}
+    if hit3 is not None:
+        row.update({"Hit@3": hit3, "MRR@10": mrr, "first:Hit@3": 0.5, "first:MRR@10": 0.4})
+    return row
+
+
+def _evals(student_dl21: float, student_lyft_mrr: float) -> dict:
+    return {
+        "embedding": [_row("trec-dl21", 0.5785), _row("scifact", 0.6635), _row("lyft", 0.66, 0.66, 0.58)],
+        "teacher": [_row("trec-dl21", 0.6231), _row("scifact", 0.7126), _row("lyft", 0.74, 0.74, 0.65)],
+        "student": [_row("trec-dl21", student_dl21), _row("scifact", 0.70), _row("lyft", 0.70, 0.70, student_lyft_mrr)],
+    }
+
+
+def test_ship_gate_needs_every_set_beaten_and_90_percent_of_the_teacher(recipe):
+    assert recipe.ship_gate(_evals(0.60, 0.62)) == []
+    short = recipe.ship_gate(_evals(0.489, 0.57))
+    assert any(s.startswith("trec-dl21 nDCG@10 0.4890 <= embedding 0.5785") for s in short)
+    assert any(s.startswith("lyft MRR@10 0.5700 <= embedding") for s in short)
+    assert any("90 % of the teacher's 0.6231" in s for s in short)
+    # above the embedding reranker but under 90 % of a stronger teacher still refuses
+    strong_teacher = _evals(0.60, 0.62)
+    strong_teacher["teacher"][0]["nDCG@10"] = 0.70
+    assert recipe.ship_gate(strong_teacher) == ["trec-dl21 nDCG@10 0.6000 < 90 % of the teacher's 0.7000"]
+
+
+def test_ship_card_describes_the_student_from_its_config(recipe, tmp_path):
+    (tmp_path / "student" / "model").mkdir(parents=True)
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "student" / "model" / "config.json").write_text(json.dumps(
+        {"num_hidden_layers": 3, "hidden_size": 384, "num_attention_heads": 12}))
+    (tmp_path / "student" / "summary.json").write_text(json.dumps({
+        "init": "encoder default_model + fresh 1-logit head (seed 0), layers [0, 1, 2]", "cpu": "AMD EPYC",
+        "parameters": {"parameters": 17_390_209}, "best_dev": 0.9082, "best_step": 900,
+        "recipe": {"loss": "kl+0.2*infonce", "lr": 1e-4}}))
+    (tmp_path / "teacher" / "summary.json").write_text(json.dumps({
+        "members": ["dense:all-MiniLM-L6-v2", "splade:splade-tiny"], "weights": [0.4, 0.6], "scale": 2.6,
+        "train lists": 6469, "dev nDCG@10": {"ensemble": 0.9126}}))
+    (tmp_path / "eval.json").write_text(json.dumps(_evals(0.60, 0.62)))
+    (tmp_path / "bench.json").write_text(json.dumps({"ratios": {"rerank:student vs teacher": 31.5}}))
+    card = recipe.ship_card(tmp_path)
+    assert "a 3-layer, 384-wide cross-encoder initialised from all-MiniLM-L6-v2's encoder" in card
+    assert "encoder all-MiniLM-L6-v2 + fresh 1-logit head" in card and "default_model" not in card
+    assert "31.50x" in card and "96.3 %" in card  # speed ratio; student / teacher on DL21 (0.60 / 0.6231)
+    assert "all-MiniLM-L6-v2 (teacher, negative mining, initial weights)" in card
