@@ -370,7 +370,7 @@ def ship_card(work: Path) -> str:
     config = json.loads((work / "student" / "model" / "config.json").read_text())
     arch = {"layers": config["num_hidden_layers"], "hidden": config["hidden_size"],
             "heads": config["num_attention_heads"], "parameters": f"{student['parameters']['parameters'] / 1e6:.1f} M"}
-    init = student["init"].replace("encoder default_model", "encoder all-MiniLM-L6-v2")
+    init = student["init"]
     source = "all-MiniLM-L6-v2" if "MiniLM" in init else "SPLADE-tiny"
     return reranker_card(
         "tamis-reranker-tiny",

@@ -53,7 +53,7 @@ def test_ship_card_describes_the_student_from_its_config(recipe, tmp_path):
     (tmp_path / "student" / "model" / "config.json").write_text(json.dumps(
         {"num_hidden_layers": 3, "hidden_size": 384, "num_attention_heads": 12}))
     (tmp_path / "student" / "summary.json").write_text(json.dumps({
-        "init": "encoder default_model + fresh 1-logit head (seed 0), layers [0, 1, 2]", "cpu": "AMD EPYC",
+        "init": "encoder all-MiniLM-L6-v2 + fresh 1-logit head (seed 0), layers [0, 1, 2]", "cpu": "AMD EPYC",
         "parameters": {"parameters": 17_390_209}, "best_dev": 0.9082, "best_step": 900,
         "recipe": {"loss": "kl+0.2*infonce", "lr": 1e-4}}))
     (tmp_path / "teacher" / "summary.json").write_text(json.dumps({
@@ -63,6 +63,6 @@ def test_ship_card_describes_the_student_from_its_config(recipe, tmp_path):
     (tmp_path / "bench.json").write_text(json.dumps({"ratios": {"rerank:student vs teacher": 31.5}}))
     card = recipe.ship_card(tmp_path)
     assert "a 3-layer, 384-wide cross-encoder initialised from all-MiniLM-L6-v2's encoder" in card
-    assert "encoder all-MiniLM-L6-v2 + fresh 1-logit head" in card and "default_model" not in card
+    assert "encoder all-MiniLM-L6-v2 + fresh 1-logit head (seed 0), layers [0, 1, 2]" in card
     assert "31.50x" in card and "96.3 %" in card  # speed ratio; student / teacher on DL21 (0.60 / 0.6231)
     assert "all-MiniLM-L6-v2 (teacher, negative mining, initial weights)" in card

@@ -225,6 +225,12 @@ def test_resume_continues_exactly(pairs_dir, tiny_encoder, tmp_path):
     assert steps == list(range(1, 2 * n_batches + 1))  # each step logged once, none lost or repeated
 
 
+def test_student_from_the_bundled_encoder_is_named_for_it():
+    ce = init_cross_encoder("all-MiniLM-L6-v2", layers=[0, 1, 2])
+    assert ce.model.cfg.num_hidden_layers == 3
+    assert ce.init == "encoder all-MiniLM-L6-v2 + fresh 1-logit head (seed 0), layers [0, 1, 2]"
+
+
 def test_student_by_layer_selection_and_sentence_transformers_interop(pairs_dir, tiny_encoder, tmp_path):
     teacher = init_cross_encoder(tiny_encoder, seed=0)
     save_cross_encoder(teacher, tmp_path / "teacher", max_length=128)

@@ -101,6 +101,8 @@ def init_cross_encoder(
 ) -> CrossEncoder:
     """A cross-encoder from ``source``: a cross-encoder checkpoint (kept as is, or reduced to ``layers``)
     or any BERT-family encoder (``None``: the bundled all-MiniLM-L6-v2) with a fresh 1-logit head."""
+    from tamis.embed import _model_name
+
     source_dir = resolve_model_dir(source)
     config = load_config(source_dir)
     family = detect_family(config)
@@ -119,7 +121,7 @@ def init_cross_encoder(
         model.encoder_model.load_state_dict(encoder_state(state, model.encoder_model), strict=False)
         _fresh_head(model, seed, reset_pooler=not has_pooler)
         model = model.to(device).eval()
-        init = f"encoder {source_dir.name} + fresh 1-logit head (seed {seed})"
+        init = f"encoder {_model_name(source, source_dir)} + fresh 1-logit head (seed {seed})"
     if layers is not None:
         layers = list(layers)
         bert.select_layers(model, layers)
