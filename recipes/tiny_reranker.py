@@ -370,19 +370,21 @@ def ship_card(work: Path) -> str:
     config = json.loads((work / "student" / "model" / "config.json").read_text())
     arch = {"layers": config["num_hidden_layers"], "hidden": config["hidden_size"],
             "heads": config["num_attention_heads"], "parameters": f"{student['parameters']['parameters'] / 1e6:.1f} M"}
-    init = student["init"]
-    source = "all-MiniLM-L6-v2" if "MiniLM" in init else "SPLADE-tiny"
+    init = student["init"]  # "encoder NAME + fresh 1-logit head ..." (init_cross_encoder)
+    source = init.split(" + ")[0].split(" ", 1)[-1]
+    roles = {"SPLADE-tiny": ["teacher"], "all-MiniLM-L6-v2": ["teacher", "negative mining"],
+             "all-mpnet-base-v2": ["teacher"]}
+    key = {"splade-tiny": "SPLADE-tiny"}.get(source.lower(), source)
+    roles.setdefault(key, []).append("initial weights")
     return reranker_card(
         "tamis-reranker-tiny",
         f"The default reranker of tamis (`tamis.Reranker()`, `tamis serve`): a {arch['layers']}-layer, "
-        f"{arch['hidden']}-wide cross-encoder initialised from {source}'s encoder and distilled, on CPU, from an "
+        f"{arch['hidden']}-wide cross-encoder initialised from {key}'s encoder and distilled, on CPU, from an "
         "ensemble of all-MiniLM-L6-v2, all-mpnet-base-v2 and SPLADE-tiny by `recipes/tiny_reranker.py`.",
         arch, init, ["ares-pairs", "scifact:train"],
         student["recipe"], rows, command="python recipes/tiny_reranker.py", notes=notes,
-        base_licences={f"SPLADE-tiny (teacher{', initial weights' if source == 'SPLADE-tiny' else ''})": "Apache-2.0",
-                       f"all-MiniLM-L6-v2 (teacher, negative mining{', initial weights' if source != 'SPLADE-tiny' else ''})":
-                           "Apache-2.0",
-                       "all-mpnet-base-v2 (teacher)": "Apache-2.0"})
+        base_licences={f"{name} ({', '.join(r)})": "Apache-2.0" if "teacher" in r else "see its model card"
+                       for name, r in roles.items()})
 
 
 if __name__ == "__main__":

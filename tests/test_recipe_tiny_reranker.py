@@ -66,3 +66,14 @@ def test_ship_card_describes_the_student_from_its_config(recipe, tmp_path):
     assert "encoder all-MiniLM-L6-v2 + fresh 1-logit head (seed 0), layers [0, 1, 2]" in card
     assert "31.50x" in card and "96.3 %" in card  # speed ratio; student / teacher on DL21 (0.60 / 0.6231)
     assert "all-MiniLM-L6-v2 (teacher, negative mining, initial weights)" in card
+    assert "SPLADE-tiny (teacher)" in card
+    # another starting encoder is named as such, its licence left to its own card
+    summary = json.loads((tmp_path / "student" / "summary.json").read_text())
+    summary["init"] = "encoder splade-tiny + fresh 1-logit head (seed 0)"
+    (tmp_path / "student" / "summary.json").write_text(json.dumps(summary))
+    assert "initialised from SPLADE-tiny's encoder" in recipe.ship_card(tmp_path)
+    summary["init"] = "encoder bge-small-en-v1.5 + fresh 1-logit head (seed 0), layers [0, 1]"
+    (tmp_path / "student" / "summary.json").write_text(json.dumps(summary))
+    card = recipe.ship_card(tmp_path)
+    assert "initialised from bge-small-en-v1.5's encoder" in card and "SPLADE-tiny (teacher)" in card
+    assert "bge-small-en-v1.5 (initial weights)" in card and "see its model card" in card
