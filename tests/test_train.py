@@ -225,6 +225,28 @@ def test_resume_continues_exactly(pairs_dir, tiny_encoder, tmp_path):
     assert steps == list(range(1, 2 * n_batches + 1))  # each step logged once, none lost or repeated
 
 
+def test_resume_refuses_a_checkpoint_made_with_other_settings(pairs_dir, tiny_encoder, tmp_path):
+    """A checkpoint continued under another learning rate or another model description would silently mix
+    two runs; a longer run (max_steps) or another evaluation cadence is a legitimate resume."""
+    data = from_pairs(pairs_dir)
+    lists = _all_other_docs(data)
+
+    def trainer(cfg: TrainConfig, init: str) -> Trainer:
+        ce = init_cross_encoder(tiny_encoder, seed=0)
+        batcher = ListBatcher(data, lists, ce.tokenizer, n_negatives=3, lists_per_batch=4, max_length=64)
+        step = ListStep(ce, data, "infonce", max_length=64)
+        return Trainer(ce.model, cfg, tmp_path, batcher, step, lambda d: save_cross_encoder(ce, d),
+                       describe={"title": "t: infonce", "init": init})
+
+    base = dict(warmup=1, save_every=1, log_every=1, show_progress=False)
+    trainer(TrainConfig(lr=1e-3, max_steps=2, **base), "encoder A").train()
+    with pytest.raises(ValueError, match=r"cannot resume .*lr 0.001 -> 0.0003"):
+        trainer(TrainConfig(lr=3e-4, max_steps=2, **base), "encoder A").train(resume=True)
+    with pytest.raises(ValueError, match="init 'encoder A' -> 'encoder B'"):
+        trainer(TrainConfig(lr=1e-3, max_steps=2, **base), "encoder B").train(resume=True)
+    assert trainer(TrainConfig(lr=1e-3, max_steps=3, eval_every=5, **base), "encoder A").train(resume=True).steps == 3
+
+
 def test_student_from_the_bundled_encoder_is_named_for_it():
     ce = init_cross_encoder("all-MiniLM-L6-v2", layers=[0, 1, 2])
     assert ce.model.cfg.num_hidden_layers == 3

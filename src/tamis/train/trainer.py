@@ -36,6 +36,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from tamis.errors import InvalidInputError
+
 logger = logging.getLogger("tamis.train")
 
 
@@ -60,6 +62,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+# What a resumed run must share with its checkpoint (TrainConfig fields; then the caller's description of the
+# model and loss): anything else about the run may change on resume (its length, evaluation cadence, device).
+RESUME_MUST_MATCH_CONFIG = ("lr", "weight_decay", "warmup", "schedule", "grad_accum", "max_grad_norm", "bf16",
+                            "seed", "select_metric")
+RESUME_MUST_MATCH_DESCRIBE = ("title", "init", "base", "mode")
 
 
 @dataclass
@@ -197,6 +206,7 @@ class Trainer:
             "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
             "numpy_rng": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
             "config": self.cfg.to_dict(),
+            "describe": {k: self.describe[k] for k in RESUME_MUST_MATCH_DESCRIBE if k in self.describe},
         }
         (tmp / "trainer_state.json").write_text(json.dumps(full))
         if self.ckpt_dir.exists():
@@ -209,8 +219,25 @@ class Trainer:
         else:
             tmp.rename(self.ckpt_dir)
 
+    def _check_resumable(self, state: dict[str, Any]) -> None:
+        """Refuse to continue a checkpoint made with other settings: its weights, optimizer and schedule
+        would silently carry on under the new ones. Length and bookkeeping (max_steps, epochs, eval_every,
+        save_every, log_every, device, show_progress) may change on resume."""
+        saved_cfg = state.get("config") or {}
+        now_cfg = self.cfg.to_dict()
+        diffs = [f"{k} {saved_cfg[k]!r} -> {now_cfg[k]!r}" for k in RESUME_MUST_MATCH_CONFIG
+                 if k in saved_cfg and saved_cfg[k] != now_cfg.get(k)]
+        saved_desc = state.get("describe") or {}
+        diffs += [f"{k} {saved_desc[k]!r} -> {self.describe.get(k)!r}" for k in RESUME_MUST_MATCH_DESCRIBE
+                  if k in saved_desc and saved_desc[k] != self.describe.get(k)]
+        if diffs:
+            raise InvalidInputError(
+                f"cannot resume {self.ckpt_dir}: it was made with other settings ({'; '.join(diffs)}); "
+                f"rerun with its settings, or start fresh in another output directory")
+
     def _load_checkpoint(self) -> dict[str, Any]:
         state = json.loads((self.ckpt_dir / "trainer_state.json").read_text())
+        self._check_resumable(state)
         weights = load_file(str(self.ckpt_dir / "model.safetensors"), device=str(self.device))
         self.model.load_state_dict(weights, strict=True)
         tensors = load_file(str(self.ckpt_dir / "optimizer.safetensors"))
