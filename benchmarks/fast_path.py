@@ -63,17 +63,21 @@ def unfused(emb: tamis.Embedder) -> tamis.Embedder:
 
 def make_variants(args: argparse.Namespace) -> dict[str, tamis.Embedder]:
     out: dict[str, tamis.Embedder] = {}
-    padded = unfused(tamis.Embedder(dtype="float32"))
+    padded = unfused(tamis.Embedder(dtype="float32", compile=False))
     padded.packed = False
     out["padded fp32 (before)"] = padded
-    out["packed fp32"] = unfused(tamis.Embedder(dtype="float32"))
-    out["packed+fusedQKV fp32"] = tamis.Embedder(dtype="float32")
+    out["packed fp32"] = unfused(tamis.Embedder(dtype="float32", compile=False))
+    out["packed+fusedQKV fp32"] = tamis.Embedder(dtype="float32", compile=False)
     if args.compile:
         comp = tamis.Embedder(dtype="float32", compile=True)
         print(f"compile warm-up (in the constructor): {comp.compile_seconds:.1f} s")
         out["packed+fused+compile fp32"] = comp
     if args.bf16:
-        out["packed bf16"] = tamis.Embedder(dtype="bfloat16")
+        out["packed bf16"] = tamis.Embedder(dtype="bfloat16", compile=False)
+        if args.compile:
+            comp = tamis.Embedder(dtype="bfloat16", compile=True)
+            print(f"bf16 compile warm-up (in the constructor): {comp.compile_seconds:.1f} s")
+            out["packed bf16+compile"] = comp
     if args.int8:
         out["packed int8"] = tamis.Embedder(dtype="int8")
     return out

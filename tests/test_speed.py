@@ -347,3 +347,92 @@ def test_int8_option_reports_its_quality():
     assert cos.min() < 0.99999  # it really is quantised
     with pytest.raises(tamis.errors.InvalidInputError, match="int8"):
         q.add_adapter("t")
+
+
+# ------------------------------------------------------------------------------------------- compile
+def test_auto_compile_only_where_it_pays(monkeypatch):
+    """compile="auto" compiles bf16 on a CPU with native bf16 only (where freezing was measured to pay);
+    float32, int8, emulated bf16 and GPUs stay eager; TAMIS_COMPILE=0 turns auto off; explicit wins."""
+    from tamis.errors import InvalidInputError
+    from tamis.hardware import auto_compile, resolve_compile
+
+    monkeypatch.delenv("TAMIS_COMPILE", raising=False)
+    native, avx2 = _cpu("avx512_bf16"), _cpu("avx2")
+    bf16 = resolve_precision("bfloat16")
+    assert auto_compile("cpu", bf16, native)[0]
+    assert not auto_compile("cpu", bf16, avx2)[0]
+    assert not auto_compile("cpu", resolve_precision("float32"), native)[0]
+    assert not auto_compile("cpu", resolve_precision("int8"), native)[0]
+    assert not auto_compile("cuda", bf16, native)[0]
+    assert resolve_compile(True, "cpu", resolve_precision("float32"), avx2) == (True, "explicit")
+    assert not resolve_compile(False, "cpu", bf16, native)[0]
+    monkeypatch.setenv("TAMIS_COMPILE", "0")
+    wanted, why = resolve_compile("auto", "cpu", bf16, native)
+    assert not wanted and "TAMIS_COMPILE" in why
+    with pytest.raises(InvalidInputError, match="compile must be"):
+        resolve_compile("sometimes", "cpu", bf16, native)
+
+
+def test_compile_is_auto_by_default_everywhere():
+    import inspect
+
+    from tamis import cli
+    from tamis.evaluate.bench import run_bench
+    from tamis.rerank.cross_encoder import CrossEncoderReranker
+
+    for fn in (tamis.Embedder, CrossEncoderReranker, run_bench):
+        assert inspect.signature(fn).parameters["compile"].default == "auto", fn
+    for argv in (["embed"], ["rerank", "--query", "q", "--documents", "d"], ["serve"], ["bench"]):
+        assert cli.parse_args(argv).compile == "auto", argv
+    assert cli.parse_args(["bench", "--compile"]).compile == "on"
+    assert cli.parse_args(["serve", "--compile", "off"]).compile == "off"
+    assert cli.compile_kwargs("auto") == {} and cli.compile_kwargs("off") == {"compile": False}
+    assert cli.compile_kwargs("on") == {"compile": True}
+
+
+def test_a_failed_auto_compile_runs_eager_and_an_explicit_one_raises(monkeypatch):
+    """No C++ compiler or an inductor error must not make a model unusable under "auto"."""
+    def broken(model, device="cpu"):
+        model.encode_packed = lambda *a: None  # what a half-done compile might leave behind
+        raise RuntimeError("InductorError: no working C++ compiler found\nmore detail")
+
+    monkeypatch.setattr(bert, "compile_packed", broken)
+    monkeypatch.setattr("tamis.models.bert.resolve_compile", lambda *a, **k: (True, "test"))
+    emb = tamis.Embedder(dtype="float32")
+    assert emb.compile_seconds is None and "compile failed" in emb.compile_reason and "compiled=False" in repr(emb)
+    assert emb.embed(["still works"]).shape == (1, emb.dimension)
+    with pytest.raises(RuntimeError, match="no working C\\+\\+ compiler"):
+        tamis.Embedder(dtype="float32", compile=True)
+
+
+def _has_cxx() -> bool:
+    import shutil
+
+    return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+
+
+@pytest.mark.skipif(not _has_cxx(), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_frozen_forward_matches_eager():
+    """The compiled packed forward (inductor, frozen weights, dynamic token count) gives eager's outputs on
+    batches of other sizes and lengths than its warm-up, for a BERT encoder and an MPNet-style cross-encoder
+    (relative position bias through the attention op, RoBERTa head)."""
+    import copy
+
+    torch.manual_seed(0)
+    for classification in (False, True):
+        cfg = (_tiny_config(pad_token_id=1, position_offset=2, classifier_style="roberta", num_labels=1,
+                            type_vocab_size=0, relative_attention_num_buckets=32, model_type="mpnet")
+               if classification else _tiny_config())
+        model = (bert.BertForSequenceClassification(cfg) if classification else bert.BertModel(cfg)).eval()
+        bert.fuse_qkv(model)
+        eager = copy.deepcopy(model)
+        seconds = bert.compile_packed(model, "cpu")
+        assert seconds > 0
+        for lengths in ([5], [9, 9, 3], [12, 7, 7, 7, 2]):
+            packing = bert.Packing(lengths)
+            ids = torch.randint(3, cfg.vocab_size, (packing.total,))
+            with torch.inference_mode():
+                got = model.forward_packed(ids, torch.zeros_like(ids), packing)
+                want = eager.forward_packed(ids, torch.zeros_like(ids), packing)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        assert bert.compile_packed(model, "cpu") == 0.0  # compiled once per model

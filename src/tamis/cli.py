@@ -129,7 +129,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     from tamis.embed import Embedder, TruncationWarning
 
-    emb = Embedder(args.model, device=args.device, dtype=args.dtype)
+    compile_opt, why_not = _one_shot_compile(args.compile, sum(len(t) for t in texts) // 4)
+    emb = Embedder(args.model, device=args.device, dtype=args.dtype, **compile_opt)
+    if why_not:
+        emb.compile_reason = why_not
     emb.check_task(args.task)
     emb.check_dimensions(args.dimensions)
     step = len(texts) if args.late_chunking else args.write_every
@@ -192,7 +195,10 @@ def cmd_rerank(args: argparse.Namespace) -> int:
     from tamis.embed import TruncationWarning
     from tamis.rerank import Reranker
 
-    rr = Reranker(args.model, device=args.device, dtype=args.dtype)
+    compile_opt, why_not = _one_shot_compile(args.compile, None)
+    rr = Reranker(args.model, device=args.device, dtype=args.dtype, **compile_opt)
+    if why_not and hasattr(rr, "compile_reason"):
+        rr.compile_reason = why_not
     _note(args, repr(rr))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TruncationWarning)  # reported below as one line
@@ -242,12 +248,52 @@ def _embedding_types(text: str) -> list[str]:
     return types
 
 
+COMPILE_CHOICES = ("auto", "on", "off")
+
+
+def add_compile_argument(p: argparse.ArgumentParser) -> None:
+    """``--compile auto|on|off`` for every command that loads models (read with :func:`compile_kwargs`)."""
+    p.add_argument("--compile", default="auto", choices=COMPILE_CHOICES,
+                   help="torch.compile the model (BERT family): auto (default) where it was measured to pay, "
+                        "bf16 on a CPU with native bf16, warm-up paid while loading; on; off. TAMIS_COMPILE=0 "
+                        "turns auto off")
+
+
+def compile_kwargs(choice: str | None) -> dict[str, Any]:
+    """``--compile`` -> the models' keyword: nothing for auto (the models' default, so models without a
+    ``compile`` argument load as before), ``compile=True/False`` for on/off."""
+    if choice in (None, "auto"):
+        return {}
+    if choice not in COMPILE_CHOICES:
+        raise InvalidInputError(f"--compile must be one of {list(COMPILE_CHOICES)}, not {choice!r}")
+    return {"compile": choice == "on"}
+
+
+# Under --compile auto, `tamis embed` compiles only for inputs of at least this many tokens (estimated as
+# characters / 4): compiling saves about a sixth of the eager time (README "Speed") and its warm-up takes
+# ~10 s with inductor's cache warm, so it repays itself after about a minute of eager work (~20k tokens/s
+# on 2 cores). One query's documents (`tamis rerank`) never do.
+ONE_SHOT_COMPILE_MIN_TOKENS = 1_000_000
+
+
+def _one_shot_compile(choice: str, est_tokens: int | None) -> tuple[dict[str, Any], str | None]:
+    """``--compile`` for the one-shot commands: auto compiles only for inputs large enough to repay the
+    warm-up (``est_tokens``; None: never). Returns the models' keyword and, when auto declined, why."""
+    if choice != "auto" or os.environ.get("TAMIS_COMPILE", "").strip().lower() in ("0", "false", "off", "no"):
+        return compile_kwargs(choice), None
+    if est_tokens is not None and est_tokens >= ONE_SHOT_COMPILE_MIN_TOKENS:
+        return {}, None
+    size = "one query's documents" if est_tokens is None else f"~{est_tokens:,} tokens of input"
+    return {"compile": False}, f"auto: {size} would not repay the compile warm-up"
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="local directory or HF id in the local cache (default: bundled)")
     p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
                    help="auto (default): bfloat16 on CPUs with native bf16 and on GPUs, else float32; int8: dynamic "
                         "int8 Linear layers (BERT family, CPU; below the bf16 quality bar)")
+    add_compile_argument(p)
     p.add_argument("--format", default="auto", choices=["auto", "lines", "jsonl"], help="input format")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress or notes on stderr")
 

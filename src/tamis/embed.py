@@ -170,9 +170,12 @@ class Embedder:
             runs that adapter, and a batch may mix tasks row by row (as jina-embeddings-v3's). Adapters
             listed in the model directory's ``adapters.json`` load too. Batches with an adapter task run
             padded (the packed fast path serves rows without one); not with ``dtype="int8"``.
-        compile: ``torch.compile`` the packed forward (BERT family; inductor, dynamic shapes), warmed up
-            in the constructor (``compile_seconds``) so no request pays for it. Off by default: measure
-            it on your CPU with ``benchmarks/fast_path.py --compile`` (README "Speed").
+        compile: ``"auto"`` (default), True or False: ``torch.compile`` the packed forward (BERT family;
+            inductor, dynamic shapes, frozen weights on CPU), warmed up in the constructor
+            (``compile_seconds``) so no request pays for it. ``"auto"`` compiles where it was measured to
+            pay, bf16 on a CPU with native bf16 (see :func:`tamis.hardware.auto_compile`; the choice and why
+            show in ``repr``); ``TAMIS_COMPILE=0`` turns that off. The compiled forward keeps the weights it
+            was compiled with (inference only).
     """
 
     def __init__(
@@ -185,7 +188,7 @@ class Embedder:
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_length: int | None = None,
         adapters: Mapping[str, str | Path] | None = None,
-        compile: bool = False,
+        compile: bool | str = "auto",
     ):
         self.model_dir = resolve_model_dir(model)
         self.config = load_config(self.model_dir)
@@ -197,6 +200,7 @@ class Embedder:
             configure_threads()
         self.packed = False  # set below for the BERT family: forward() runs unpadded token sequences
         self.compile_seconds: float | None = None
+        self.compile_reason = "not a packed model"
         self.name = _model_name(model, self.model_dir)
         self.max_tokens_per_batch = max_tokens_per_batch or default_token_budget(self.device)
         self.max_batch_size = max_batch_size
@@ -230,8 +234,8 @@ class Embedder:
             else:
                 bert.fuse_qkv(self.model)
             self.packed = True
-            if compile:
-                self.compile_seconds = bert.compile_packed(self.model, self.device)
+            self.compile_seconds, self.compile_reason = bert.compile_if_wanted(
+                self.model, self.device, compile, self.precision)
             arch_limit = self.model.cfg.max_length
             st = read_json(self.model_dir / "config_sentence_transformers.json") or {}
             self._prefixes = {k: v or "" for k, v in (st.get("prompts") or {}).items()}
@@ -239,7 +243,7 @@ class Embedder:
             raise InvalidInputError(
                 f"{self.model_dir} is a {self.family} model, not an embedding model; load it with tamis.Reranker"
             )
-        if compile and not self.packed:
+        if compile is True and not self.packed:
             raise InvalidInputError(f"compile=True is available for BERT-family models, not {self.family}")
         self.dimension = int(self.config["hidden_size"])
         self.max_length = self._limit(arch_limit, max_length)
@@ -330,7 +334,7 @@ class Embedder:
             f"Embedder(name={self.name!r}, family={self.family!r}, dimension={self.dimension}, "
             f"max_length={self.max_length}, pooling={self.pooling!r}, tasks={self.tasks}, "
             f"device={str(self.device)!r}, dtype={self.precision.name!r} ({self.precision.requested}: "
-            f"{self.precision.reason}), packed={self.packed}, compiled={self.compile_seconds is not None})"
+            f"{self.precision.reason}), packed={self.packed}, compiled={self.compile_seconds is not None} ({self.compile_reason}))"
         )
 
     def check_task(self, task: str | None) -> None:

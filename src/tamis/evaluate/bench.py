@@ -619,7 +619,7 @@ def run_bench(
     show_progress: bool = True,
     compare_rerankers: Sequence[Any] = (),
     st_bf16: bool = True,
-    compile: bool = False,
+    compile: bool | str = "auto",
     ort: bool = True,
 ) -> BenchReport:
     """Benchmark embedding (SciFact documents) and reranking (TREC DL 21 BM25 candidates), and with
@@ -628,7 +628,9 @@ def run_bench(
 
     ``ratios[task]`` is tamis / sentence-transformers float32 throughput, ``ratios[task + "_vs_st_bf16"]``
     tamis / sentence-transformers bf16 autocast; ``*_paired_median`` the median per-call speedups.
-    ``compile`` loads tamis's models with ``compile=True`` (warm-up paid and reported before timing).
+    ``compile``: ``"auto"`` loads tamis's models as they load by default (compiled where that pays, see
+    :func:`tamis.hardware.auto_compile`), True / False or ``"on"`` / ``"off"`` force it (warm-up paid and
+    reported before timing).
     With ``vs`` and ``ort``, embedding also times ONNX Runtime float32 and dynamic int8 of the same weights
     when ``onnxruntime`` is installed (:func:`ort_embed_workloads`; ratios ``embed_vs_ort`` /
     ``embed_vs_ort_int8``); otherwise ``skipped["embed:onnxruntime"]`` says why.
@@ -647,7 +649,9 @@ def run_bench(
     config: dict[str, Any] = {"device": device, "dtype": dtype, "repeats": repeats, "vs": vs,
                               "torch_threads": _threads(), "cpus": os.cpu_count(), "cpu": info.describe(),
                               "cpu_info": info.to_dict(), "compile": compile}
-    options: dict[str, Any] = {"compile": True} if compile else {}
+    if isinstance(compile, str) and compile in ("on", "off"):
+        compile = compile == "on"
+    options: dict[str, Any] = {} if compile == "auto" else {"compile": bool(compile)}
 
     ceilings: dict[str, float] = {}
 
@@ -773,6 +777,8 @@ def _precision_of(model: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"packed": getattr(model, "packed", None)}
     if getattr(model, "compile_seconds", None) is not None:
         out["compile_seconds"] = model.compile_seconds
+    if getattr(model, "compile_reason", None):
+        out["compile_reason"] = model.compile_reason
     if p is not None:
         out.update(dtype=p.name, requested=p.requested, reason=p.reason)
     else:

@@ -102,9 +102,10 @@ def register(subparsers: Any) -> None:
     b.add_argument("--device", default="cpu")
     b.add_argument("--dtype", default="auto",
                    help="auto (bf16 with native bf16 on CPU / on GPU, else float32), float32, bfloat16, int8")
-    b.add_argument("--compile", action="store_true",
-                   help="load tamis's models with torch.compile (BERT family; warm-up paid before timing and "
-                        "printed)")
+    b.add_argument("--compile", nargs="?", const="on", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile tamis's models (BERT family; warm-up paid before timing and printed): "
+                        "auto (default, as the models load by default: where measured to pay, bf16 on CPUs with "
+                        "native bf16), on (also bare --compile), off")
     b.add_argument("--no-st-bf16", dest="st_bf16", action="store_false",
                    help="with --vs, skip sentence-transformers under bf16 autocast")
     b.add_argument("--no-ort", dest="ort", action="store_false",
@@ -213,7 +214,7 @@ def bench_command(args: argparse.Namespace) -> int:
             compare_rerankers=args.compare_reranker, st_bf16=args.st_bf16, compile=args.compile, ort=args.ort,
         )
     except TypeError as exc:
-        if not args.compile or "compile" not in str(exc):
+        if args.compile == "auto" or "compile" not in str(exc):
             raise
         print(f"tamis bench: error: --compile is for BERT-family embedders and cross-encoders ({exc})", file=sys.stderr)
         return 2
@@ -230,7 +231,10 @@ def bench_command(args: argparse.Namespace) -> int:
         if t:
             why = f" ({t['requested']}: {t['reason']})" if t.get("reason") else ""
             packed = f", packed={t['packed']}" if t.get("packed") is not None else ""
-            compiled = f", compiled (warm-up {t['compile_seconds']:.1f} s)" if "compile_seconds" in t else ""
+            if "compile_seconds" in t:
+                compiled = f", compiled (warm-up {t['compile_seconds']:.1f} s)"
+            else:
+                compiled = f", not compiled ({t['compile_reason']})" if t.get("compile_reason") else ""
             print(f"{task}: tamis dtype {t.get('dtype')}{why}{packed}{compiled}", file=out)
     print(format_table([r.row() for r in report.results], floatfmt=".2f"), file=out)
     for task in ("embed", "rerank"):

@@ -26,6 +26,7 @@ Two layouts run through the same modules:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,10 +38,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from tamis.errors import UnsupportedModelError
-from tamis.hardware import cpu_info
+from tamis.hardware import Precision, cpu_info, resolve_compile
 from tamis.models import lora
 from tamis.models.activations import ACTIVATIONS
 from tamis.models.loading import apply_key_map, load_config, load_state_dict
+
+logger = logging.getLogger("tamis")
 
 
 @dataclass
@@ -584,19 +587,62 @@ def fuse_qkv(model: BertModel | BertForSequenceClassification) -> None:
 
 
 def compile_packed(model: BertModel | BertForSequenceClassification, device: str | torch.device = "cpu") -> float:
-    """``torch.compile`` (inductor, dynamic shapes) of the packed forward, warmed up now on the shapes that
-    would otherwise each trigger a recompile (one sequence of one token; several runs), so no request pays
-    for compilation. Returns the warm-up seconds (inductor's on-disk cache makes later start-ups faster)."""
+    """``torch.compile`` (inductor, dynamic shapes) of the packed forward, warmed up now so no request pays
+    for compilation. Returns the warm-up seconds (inductor's on-disk cache makes later start-ups faster).
+    Every input's first dimension (tokens, runs, sequences) is marked unbacked, so one graph serves any batch:
+    no recompilation when one of them is 1 (measured: one compile instead of three).
+
+    On CPU the graph is compiled with inductor's *freezing*: the weights become constants, prepacked once
+    for oneDNN, and each Linear carries its GELU or residual add as a fused post-op; that is what makes
+    compiling pay on CPU (README "Speed"). The compiled forward therefore keeps the weights it was compiled
+    with: it serves inference only, and a model whose weights change must be compiled again."""
     import time
 
-    model.encode_packed = torch.compile(model.encode_packed, dynamic=True)  # type: ignore[method-assign]
+    from torch._inductor import config as inductor_config
+
+    if "encode_packed" in vars(model):  # compiled already: one compiled forward per model
+        return 0.0
+    compiled = torch.compile(model.encode_packed, dynamic=True)
+    # Freezing is set around every call, not passed as torch.compile(options=...): measured, that option does
+    # not reach the inference compiler (no oneDNN post-ops in the output code); the patched config does, and
+    # it is read only when a (re)compilation happens.
+    freezing = torch.device(device).type == "cpu"
+
+    def run(*args: torch.Tensor) -> torch.Tensor:
+        for t in args:
+            torch._dynamo.decorators.mark_unbacked(t, 0)
+        if not freezing:
+            return compiled(*args)
+        with inductor_config.patch(freezing=True):
+            return compiled(*args)
+
+    model.encode_packed = run  # type: ignore[method-assign]
     t0 = time.perf_counter()
     with torch.inference_mode():
-        for lengths in ([1], [7, 7, 5, 2], [16, 9]):
-            packing = Packing(lengths, device)
-            ids = torch.zeros(packing.total, dtype=torch.long, device=device)
-            model.forward_packed(ids, torch.zeros_like(ids), packing)
+        packing = Packing([7, 7, 5, 2], device)
+        ids = torch.zeros(packing.total, dtype=torch.long, device=device)
+        model.forward_packed(ids, torch.zeros_like(ids), packing)
     return time.perf_counter() - t0
+
+
+def compile_if_wanted(model: BertModel | BertForSequenceClassification, device: str | torch.device,
+                      compile: bool | str, precision: Precision) -> tuple[float | None, str]:
+    """The models' ``compile`` argument (True, False or ``"auto"``, see :func:`tamis.hardware.resolve_compile`)
+    applied to a packed model: returns (warm-up seconds or None when it runs eager, why). Under ``"auto"`` a
+    failed compilation (no C++ compiler, an inductor error) is logged and the model stays eager; an explicit
+    ``compile=True`` raises it."""
+    wanted, why = resolve_compile(compile, device, precision)
+    if not wanted:
+        return None, why
+    try:
+        return compile_packed(model, device), why
+    except Exception as exc:
+        model.__dict__.pop("encode_packed", None)  # back to the eager method
+        if compile is True:
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        logger.warning("torch.compile failed, running eager (%s: %s)", type(exc).__name__, first[:200])
+        return None, f"compile failed ({type(exc).__name__}), eager"
 
 
 class PredictionHeadTransform(nn.Module):

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from tamis.errors import ModelNotFoundError
+from tamis.errors import InvalidInputError, ModelNotFoundError
 from tamis.models import detect_family, is_cross_encoder
 from tamis.models.loading import load_config, resolve_model_dir
 from tamis.rerank.base import RerankerLike, document_texts
@@ -62,7 +62,8 @@ def Reranker(  # noqa: N802 - a factory with the name of the thing it makes, as 
     """Load a reranker by name or path (offline), choosing the implementation from its config.
 
     ``dtype="auto"`` (default) is bfloat16 on CPUs with native bf16 and on GPUs, float32 elsewhere (see
-    :mod:`tamis.hardware`); an explicit dtype wins."""
+    :mod:`tamis.hardware`); an explicit dtype wins. ``compile`` (True, False, ``"auto"``: BERT-family models,
+    see :class:`tamis.Embedder`) passes on; the listwise decoder runs eager."""
     from tamis.embed import Embedder, _model_name
 
     key = None if name_or_path is None else str(name_or_path).lower()
@@ -84,6 +85,8 @@ def Reranker(  # noqa: N802 - a factory with the name of the thing it makes, as 
     if family == "qwen3-listwise":
         from tamis.rerank.listwise import ListwiseReranker
 
+        if kwargs.pop("compile", "auto") is True:
+            raise InvalidInputError(f"compile=True is available for BERT-family models, not {name} ({family})")
         rr = ListwiseReranker(model_dir, device=device, dtype=dtype, **kwargs)
         rr.name = name
         return rr

@@ -56,7 +56,7 @@ class CrossEncoderReranker:
         activation: str = "sigmoid",
         max_tokens_per_batch: int | None = None,
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
-        compile: bool = False,
+        compile: bool | str = "auto",
     ):
         self.model_dir = Path(model_dir)
         self.config = load_config(self.model_dir)
@@ -74,7 +74,7 @@ class CrossEncoderReranker:
         tokenizer = Tokenizer.from_dir(self.model_dir, self.config)
         self._setup(model, tokenizer, name or self.model_dir.name, max_length, activation, max_tokens_per_batch,
                     max_batch_size, precision)
-        self.compile_seconds = bert.compile_packed(self.model, self.device) if compile else None
+        self.compile_seconds, self.compile_reason = bert.compile_if_wanted(self.model, self.device, compile, precision)
 
     def _setup(self, model: bert.BertForSequenceClassification, tokenizer: Tokenizer, name: str,
                max_length: int | None, activation: str, max_tokens_per_batch: int | None, max_batch_size: int,
@@ -84,6 +84,7 @@ class CrossEncoderReranker:
         self.precision = precision
         self.packed = True
         self.compile_seconds: float | None = None
+        self.compile_reason = "not compiled"
         self.name = name
         self.model = model
         self.tokenizer = tokenizer
@@ -118,7 +119,8 @@ class CrossEncoderReranker:
     def __repr__(self) -> str:
         return (f"CrossEncoderReranker(name={self.name!r}, max_length={self.max_length}, "
                 f"activation={self.activation!r}, device={str(self.device)!r}, dtype={self.precision.name!r} "
-                f"({self.precision.requested}: {self.precision.reason}), packed={self.packed})")
+                f"({self.precision.requested}: {self.precision.reason}), packed={self.packed}, "
+                f"compiled={self.compile_seconds is not None} ({self.compile_reason}))")
 
     @torch.inference_mode()
     def logits(

@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from tamis.cli import add_compile_argument
 from tamis.server.settings import ServerSettings, keys_from_env
 
 logger = logging.getLogger("tamis.server")
@@ -68,6 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
                    help="auto (default): bfloat16 on CPUs with native bf16 and on GPUs, else float32; the choice "
                         "is logged per model at start-up")
+    add_compile_argument(p)
     p.add_argument("--max-inputs", type=int, default=d.max_inputs, help=f"inputs per request (default {d.max_inputs})")
     p.add_argument("--max-input-tokens", type=int, default=None,
                    help="tokens per input when truncate=false (default: the model's context)")
@@ -131,10 +133,13 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 
 def load_models(
-    embedding_specs: Sequence[str], reranker_specs: Sequence[str], device: str = "cpu", dtype: str = "auto"
+    embedding_specs: Sequence[str], reranker_specs: Sequence[str], device: str = "cpu", dtype: str = "auto",
+    compile: str = "auto",
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load models by spec; served name = ``NAME=`` if given, else the model's own name."""
+    """Load models by spec; served name = ``NAME=`` if given, else the model's own name. ``compile``: the
+    ``--compile`` choice (auto, on, off); a compiled model pays its warm-up here, before /health is ready."""
     import tamis
+    from tamis.cli import compile_kwargs
     from tamis.models.loading import DEFAULT_MODEL_ALIASES
     from tamis.rerank import EMBEDDING_RERANKER_ALIASES, EmbeddingReranker, shipped_reranker_dir
 
@@ -146,7 +151,8 @@ def load_models(
     by_spec: dict[str, Any] = {}
     for spec in embedding_specs:
         name, model = parse_model_spec(spec)
-        emb = tamis.Embedder(None if model == "default" else model, device=device, dtype=dtype)
+        emb = tamis.Embedder(None if model == "default" else model, device=device, dtype=dtype,
+                             **compile_kwargs(compile))
         by_spec[bundled(model)] = emb
         _add(embedders, name or emb.name, emb, "embedding")
     for spec in reranker_specs:
@@ -156,7 +162,8 @@ def load_models(
             # the same embedding model on both routes: one copy in memory, one worker per route
             rr = EmbeddingReranker(by_spec[bundled(model)], name=by_spec[bundled(model)].name)
         else:
-            rr = tamis.Reranker(None if model == "default" else model, device=device, dtype=dtype)
+            rr = tamis.Reranker(None if model == "default" else model, device=device, dtype=dtype,
+                                **compile_kwargs(compile))
         _add(rerankers, name or rr.name, rr, "reranker")
     if embedding_specs or reranker_specs:
         from tamis.hardware import cpu_info
@@ -164,7 +171,7 @@ def load_models(
         logger.info("CPU: %s", cpu_info().describe())
         for kind, table in (("embedding", embedders), ("reranker", rerankers)):
             for served, model in table.items():
-                logger.info("%s model %s: %r", kind, served, model)  # repr: dtype and why (auto), packed
+                logger.info("%s model %s: %r", kind, served, model)  # repr: dtype, packed, compiled and why
     return embedders, rerankers
 
 
@@ -196,7 +203,8 @@ def serve_command(args: argparse.Namespace) -> int:
     resolve_device(args.device)  # a device this torch cannot use: one `tamis: error:` line before the port opens
     level, message = startup_message(len(settings.api_keys), args.host)
     logger.log(level, message)
-    app = create_app(settings=settings, loader=lambda: load_models(emb_specs, rr_specs, args.device, args.dtype))
+    app = create_app(settings=settings, loader=lambda: load_models(emb_specs, rr_specs, args.device, args.dtype,
+                                                                       args.compile))
     logger.info("serving on http://%s:%d (docs at /docs); loading models: embedding %s, reranker %s",
                 args.host, args.port, emb_specs, rr_specs)
     run(app, settings, args.host, args.port, args.log_level)
