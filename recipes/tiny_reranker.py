@@ -79,6 +79,9 @@ def main() -> int:
     p.add_argument("--student-lr", type=float, default=3e-4)
     p.add_argument("--student-loss", default="kl+0.2*infonce")
     p.add_argument("--eval-every", type=int, default=600)
+    p.add_argument("--label-free-lists", action="store_true",
+                   help="also distil on the mined candidates of ARES's queries without a relevant passage (teacher "
+                        "scores only, KL; InfoNCE skips them); changes the prepared lists, so use a fresh --work")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
@@ -101,7 +104,7 @@ def main() -> int:
     cache_dir = work / "cache"
     emb_cache = EmbeddingCache(cache_dir)
     mining = MiningConfig(methods=("bm25", "dense"), n_negatives=15, skip_top=3, depth=50, dev=0.05,
-                          max_dev_per_source=100, dev_depth=30)
+                          max_dev_per_source=100, dev_depth=30, label_free=args.label_free_lists)
     mpnet = Path(args.mpnet) if args.mpnet else work / "models" / "all-mpnet-base-v2"
     splade = Path(args.splade) if args.splade else work / "models" / "splade-tiny"
     student_init = {"splade-tiny": str(splade)}.get(args.student_init, args.student_init)
@@ -146,7 +149,8 @@ def main() -> int:
             command=f"python recipes/tiny_reranker.py --stages student --student-init {args.student_init} "
                     + (f"--student-layers {args.student_layers} " if args.student_layers else "")
                     + f"--student-bf16 {args.student_bf16} --student-steps {args.student_steps} "
-                    f"--student-lr {args.student_lr} --student-loss '{args.student_loss}'",
+                    f"--student-lr {args.student_lr} --student-loss '{args.student_loss}'"
+                    + (" --label-free-lists" if args.label_free_lists else ""),
             show_progress=show)
         log(f"student: {json.dumps({k: summary[k] for k in ('steps', 'train_seconds', 'best_dev', 'best_step')})}")
     if "evaluate" in stages:

@@ -423,3 +423,68 @@ def test_scorer_suite_scores_the_same_candidates_as_the_reranker_suite(tmp_path)
     one = scorer_suite(EnsembleScorer([dense], [1.0], 1.0), SHARED / "data", tmp_path, sets=("noveleval",),
                        dtype="float32", show_progress=False)[0]
     assert one["nDCG@10"] == pytest.approx(want["nDCG@10"], abs=1e-4) and one["reranker"].startswith("ensemble(")
+
+
+@pytest.fixture
+def pairs_with_unlabelled(pairs_dir, tmp_path) -> Path:
+    """The toy pairs plus two queries judged only not relevant (as ARES's "not relevant" pairs)."""
+    import gzip
+
+    d = tmp_path / "pairs-unlabelled"
+    d.mkdir()
+    with gzip.open(pairs_dir / "pairs.jsonl.gz", "rt") as f:
+        rows = [json.loads(x) for x in f]
+    rows += [{"source": "toy", "query": "what is the rust belt", "document": TOPICS["rust"][0], "label": 0},
+             {"source": "toy", "query": "do cats like tea", "document": TOPICS["tea"][1], "label": 0}]
+    with gzip.open(d / "pairs.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return d
+
+
+def test_label_free_lists_of_queries_without_a_positive(pairs_with_unlabelled, tmp_path):
+    """Judged queries without a relevant document become candidate-only lists (labelled non-relevant first,
+    then mined; k + 1 per group), only when asked; a BEIR split's unjudged (test) queries never do."""
+    from tamis.train.rerankers import check_label_free_loss
+
+    data = from_pairs(pairs_with_unlabelled)
+    free = data.unlabelled_queries()
+    assert sorted(data.queries[q] for q in free) == ["do cats like tea", "what is the rust belt"]
+    assert not set(free) & set(data.trainable_queries())
+    runs = first_stage_runs(data, free, methods=("bm25",), depth=20, show_progress=False)
+    assert mine_lists(data, free, runs, n_negatives=2, skip_top=0) == []
+    lists = mine_lists(data, free, runs, n_negatives=2, skip_top=0, label_free=True)
+    assert len(lists) == 2 and all(not t.positives and t.labelled == 1 for t in lists)
+    for t in lists:  # the judged non-relevant document, then what BM25 finds (at most k + 1 = 3 of them)
+        assert t.negatives[0] == data.labelled_negatives(t.qid)[0] and 1 < len(t.negatives) <= 4
+    full = [t for t in lists if len(t.negatives) >= 3]
+    groups = make_groups(lists, 2, epoch=0, seed=0)
+    assert len(groups) == len(full) >= 1
+    for (q, docs), t in zip(groups, full):
+        assert len(docs) == 3 and docs[0] == data.labelled_negatives(q)[0] and set(docs) <= set(t.negatives)
+
+    scifact = SHARED / "data" / "scifact"
+    if scifact.is_dir():  # its queries file also holds the 300 test queries: none may be "unlabelled"
+        sf = load_training_data(str(scifact))
+        assert sf.unlabelled_queries() == []
+
+    check_label_free_loss("kl+0.2*infonce", True)
+    check_label_free_loss("listnet", True)
+    for loss, teacher in (("infonce", True), ("kl", False), ("kl+bce", True), ("margin-mse+lambda", True)):
+        with pytest.raises(ValueError, match="label-free"):
+            check_label_free_loss(loss, teacher)
+
+
+def test_train_reranker_with_label_free_lists(pairs_with_unlabelled, tiny_encoder, tmp_path):
+    summary = train_reranker(
+        [str(pairs_with_unlabelled)], tmp_path / "run", model=str(tiny_encoder), teacher="ensemble:bm25,bm25",
+        lists=ListConfig(n_negatives=3, lists_per_batch=4, max_length=64, loss="kl+0.2*infonce"),
+        mining=MiningConfig(methods=("bm25",), n_negatives=8, skip_top=0, dev=4, dev_depth=10, label_free=True),
+        config=TrainConfig(lr=1e-3, max_steps=2, show_progress=False), cache_dir=tmp_path / "cache",
+        show_progress=False)
+    sizes = summary["sizes"][next(iter(summary["sizes"]))]
+    assert sizes["label_free_lists"] == 2 and summary["steps"] == 2
+    assert "label-free" in summary["recipe"]["negatives"]
+    with pytest.raises(ValueError, match="label-free"):
+        train_reranker([str(pairs_with_unlabelled)], tmp_path / "bad", model=str(tiny_encoder),
+                       lists=ListConfig(loss="infonce"), mining=MiningConfig(methods=("bm25",), label_free=True),
+                       show_progress=False)

@@ -142,6 +142,10 @@ def _data_and_mining(p: argparse.ArgumentParser) -> None:
     m.add_argument("--mine-depth", type=int, default=50, help="ranks considered per first stage")
     m.add_argument("--mine-negatives", type=int, default=15, help="negatives kept per query")
     m.add_argument("--mine-strategy", choices=["top", "random"], default="top")
+    m.add_argument("--label-free-lists", action="store_true",
+                   help="also train on the mined candidates of judged queries without a relevant document (a pair "
+                        "set's not-relevant-only queries), scored by the teacher: needs a teacher loss (kl, mse, "
+                        "margin-mse), with infonce as the only label loss beside it")
 
 
 def _optimisation(p: argparse.ArgumentParser, lr_help: str) -> None:
@@ -364,7 +368,7 @@ def _train_and_mining_configs(args: argparse.Namespace, default_lr: float) -> tu
     mining = MiningConfig(methods=tuple(m.strip() for m in args.mine.split(",") if m.strip()),
                           n_negatives=args.mine_negatives, skip_top=args.skip_top, depth=args.mine_depth,
                           strategy=args.mine_strategy, dev=args.dev, max_dev_per_source=args.max_dev_per_source,
-                          dev_depth=args.dev_depth, embedder=args.mine_model)
+                          dev_depth=args.dev_depth, embedder=args.mine_model, label_free=args.label_free_lists)
     return config, mining
 
 

@@ -50,6 +50,13 @@ class RerankData:
         """Queries with at least one relevant document, in file order."""
         return [q for q in self.queries if self.positives(q)]
 
+    def unlabelled_queries(self) -> list[str]:
+        """Queries judged in this split with no relevant document (in a pair set: queries whose only pairs
+        are labelled not relevant), in file order: no positive for a label loss, but a teacher can still rank
+        their candidates (label-free distillation lists). Only the split's own judged queries qualify, so a
+        BEIR set's test queries (in its queries file, not in its train qrels) never do."""
+        return [q for q in self.queries if q in self.qrels and not self.positives(q)]
+
     def sizes(self) -> dict[str, int]:
         return {
             "documents": len(self.corpus),
@@ -243,13 +250,25 @@ def make_groups(lists: Sequence[TrainList], n_negatives: int, epoch: int, seed: 
     """One ``(qid, [positive, negative_1 .. negative_k])`` group per training list for an epoch.
 
     The positive cycles through the list's positives from epoch to epoch; the ``k`` negatives are the
-    labelled ones first, then mined ones drawn at random (seeded by epoch). Lists with fewer
-    negatives than ``k`` are dropped (a fixed list size keeps the batch a dense tensor).
+    labelled ones first, then mined ones drawn at random (seeded by epoch). A label-free list (no positive,
+    see :meth:`RerankData.unlabelled_queries`) gives ``k + 1`` of its candidates, labelled ones first, then
+    mined ones at random: only teacher losses learn from it. Lists with fewer candidates than that are
+    dropped (a fixed list size keeps the batch a dense tensor).
     """
     rng = random.Random(f"{seed}:{epoch}")
     groups = []
     for item in lists:
-        if not item.positives or len(item.negatives) < n_negatives:
+        if not item.positives:
+            if len(item.negatives) < n_negatives + 1:
+                continue
+            labelled = item.negatives[: item.labelled][: n_negatives + 1]
+            mined = [d for d in item.negatives[item.labelled :] if d not in labelled]
+            need = n_negatives + 1 - len(labelled)
+            if len(mined) < need:
+                continue
+            groups.append((item.qid, [*labelled, *rng.sample(mined, need)]))
+            continue
+        if len(item.negatives) < n_negatives:
             continue
         pos = item.positives[epoch % len(item.positives)]
         labelled = [d for d in item.negatives[: item.labelled] if d != pos][:n_negatives]

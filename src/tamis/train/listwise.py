@@ -280,6 +280,9 @@ def train_listwise(
     config = config or TrainConfig(lr=5e-5)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if mining.label_free:
+        raise ValueError("label-free lists are for distilling cross-encoders; the listwise loss needs a positive "
+                         "in every list")
     t0 = time.perf_counter()
     prepared = prepare_data(data, Path(data_dir) if data_dir else out / "data", mining, config.seed,
                             show_progress=show_progress)

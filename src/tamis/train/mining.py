@@ -59,15 +59,18 @@ def mine_lists(
     depth: int = 50,
     strategy: str = "top",
     seed: int = 0,
+    label_free: bool = False,
 ) -> list[TrainList]:
-    """Training lists for ``qids``: positives from the labels, negatives mined from ``runs``."""
+    """Training lists for ``qids``: positives from the labels, negatives mined from ``runs``. Queries
+    without a relevant document are left out, unless ``label_free``: then they get a list of candidates
+    only (labelled non-relevant ones, then mined ones; ``skip_top`` still applies), for teacher losses."""
     if strategy not in ("top", "random"):
         raise ValueError("strategy must be 'top' or 'random'")
     rng = random.Random(seed)
     lists = []
     for qid in qids:
         positives = data.positives(qid)
-        if not positives:
+        if not positives and not label_free:
             continue
         known = set(data.qrels.get(qid, {}))
         labelled = data.labelled_negatives(qid)
@@ -85,7 +88,8 @@ def mine_lists(
                 if rank < len(window) and window[rank] not in seen:
                     seen.add(window[rank])
                     mined.append(window[rank])
-        lists.append(TrainList(qid, positives, labelled + mined[:n_negatives], labelled=len(labelled)))
+        keep = n_negatives if positives else n_negatives + 1  # a label-free list: k + 1 candidates
+        lists.append(TrainList(qid, positives, labelled + mined[:keep], labelled=len(labelled)))
     return lists
 
 

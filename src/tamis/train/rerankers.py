@@ -67,6 +67,9 @@ class MiningConfig:
     max_dev_per_source: int | None = 100
     dev_depth: int = 30  # dev candidates per query (RRF of the first stages)
     embedder: str | None = None  # dense first stage (default: the bundled MiniLM)
+    # Also a list of mined candidates for every judged query without a relevant document (see
+    # RerankData.unlabelled_queries): teacher losses learn from its teacher scores, label losses skip it.
+    label_free: bool = False
 
 
 @dataclass
@@ -110,24 +113,30 @@ def prepare_data(specs: Sequence[str], work_dir: str | Path, mining: MiningConfi
         lists_path, dev_path = work / f"lists-{data.name}.jsonl", work / f"dev-{data.name}.tsv"
         meta_path = work / f"mining-{data.name}.json"
         meta = {"spec": str(spec), "seed": seed, **{k: list(v) if isinstance(v, tuple) else v
-                                                   for k, v in mining.__dict__.items()}}
+                                                   for k, v in mining.__dict__.items()
+                                                   if not (k == "label_free" and not v)}}  # old caches stay valid
         if lists_path.is_file() and dev_path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
             lists, dev_run = load_lists(lists_path), load_run(dev_path)
         else:
             train_q, dev_q = split_dev(data, mining.dev, seed, mining.max_dev_per_source)
+            free_q = data.unlabelled_queries() if mining.label_free else []
             if "dense" in mining.methods and embedder is None:
                 from tamis.embed import Embedder
 
                 embedder = Embedder(mining.embedder, dtype="float32")  # mined lists must not depend on the CPU
-            runs = first_stage_runs(data, train_q + dev_q, mining.methods, mining.depth, embedder, cache, show_progress)
+            runs = first_stage_runs(data, train_q + dev_q + free_q, mining.methods, mining.depth, embedder, cache,
+                                    show_progress)
             lists = mine_lists(data, train_q, runs, mining.n_negatives, mining.skip_top, mining.depth,
                                mining.strategy, seed)
+            lists += mine_lists(data, free_q, runs, mining.n_negatives, mining.skip_top, mining.depth,
+                                mining.strategy, seed, label_free=True)
             dev_only = {name: {q: run[q] for q in dev_q if q in run} for name, run in runs.items()}
             dev_run = candidate_run(dev_only, mining.dev_depth)
             save_lists(lists, lists_path)
             save_run(dev_run, dev_path)
             meta_path.write_text(json.dumps(meta, indent=1))
-        sizes[data.name] = {"train_lists": len(lists), "dev_queries": len(dev_run), **data.sizes()}
+        sizes[data.name] = {"train_lists": len(lists), "label_free_lists": sum(not t.positives for t in lists),
+                            "dev_queries": len(dev_run), **data.sizes()}
         all_lists.append(lists)
         dev_runs.append(dev_run)
     if len(sets) == 1:
@@ -139,6 +148,22 @@ def prepare_data(specs: Sequence[str], work_dir: str | Path, mining: MiningConfi
     return PreparedData(merged, lists, dev_run, sizes)
 
 
+def check_label_free_loss(loss: str, has_teacher: bool) -> None:
+    """Label-free lists have no positive: they need a teacher loss, and the only label loss that may share
+    the batch is InfoNCE (it skips lists without a positive; BCE, LambdaLoss and label ListNet would read
+    every candidate as not relevant)."""
+    names = [n for n, _ in parse_loss_spec(loss)]
+    teacher_terms = [n for n in names if n in ("kl", "mse", "margin-mse") or n in STATE_LOSSES
+                     or (n == "listnet" and has_teacher)]  # ListNet reads teacher scores when there is one
+    if not teacher_terms or not has_teacher:
+        raise ValueError(f"label-free lists learn from a teacher only: loss {loss!r} needs a teacher term "
+                         "(kl, mse, margin-mse) and a teacher")
+    wrong = [n for n in names if n not in teacher_terms and n != "infonce"]
+    if wrong:
+        raise ValueError(f"label-free lists have no positive, so loss {loss!r} would read them wrongly through "
+                         f"{wrong}; combine a teacher term with infonce only")
+
+
 def subsample(prepared: PreparedData, max_lists: int | None, n_negatives: int, max_dev: int | None,
               seed: int = 0) -> PreparedData:
     """A seeded sample of ``max_lists`` training lists (each cut to ``n_negatives`` negatives, chosen at
@@ -146,8 +171,11 @@ def subsample(prepared: PreparedData, max_lists: int | None, n_negatives: int, m
     train, dev = prepared.train, prepared.dev_run
     if max_lists is not None and max_lists < len(train):
         rng = random.Random(f"lists:{seed}")
-        train = [TrainList(t.qid, t.positives, rng.sample(t.negatives, min(n_negatives, len(t.negatives))), t.labelled)
-                 for t in rng.sample(train, max_lists)]
+        def cut(t: TrainList) -> TrainList:  # a label-free list keeps k + 1 candidates
+            k = n_negatives if t.positives else n_negatives + 1
+            return TrainList(t.qid, t.positives, rng.sample(t.negatives, min(k, len(t.negatives))), t.labelled)
+
+        train = [cut(t) for t in rng.sample(train, max_lists)]
     if max_dev is not None and max_dev < len(dev):
         keep = random.Random(f"dev:{seed}").sample(sorted(dev), max_dev)
         dev = {q: dev[q] for q in sorted(keep)}
@@ -220,6 +248,8 @@ def train_reranker(
     prepared = prepare_data(data, Path(data_dir) if data_dir else out / "data", mining, config.seed, emb_cache,
                             show_progress)
     prepared = subsample(prepared, lists.max_lists, lists.n_negatives, lists.max_dev, config.seed)
+    if mining.label_free:
+        check_label_free_loss(lists.loss, teacher is not None)
     teacher_info: dict[str, Any] = {}
     table = None
     teacher_name = None
@@ -250,7 +280,9 @@ def train_reranker(
         "lists per batch": lists.lists_per_batch, "max length": lists.max_length, "lr": config.lr,
         "schedule": f"{config.schedule}, warmup {config.warmup}", "weight decay": config.weight_decay,
         "epochs / max steps": f"{config.epochs} / {config.max_steps}", "grad accumulation": config.grad_accum,
-        "negatives": f"{'+'.join(mining.methods)} mined, top {mining.skip_top} skipped, depth {mining.depth}",
+        "negatives": f"{'+'.join(mining.methods)} mined, top {mining.skip_top} skipped, depth {mining.depth}"
+                     + (" (+ label-free lists: candidates of judged queries without a positive, teacher losses only)"
+                        if mining.label_free else ""),
         "teacher": teacher_name or "none (labels only)", "frozen": freeze or "nothing", "seed": config.seed,
         "device": config.device, "bf16": config.bf16,
         "lists used": f"{len(prepared.train)} (sampled)" if lists.max_lists else f"{len(prepared.train)} (all)",
