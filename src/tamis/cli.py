@@ -279,7 +279,9 @@ ONE_SHOT_COMPILE_MIN_TOKENS = 1_000_000
 def _one_shot_compile(choice: str, est_tokens: int | None) -> tuple[dict[str, Any], str | None]:
     """``--compile`` for the one-shot commands: auto compiles only for inputs large enough to repay the
     warm-up (``est_tokens``; None: never). Returns the models' keyword and, when auto declined, why."""
-    if choice != "auto" or os.environ.get("TAMIS_COMPILE", "").strip().lower() in ("0", "false", "off", "no"):
+    from tamis.hardware import compile_env_off
+
+    if choice != "auto" or compile_env_off():
         return compile_kwargs(choice), None
     if est_tokens is not None and est_tokens >= ONE_SHOT_COMPILE_MIN_TOKENS:
         return {}, None

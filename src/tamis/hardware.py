@@ -219,6 +219,11 @@ def resolve_precision(dtype: str | torch.dtype | None, device: str | torch.devic
 COMPILE_ENV = "TAMIS_COMPILE"
 
 
+def compile_env_off() -> bool:
+    """Whether ``TAMIS_COMPILE`` (0 / false / off / no) turns ``compile="auto"`` off."""
+    return os.environ.get(COMPILE_ENV, "").strip().lower() in ("0", "false", "off", "no")
+
+
 def auto_compile(device: str | torch.device, precision: Precision, cpu: CPUInfo | None = None) -> tuple[bool, str]:
     """Whether ``compile="auto"`` compiles a packed BERT-family forward here, and why.
 
@@ -227,7 +232,7 @@ def auto_compile(device: str | torch.device, precision: Precision, cpu: CPUInfo 
     short inputs 1.1x faster than the eager packed path (README "Speed"). Not on float32 / emulated-bf16 CPUs
     (measured there without freezing: no gain) nor on GPUs (not measured). ``TAMIS_COMPILE=0`` turns the
     automatic choice off (an explicit ``compile=True`` still compiles)."""
-    if os.environ.get(COMPILE_ENV, "").strip().lower() in ("0", "false", "off", "no"):
+    if compile_env_off():
         return False, f"{COMPILE_ENV}={os.environ[COMPILE_ENV]}"
     if torch.device(device).type != "cpu":
         return False, f"{torch.device(device).type}: not measured, eager"
