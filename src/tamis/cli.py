@@ -270,9 +270,9 @@ def compile_kwargs(choice: str | None) -> dict[str, Any]:
 
 
 # Under --compile auto, `tamis embed` compiles only for inputs of at least this many tokens (estimated as
-# characters / 4): compiling saves about a sixth of the eager time (README "Speed") and its warm-up takes
-# ~10 s with inductor's cache warm, so it repays itself after about a minute of eager work (~20k tokens/s
-# on 2 cores). One query's documents (`tamis rerank`) never do.
+# characters / 4): compiling saves a sixth or more of the eager time (README "Speed") and its warm-up takes
+# 6-7 s with inductor's cache warm, 12 s cold, so it repays itself after about a minute of eager work
+# (~20k tokens/s on 2 cores). One query's documents (`tamis rerank`) never do.
 ONE_SHOT_COMPILE_MIN_TOKENS = 1_000_000
 
 
