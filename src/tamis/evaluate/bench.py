@@ -649,9 +649,9 @@ def run_bench(
     config: dict[str, Any] = {"device": device, "dtype": dtype, "repeats": repeats, "vs": vs,
                               "torch_threads": _threads(), "cpus": os.cpu_count(), "cpu": info.describe(),
                               "cpu_info": info.to_dict(), "compile": compile}
-    if isinstance(compile, str) and compile in ("on", "off"):
-        compile = compile == "on"
-    options: dict[str, Any] = {} if compile == "auto" else {"compile": bool(compile)}
+    from tamis.cli import compile_kwargs
+
+    options: dict[str, Any] = compile_kwargs(compile) if isinstance(compile, str) else {"compile": compile}
 
     ceilings: dict[str, float] = {}
 

@@ -246,6 +246,12 @@ def load_lists(path: str | os.PathLike[str]) -> list[TrainList]:
     return out
 
 
+def negatives_per_group(has_positive: bool, n_negatives: int) -> int:
+    """Candidates a list contributes besides its positive: ``k``, or ``k + 1`` for a label-free list (no
+    positive), so every group in a batch has the same width."""
+    return n_negatives if has_positive else n_negatives + 1
+
+
 def make_groups(lists: Sequence[TrainList], n_negatives: int, epoch: int, seed: int) -> list[tuple[str, list[str]]]:
     """One ``(qid, [positive, negative_1 .. negative_k])`` group per training list for an epoch.
 
@@ -258,23 +264,14 @@ def make_groups(lists: Sequence[TrainList], n_negatives: int, epoch: int, seed: 
     rng = random.Random(f"{seed}:{epoch}")
     groups = []
     for item in lists:
-        if not item.positives:
-            if len(item.negatives) < n_negatives + 1:
-                continue
-            labelled = item.negatives[: item.labelled][: n_negatives + 1]
-            mined = [d for d in item.negatives[item.labelled :] if d not in labelled]
-            need = n_negatives + 1 - len(labelled)
-            if len(mined) < need:
-                continue
-            groups.append((item.qid, [*labelled, *rng.sample(mined, need)]))
+        head = [item.positives[epoch % len(item.positives)]] if item.positives else []
+        size = negatives_per_group(bool(item.positives), n_negatives)
+        if len(item.negatives) < size:
             continue
-        if len(item.negatives) < n_negatives:
-            continue
-        pos = item.positives[epoch % len(item.positives)]
-        labelled = [d for d in item.negatives[: item.labelled] if d != pos][:n_negatives]
-        mined = [d for d in item.negatives[item.labelled :] if d != pos and d not in labelled]
-        need = n_negatives - len(labelled)
+        labelled = [d for d in item.negatives[: item.labelled] if d not in head][:size]
+        mined = [d for d in item.negatives[item.labelled :] if d not in head and d not in labelled]
+        need = size - len(labelled)
         if len(mined) < need:
             continue
-        groups.append((item.qid, [pos, *labelled, *rng.sample(mined, need)]))
+        groups.append((item.qid, [*head, *labelled, *rng.sample(mined, need)]))
     return groups

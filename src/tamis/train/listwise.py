@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 
-from tamis.errors import CheckpointError
+from tamis.errors import CheckpointError, InvalidInputError
 from tamis.models.gguf import gguf_to_hf
 from tamis.models.loading import load_config, load_state_dict, read_json, resolve_dtype, resolve_model_dir
 from tamis.models.lora import (
@@ -281,7 +281,7 @@ def train_listwise(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if mining.label_free:
-        raise ValueError("label-free lists are for distilling cross-encoders; the listwise loss needs a positive "
+        raise InvalidInputError("label-free lists are for distilling cross-encoders; the listwise loss needs a positive "
                          "in every list")
     t0 = time.perf_counter()
     prepared = prepare_data(data, Path(data_dir) if data_dir else out / "data", mining, config.seed,

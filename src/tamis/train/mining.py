@@ -16,7 +16,7 @@ from typing import Any
 
 from tamis.evaluate.datasets import Run, sorted_docs
 from tamis.evaluate.first_stage import BM25Index, EmbeddingCache, dense_search, rrf
-from tamis.train.data import RerankData, TrainList
+from tamis.train.data import RerankData, TrainList, negatives_per_group
 
 METHODS = ("bm25", "dense")
 
@@ -88,7 +88,7 @@ def mine_lists(
                 if rank < len(window) and window[rank] not in seen:
                     seen.add(window[rank])
                     mined.append(window[rank])
-        keep = n_negatives if positives else n_negatives + 1  # a label-free list: k + 1 candidates
+        keep = negatives_per_group(bool(positives), n_negatives)
         lists.append(TrainList(qid, positives, labelled + mined[:keep], labelled=len(labelled)))
     return lists
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from tamis.errors import InvalidInputError
 from tamis.evaluate.datasets import Run, load_run, save_run
 from tamis.evaluate.first_stage import EmbeddingCache
 from tamis.train.card import cpu_model, reranker_card
@@ -45,6 +46,7 @@ from tamis.train.data import (
     load_lists,
     load_training_data,
     merge,
+    negatives_per_group,
     save_lists,
     split_dev,
 )
@@ -156,11 +158,11 @@ def check_label_free_loss(loss: str, has_teacher: bool) -> None:
     teacher_terms = [n for n in names if n in ("kl", "mse", "margin-mse") or n in STATE_LOSSES
                      or (n == "listnet" and has_teacher)]  # ListNet reads teacher scores when there is one
     if not teacher_terms or not has_teacher:
-        raise ValueError(f"label-free lists learn from a teacher only: loss {loss!r} needs a teacher term "
+        raise InvalidInputError(f"label-free lists learn from a teacher only: loss {loss!r} needs a teacher term "
                          "(kl, mse, margin-mse) and a teacher")
     wrong = [n for n in names if n not in teacher_terms and n != "infonce"]
     if wrong:
-        raise ValueError(f"label-free lists have no positive, so loss {loss!r} would read them wrongly through "
+        raise InvalidInputError(f"label-free lists have no positive, so loss {loss!r} would read them wrongly through "
                          f"{wrong}; combine a teacher term with infonce only")
 
 
@@ -171,8 +173,8 @@ def subsample(prepared: PreparedData, max_lists: int | None, n_negatives: int, m
     train, dev = prepared.train, prepared.dev_run
     if max_lists is not None and max_lists < len(train):
         rng = random.Random(f"lists:{seed}")
-        def cut(t: TrainList) -> TrainList:  # a label-free list keeps k + 1 candidates
-            k = n_negatives if t.positives else n_negatives + 1
+        def cut(t: TrainList) -> TrainList:
+            k = negatives_per_group(bool(t.positives), n_negatives)
             return TrainList(t.qid, t.positives, rng.sample(t.negatives, min(k, len(t.negatives))), t.labelled)
 
         train = [cut(t) for t in rng.sample(train, max_lists)]
@@ -243,13 +245,13 @@ def train_reranker(
     config = config or TrainConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if mining.label_free:  # before mining: a wrong loss fails at once
+        check_label_free_loss(lists.loss, teacher is not None)
     emb_cache = EmbeddingCache(cache_dir) if cache_dir is not None else EmbeddingCache()
     t0 = time.perf_counter()
     prepared = prepare_data(data, Path(data_dir) if data_dir else out / "data", mining, config.seed, emb_cache,
                             show_progress)
     prepared = subsample(prepared, lists.max_lists, lists.n_negatives, lists.max_dev, config.seed)
-    if mining.label_free:
-        check_label_free_loss(lists.loss, teacher is not None)
     teacher_info: dict[str, Any] = {}
     table = None
     teacher_name = None
