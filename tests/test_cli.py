@@ -170,7 +170,7 @@ def test_model_dependent_options_checked_before_computing(lines, capsys, monkeyp
     def refuse(*a, **k):
         raise AssertionError("computed before the options were checked")
 
-    monkeypatch.setattr(tamis.embed.Embedder, "embed_result", refuse)
+    monkeypatch.setattr(tamis.embed.Embedder, "forward", refuse)
     assert main(["embed", str(lines), "--task", "retrieval.query", "-q"]) == 2
     assert "unknown task 'retrieval.query'" in capsys.readouterr().err
     assert main(["embed", str(lines), "--dimensions", "385", "-q"]) == 2
@@ -287,8 +287,8 @@ def test_no_truncate_error_speaks_cli(tmp_path, capsys, monkeypatch):
     src = tmp_path / "long.txt"
     src.write_text("short\n\n" + "word " * 400 + "\n")
     computed = []
-    real = tamis.embed.Embedder.embed_result
-    monkeypatch.setattr(tamis.embed.Embedder, "embed_result", lambda *a, **k: computed.append(1) or real(*a, **k))
+    real = tamis.embed.Embedder.forward
+    monkeypatch.setattr(tamis.embed.Embedder, "forward", lambda *a, **k: computed.append(1) or real(*a, **k))
     assert main(["embed", str(src), "--no-truncate", "-q"]) == 2
     err = capsys.readouterr().err
     assert "line 3 has 402 tokens" in err and "--no-truncate" in err and "truncate=True" not in err
@@ -309,7 +309,7 @@ def _inputs(tmp_path: Path, n: int) -> Path:
 def _interrupt_on_call(monkeypatch, k: int) -> None:
     import tamis.embed
 
-    real = tamis.embed.Embedder.embed_result
+    real = tamis.embed.Embedder.forward  # one model call per --write-every chunk of short lines
     calls = []
 
     def flaky(self, *a, **kw):
@@ -318,7 +318,7 @@ def _interrupt_on_call(monkeypatch, k: int) -> None:
             raise KeyboardInterrupt
         return real(self, *a, **kw)
 
-    monkeypatch.setattr(tamis.embed.Embedder, "embed_result", flaky)
+    monkeypatch.setattr(tamis.embed.Embedder, "forward", flaky)
 
 
 @pytest.mark.parametrize("suffix", ["jsonl", "npy"])

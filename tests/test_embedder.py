@@ -165,6 +165,64 @@ def test_batching_restores_input_order(minilm):
     np.testing.assert_allclose(together, alone, atol=1e-5)
 
 
+def test_large_inputs_go_by_slab_with_the_next_tokenized_beside_the_model(minilm, monkeypatch):
+    import threading
+
+    import tamis.embed as embed_mod
+
+    texts = [("alpha " * n).strip() for n in (30, 1, 12, 5, 60, 2, 9, 7)] + ["word " * 400]
+    monkeypatch.setattr(embed_mod, "TOKENIZE_SLAB", 10**6)
+    with pytest.warns(tamis.TruncationWarning, match=r"indices \[8\]"):
+        whole = minilm.embed_result(texts)
+    threads: list[str] = []
+    tokenize = minilm.tokenize
+
+    def spy(*args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return tokenize(*args, **kwargs)
+
+    monkeypatch.setattr(minilm, "tokenize", spy)
+    monkeypatch.setattr(embed_mod, "TOKENIZE_SLAB", 3)
+    monkeypatch.setattr(embed_mod, "tokenize_beside_model", lambda device: True)
+    with pytest.warns(tamis.TruncationWarning, match=r"indices \[8\]"):
+        slabs = minilm.embed_result(texts)
+    assert len(threads) == 3 and threads[0] == threading.current_thread().name
+    assert all(t.startswith("tamis-tokenize") for t in threads[1:])
+    np.testing.assert_allclose(slabs.embeddings, whole.embeddings, atol=1e-5)
+    assert slabs.token_counts == whole.token_counts and slabs.truncated == whole.truncated == [8]
+    threads.clear()
+    monkeypatch.setattr(embed_mod, "tokenize_beside_model", lambda device: False)
+    with pytest.warns(tamis.TruncationWarning):
+        np.testing.assert_allclose(minilm.embed(texts), whole.embeddings, atol=1e-5)
+    assert threads == [threading.current_thread().name] * 3
+    # truncate=False tokenizes everything first: the over-long input fails before any model work
+    monkeypatch.setattr(minilm, "forward", lambda *a, **k: pytest.fail("model ran before the error"))
+    with pytest.raises(InputTooLongError):
+        minilm.embed(texts, truncate=False)
+
+
+def test_embed_chunks_yields_in_order_with_chunk_relative_truncation(minilm):
+    texts = [("alpha " * n).strip() for n in (30, 1, 12, 5, 60)] + ["word " * 400, "beta"]
+    chunks = list(minilm.embed_chunks(texts, 3, dimensions=64))
+    assert [start for start, _ in chunks] == [0, 3, 6]
+    assert [r.truncated for _, r in chunks] == [[], [2], []]
+    with pytest.warns(tamis.TruncationWarning):
+        one_pass = minilm.embed(texts, dimensions=64)
+    np.testing.assert_allclose(np.concatenate([r.embeddings for _, r in chunks]), one_pass, atol=1e-5)
+    with pytest.raises(InvalidInputError, match="chunk_size"):
+        next(minilm.embed_chunks(texts, 0))
+
+
+def test_tokenize_beside_model_only_with_a_spare_cpu(monkeypatch):
+    import tamis.hardware as hw
+
+    assert hw.tokenize_beside_model("cuda")
+    monkeypatch.setattr(hw, "_available_cpus", lambda: torch.get_num_threads())
+    assert not hw.tokenize_beside_model("cpu")
+    monkeypatch.setattr(hw, "_available_cpus", lambda: torch.get_num_threads() + 1)
+    assert hw.tokenize_beside_model("cpu")
+
+
 def test_plan_batches_respects_budget_and_covers_all():
     lengths = [5, 300, 17, 17, 2, 120, 64, 64, 64, 1]
     batches = plan_batches(lengths, max_tokens=256, max_batch_size=3)

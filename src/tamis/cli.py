@@ -152,12 +152,16 @@ def cmd_embed(args: argparse.Namespace) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", TruncationWarning)  # reported below as one line
-            for start in range(output.done, n, step):
-                res = emb.embed_result(
-                    texts[start : start + step], task=args.task, dimensions=args.dimensions,
-                    normalized=not args.no_normalize, embedding_type=etype, truncate=not args.no_truncate,
-                    late_chunking=args.late_chunking, show_progress=False,
-                )
+            opts = {"task": args.task, "dimensions": args.dimensions, "normalized": not args.no_normalize,
+                    "embedding_type": etype, "truncate": not args.no_truncate}
+            # --write-every texts at a time, the next tokenized while the model runs these where that pays
+            if args.late_chunking:  # one document: all or nothing
+                done = output.done >= n
+                chunks = [] if done else [(0, emb.embed_result(texts, late_chunking=True, show_progress=False, **opts))]
+            else:
+                first = output.done
+                chunks = ((first + s, r) for s, r in emb.embed_chunks(texts[first:], step, **opts))
+            for start, res in chunks:
                 output.write(start, records[start : start + step], res.embeddings)
                 truncated += [records[start + i].line for i in res.truncated]
                 tokens += sum(res.token_counts)

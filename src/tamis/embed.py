@@ -18,7 +18,8 @@ import logging
 import re
 import sys
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from tamis.batching import DEFAULT_MAX_BATCH_SIZE, default_token_budget, plan_batches
 from tamis.errors import InvalidInputError, UnknownTaskError
-from tamis.hardware import configure_threads, resolve_precision
+from tamis.hardware import configure_threads, resolve_precision, tokenize_beside_model
 from tamis.models import detect_family
 from tamis.models.loading import (
     DEFAULT_MODEL_ALIASES,
@@ -44,6 +45,7 @@ logger = logging.getLogger("tamis")
 
 EMBEDDING_TYPES = ("float", "base64", "binary", "ubinary")
 DEFAULT_LATE_CHUNK_OVERLAP = 512
+TOKENIZE_SLAB = 4096  # texts tokenized at a time in one embed() call (README "Speed")
 # LoRA targets of a fresh task adapter on a BERT-family encoder: every Linear of every layer (attention
 # q/k/v/output, MLP in/out; JinaBERT's gated MLP), not the pooler (unused by embeddings)
 DEFAULT_ADAPTER_TARGETS = ("query", "key", "value", "attention.output.dense", "intermediate.dense",
@@ -523,15 +525,14 @@ class Embedder:
             text, spans = join_chunks(items)
             pooled, counts = self._late_pooled(text, spans, task)
             return EmbedResult(self.finalize(pooled, dimensions, normalized, embedding_type), counts)
-        encodings = self.tokenize(items, task, truncate)
-        pooled = torch.empty(len(items), self.dimension, dtype=torch.float32)
-        batches = plan_batches([len(e) for e in encodings], self.max_tokens_per_batch, self.max_batch_size)
         if show_progress is None:
             show_progress = len(items) >= 512
+        # With truncate=False every input is tokenized first, so an over-long one fails before any model work.
+        slab = TOKENIZE_SLAB if truncate else max(1, len(items))
         with tqdm(total=len(items), disable=not show_progress, desc="embed", unit="text", file=sys.stderr) as bar:
-            for idx in batches:
-                pooled[idx] = self.forward([encodings[i] for i in idx], task)
-                bar.update(len(idx))
+            parts = list(self._pooled_slabs(items, task, truncate, slab, bar))
+        pooled = torch.cat([p for _, p, _ in parts]) if parts else torch.empty(0, self.dimension)
+        encodings = [e for _, _, part in parts for e in part]
         truncated = [i for i, e in enumerate(encodings) if e.truncated]
         if truncated:
             shown = truncated[:20]
@@ -546,6 +547,59 @@ class Embedder:
             [len(e) for e in encodings],
             truncated,
         )
+
+    def embed_chunks(
+        self,
+        texts: Sequence[str],
+        chunk_size: int = TOKENIZE_SLAB,
+        task: str | None = None,
+        dimensions: int | None = None,
+        normalized: bool = True,
+        embedding_type: str | Sequence[str] = "float",
+        truncate: bool = True,
+    ) -> Iterator[tuple[int, EmbedResult]]:
+        """Embed ``texts`` ``chunk_size`` at a time, yielding ``(start, result)`` in input order, where ``result``
+        holds ``texts[start : start + chunk_size]`` (its ``truncated`` indices count from ``start``; no warning
+        is raised, the caller reports). For writing a large input as it goes: the next chunk is tokenized while
+        the model runs this one where that pays (:func:`~tamis.hardware.tokenize_beside_model`)."""
+        self.check_task(task)
+        self.check_dimensions(dimensions)
+        self.check_embedding_type(embedding_type)
+        if chunk_size <= 0:
+            raise InvalidInputError(f"chunk_size must be positive (got {chunk_size})")
+        for start, pooled, encodings in self._pooled_slabs(self._as_texts(texts), task, truncate, chunk_size):
+            yield start, EmbedResult(
+                self.finalize(pooled, dimensions, normalized, embedding_type),
+                [len(e) for e in encodings],
+                [i for i, e in enumerate(encodings) if e.truncated],
+            )
+
+    def _pooled_slabs(
+        self, items: list[str], task: str | None, truncate: bool, slab: int, bar: tqdm | None = None,
+    ) -> Iterator[tuple[int, torch.Tensor, list[Encoded]]]:
+        """``(start, pooled float32 [n, dim], encodings)`` per slab of ``slab`` texts, batches planned within a
+        slab; the next slab is tokenized on a helper thread while the model runs this one where that pays."""
+        starts = range(0, len(items), slab)
+
+        def tokenize_slab(k: int) -> list[Encoded]:
+            return self.tokenize(items[starts[k] : starts[k] + slab], task, truncate)
+
+        helper = ThreadPoolExecutor(1, "tamis-tokenize") if len(starts) > 1 and tokenize_beside_model(
+            self.device) else None
+        upcoming: Future[list[Encoded]] | None = None
+        try:
+            for k, start in enumerate(starts):
+                current = upcoming.result() if upcoming is not None else tokenize_slab(k)
+                upcoming = helper.submit(tokenize_slab, k + 1) if helper and k + 1 < len(starts) else None
+                pooled = torch.empty(len(current), self.dimension, dtype=torch.float32)
+                for idx in plan_batches([len(e) for e in current], self.max_tokens_per_batch, self.max_batch_size):
+                    pooled[idx] = self.forward([current[i] for i in idx], task)
+                    if bar is not None:
+                        bar.update(len(idx))
+                yield start, pooled, current
+        finally:
+            if helper is not None:
+                helper.shutdown(wait=True, cancel_futures=True)
 
     # ------------------------------------------------------------------ late chunking
     def _late_pooled(

@@ -276,6 +276,17 @@ def configure_threads() -> int:
     return want
 
 
+def tokenize_beside_model(device: str | torch.device) -> bool:
+    """Whether a large input's next slab of texts should be tokenized on a helper thread while the model runs
+    the current one: on an accelerator (which would otherwise wait for the host), and on a CPU only when one is
+    left over beside torch's intra-op threads. On a CPU it measured worth little either way (tokenizing is
+    2-3 % of embedding time; benchmarks/tokenize_overlap.py, README "Speed"), so where torch's threads own
+    every core tokenizing stays in turn."""
+    if torch.device(device).type != "cpu":
+        return True
+    return _available_cpus() > torch.get_num_threads()
+
+
 def runtime_summary(device: str | torch.device = "cpu") -> dict[str, Any]:
     """CPU model, features, threads and torch build, for ``tamis bench`` and start-up logs."""
     out: dict[str, Any] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": str(device)}
