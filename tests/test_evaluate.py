@@ -291,6 +291,10 @@ def test_dense_search_uses_tasks_and_the_cache(toy: Path, tmp_path: Path):
     emb2.dimension = 13
     dense_search(emb2, texts, ds.corpus.ids, ds.queries, k=5, cache=cache, show_progress=False)
     assert len(emb2.calls) == 2
+    compiled = FakeEmbedder()
+    compiled.compile_seconds = 6.5  # compiled bf16 rounds unlike eager: not the same vectors
+    dense_search(compiled, texts, ds.corpus.ids, ds.queries, k=5, cache=cache, show_progress=False)
+    assert len(compiled.calls) == 2
     # the scores are cosines of the fake vectors
     q = emb.embed([ds.queries["q1"]])[0]
     d = emb.embed([texts[0]])[0]
@@ -344,6 +348,21 @@ def test_cli_eval_writes_report(toy: Path, tmp_path: Path, capsys):
     assert rep["args"]["first_stage"] == "bm25"
     assert _cli(["eval", "--data", str(tmp_path / "none"), "--quiet", "--output", str(out)]) == 2
     assert "none" in capsys.readouterr().err
+
+
+
+def test_cli_eval_compile_reaches_the_models(toy: Path, tmp_path: Path, monkeypatch, capsys):
+    import tamis.evaluate.pipeline as pipeline
+
+    seen = []
+    monkeypatch.setattr(pipeline, "load_embedder",
+                        lambda model, device, dtype, **options: seen.append(options) or FakeEmbedder())
+    out = tmp_path / "r.json"
+    for choice, options in (("off", {"compile": False}), ("on", {"compile": True}), ("auto", {})):
+        assert _cli(["eval", "--data", str(toy), "--first-stage", "dense", "--no-cache", "--quiet",
+                     "--compile", choice, "--output", str(out)]) == 0
+        assert seen.pop() == options
+    capsys.readouterr()
 
 
 def test_format_table_aligns():

@@ -300,6 +300,24 @@ def test_batch_cli_errors(tmp_path, capsys):
     assert "--workers and --ray-address need --ray" in capsys.readouterr().err
 
 
+def test_batch_cli_compile_reaches_the_workers_models(tmp_path, monkeypatch):
+    import tamis.scale.job as job
+
+    seen = []
+
+    def fake_run_job(source, output, mapper, **kw):
+        seen.append(mapper.model_kwargs)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(job, "run_job", fake_run_job)
+    pq.write_table(pa.table({"text": ["x"], "query": ["q"], "document": ["d"]}), tmp_path / "t.parquet")
+    for command, choice, kwargs in (("embed", "off", {"compile": False}), ("rerank", "on", {"compile": True}),
+                                    ("embed", "auto", {})):
+        with pytest.raises(SystemExit):
+            main([command, str(tmp_path / "t.parquet"), str(tmp_path / "o"), "--compile", choice, "-q"])
+        assert seen.pop() == kwargs
+
+
 def test_batch_command_imports_nothing_heavy():
     # `tamis --help` and argument errors must not wait for an engine: the module registered for `tamis batch`
     # imports argparse-level code only (measured against what `import tamis` already loaded)

@@ -154,8 +154,8 @@ def default_cache_dir() -> Path:
 
 
 def model_identity(embedder: Any) -> dict[str, Any]:
-    """What makes two embedders produce the same vectors: name, dimension, dtype, max length and the
-    checkpoint files' sizes and modification times (so a retrained checkpoint invalidates the cache)."""
+    """What makes two embedders produce the same vectors: name, dimension, dtype, compiled or not, max length and
+    the checkpoint files' sizes and modification times (so a retrained checkpoint invalidates the cache)."""
     ident: dict[str, Any] = {
         "class": type(embedder).__name__,
         "name": str(getattr(embedder, "name", "")),
@@ -165,6 +165,8 @@ def model_identity(embedder: Any) -> dict[str, Any]:
         "dtype": "int8" if getattr(getattr(embedder, "precision", None), "int8", False)
         else str(getattr(embedder, "dtype", "")),
     }
+    if getattr(embedder, "compile_seconds", None) is not None:  # compiled bf16 rounds differently from eager
+        ident["compiled"] = True
     model_dir = getattr(embedder, "model_dir", None) or getattr(embedder, "path", None)
     if model_dir is None and type(embedder).__name__ == "Embedder":
         try:

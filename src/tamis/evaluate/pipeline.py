@@ -176,6 +176,7 @@ def evaluate(
     device: str = "cpu",
     dtype: str = "auto",
     show_progress: bool = True,
+    compile: bool | str = "auto",
 ) -> EvalReport:
     """Run a first stage (and optionally a reranker over its top ``depth``) on a data set and score it.
 
@@ -183,7 +184,9 @@ def evaluate(
     ``reranker``: None (no reranking), ``"default"``, a name / path, or a Reranker object.
     ``cache_dir``: where corpus embeddings are kept (None: ``$TAMIS_CACHE`` or ~/.cache/tamis; False: off).
     ``lang``: BM25 stemmer language (None: from the data directory name, else English).
+    ``compile``: for models loaded here (True, False, ``"auto"``: see :class:`tamis.Embedder`).
     """
+    options: dict[str, Any] = {} if compile == "auto" else {"compile": compile}
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     dataset = data if isinstance(data, Dataset) else load_dataset(data, split, queries_dir)
@@ -220,7 +223,7 @@ def evaluate(
         runs["bm25"] = index.search(dataset.queries, k=top_k, show_progress=show_progress)
         config["bm25"] = index.params
     if kind in ("dense", "hybrid"):
-        embedder = load_embedder(model, device, dtype)
+        embedder = load_embedder(model, device, dtype, **options)
         hits0 = cache.hits if cache else 0
         runs["dense"] = dense_search(embedder, texts, ids, dataset.queries, k=top_k, cache=cache, ann=ann,
                                      show_progress=show_progress)
@@ -249,7 +252,7 @@ def evaluate(
 
     if reranker is not None:
         t0 = time.perf_counter()
-        rr = load_reranker(reranker, device, dtype)
+        rr = load_reranker(reranker, device, dtype, **options)
         timings["reranker_load"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         doc_text = dict(zip(ids, texts))

@@ -63,6 +63,9 @@ def _io(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
                    help="auto (default): bfloat16 where the worker's CPU has native bf16 or on GPUs, else float32; "
                         "pin float32 for identical vectors across unlike workers")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="torch.compile each worker's model (BERT family): auto (default) where it was measured to pay, "
+                        "bf16 on a CPU with native bf16, warm-up paid once per worker; on; off")
     p.add_argument("--overwrite", action="store_true", help="delete OUTPUT's shards and start again")
     p.add_argument("--ray", action="store_true", help="run on Ray Data (pip install 'tamis[ray]')")
     p.add_argument("--ray-address", default=None,
@@ -89,16 +92,18 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if not args.ray and (args.workers is not None or args.ray_address is not None):
         raise InvalidInputError("--workers and --ray-address need --ray")
     bad_rows = "skip" if args.skip_bad_rows else "flag"
+    model_kwargs = {} if args.compile == "auto" else {"compile": args.compile == "on"}
     mapper: EmbedBatch | RerankBatch
     if args.batch_command == "embed":
         types = args.embedding_type.split(",") if "," in args.embedding_type else args.embedding_type
         mapper = EmbedBatch(args.model, text_column=args.text_column or "text", keep_columns=args.keep,
                             task=args.task, dimensions=args.dimensions, normalized=not args.no_normalize,
                             embedding_type=types, truncate=not args.no_truncate, bad_rows=bad_rows,
-                            device=args.device, dtype=args.dtype)
+                            device=args.device, dtype=args.dtype, model_kwargs=model_kwargs)
     else:
         mapper = RerankBatch(args.model, query_column=args.query_column, document_column=args.document_column,
-                             keep_columns=args.keep, bad_rows=bad_rows, device=args.device, dtype=args.dtype)
+                             keep_columns=args.keep, bad_rows=bad_rows, device=args.device, dtype=args.dtype,
+                             model_kwargs=model_kwargs)
     report = run_job(args.input, args.output, mapper, shard_size=args.shard_size, batch_size=args.batch_size,
                      use_ray=args.ray, ray_address=args.ray_address, num_workers=args.workers,
                      overwrite=args.overwrite, progress=not args.quiet)
