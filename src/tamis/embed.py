@@ -559,9 +559,9 @@ class Embedder:
         truncate: bool = True,
     ) -> Iterator[tuple[int, EmbedResult]]:
         """Embed ``texts`` ``chunk_size`` at a time, yielding ``(start, result)`` in input order, where ``result``
-        holds ``texts[start : start + chunk_size]`` (its ``truncated`` indices count from ``start``; no warning
-        is raised, the caller reports). For writing a large input as it goes: the next chunk is tokenized while
-        the model runs this one where that pays (:func:`~tamis.hardware.tokenize_beside_model`)."""
+        holds ``texts[start : start + chunk_size]``: its ``truncated`` lists positions within the chunk (no
+        warning is raised; the caller reports them). For writing a large input as it goes: the next chunk is
+        tokenized while the model runs this one where that pays (:func:`~tamis.hardware.tokenize_beside_model`)."""
         self.check_task(task)
         self.check_dimensions(dimensions)
         self.check_embedding_type(embedding_type)
