@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tamis.cli import add_compile_argument, compile_kwargs
 from tamis.errors import TamisError
 
 
@@ -64,10 +65,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto",
                    help="auto (default: bf16 with native bf16 on CPU / on GPU, else float32), float32, bfloat16, int8")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile the models loaded (BERT family): auto (default) where it was measured to pay, "
-                        "bf16 on a CPU with native bf16, warm-up paid while loading; on; off. TAMIS_COMPILE=0 turns "
-                        "auto off")
+    add_compile_argument(p)
     p.add_argument("--output", default=None, help="JSON report path (default reports/eval-<data>-<stage>.json)")
     p.add_argument("--per-query", action="store_true", help="include per-query metrics in the JSON report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -161,7 +159,7 @@ def eval_command(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             show_progress=not args.quiet,
-            compile={"auto": "auto", "on": True, "off": False}[args.compile],
+            **compile_kwargs(args.compile),
         )
     except (TamisError, ValueError, FileNotFoundError) as exc:
         print(f"tamis eval: error: {exc}", file=sys.stderr)

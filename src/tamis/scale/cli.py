@@ -12,6 +12,8 @@ import logging
 import sys
 from typing import Any
 
+from tamis.cli import add_compile_argument, compile_kwargs
+
 HELP = "embed or rerank Parquet/JSONL files into Parquet shards (resumable; --ray for Ray Data)"
 
 
@@ -63,9 +65,7 @@ def _io(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
                    help="auto (default): bfloat16 where the worker's CPU has native bf16 or on GPUs, else float32; "
                         "pin float32 for identical vectors across unlike workers")
-    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
-                   help="torch.compile each worker's model (BERT family): auto (default) where it was measured to pay, "
-                        "bf16 on a CPU with native bf16, warm-up paid once per worker; on; off")
+    add_compile_argument(p)
     p.add_argument("--overwrite", action="store_true", help="delete OUTPUT's shards and start again")
     p.add_argument("--ray", action="store_true", help="run on Ray Data (pip install 'tamis[ray]')")
     p.add_argument("--ray-address", default=None,
@@ -92,7 +92,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     if not args.ray and (args.workers is not None or args.ray_address is not None):
         raise InvalidInputError("--workers and --ray-address need --ray")
     bad_rows = "skip" if args.skip_bad_rows else "flag"
-    model_kwargs = {} if args.compile == "auto" else {"compile": args.compile == "on"}
+    model_kwargs = compile_kwargs(args.compile)  # each worker's model
     mapper: EmbedBatch | RerankBatch
     if args.batch_command == "embed":
         types = args.embedding_type.split(",") if "," in args.embedding_type else args.embedding_type
