@@ -350,7 +350,6 @@ def test_cli_eval_writes_report(toy: Path, tmp_path: Path, capsys):
     assert "none" in capsys.readouterr().err
 
 
-
 def test_cli_eval_compile_reaches_the_models(toy: Path, tmp_path: Path, monkeypatch, capsys):
     import tamis.evaluate.pipeline as pipeline
 

@@ -156,8 +156,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
                     "embedding_type": etype, "truncate": not args.no_truncate}
             # --write-every texts at a time, the next tokenized while the model runs these where that pays
             if args.late_chunking:  # one document: all or nothing
-                done = output.done >= n
-                chunks = [] if done else [(0, emb.embed_result(texts, late_chunking=True, show_progress=False, **opts))]
+                chunks = [] if output.done >= n else [
+                    (0, emb.embed_result(texts, late_chunking=True, show_progress=False, **opts))]
             else:
                 first = output.done
                 chunks = ((first + s, r) for s, r in emb.embed_chunks(texts[first:], step, **opts))

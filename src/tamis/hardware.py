@@ -280,7 +280,7 @@ def tokenize_beside_model(device: str | torch.device) -> bool:
     """Whether a large input's next slab of texts should be tokenized on a helper thread while the model runs
     the current one: on an accelerator (which would otherwise wait for the host), and on a CPU only when one is
     left over beside torch's intra-op threads. On a CPU it measured worth little either way (tokenizing is
-    2-3 % of embedding time; benchmarks/tokenize_overlap.py, README "Speed"), so where torch's threads own
+    1.7-3.2 % of embedding time; benchmarks/tokenize_overlap.py, README "Speed"), so where torch's threads own
     every core tokenizing stays in turn."""
     if torch.device(device).type != "cpu":
         return True
