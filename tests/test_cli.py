@@ -77,6 +77,17 @@ def test_help_and_argument_errors_do_not_import_torch():
     assert out.stdout.strip() == "", f"imported at start-up: {out.stdout.strip()}"
 
 
+def test_cli_late_chunking_is_one_document(tmp_path, capsys):
+    chunks = ["Berlin is the capital of Germany.", "It has 3.8 million people.", "The city is green."]
+    src, out = tmp_path / "doc.txt", tmp_path / "doc.jsonl"
+    src.write_text("\n".join(chunks) + "\n")
+    assert main(["embed", str(src), "--late-chunking", "--dtype", "float32", "-o", str(out), "-q"]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    want = tamis.Embedder(dtype="float32").embed(chunks, late_chunking=True)
+    np.testing.assert_allclose(np.array([r["embedding"] for r in rows]), want, atol=1e-6)
+    capsys.readouterr()
+
+
 def test_help_lists_every_command_and_package_commands_parse():
     r = _tamis("--help")
     assert r.returncode == 0
