@@ -2,7 +2,8 @@
 of the documents in the prompt and its throughput.
 
     python benchmarks/eval_listwise.py --model runs/listwise/model \
-        [--data trec-dl21 scifact noveleval] [--depth 100] [--max-queries N] [--out results.json]
+        [--data trec-dl21 scifact noveleval] [--depth 100] [--max-queries N] [--out results.json] \
+        [--records results.jsonl]   # per-query results as they finish; rerun the same command to resume
 
 Per set: BM25 (the set's run.bm25.tsv when present, else tamis's BM25) top ``--depth``, then
 - ``embedding``: the bundled all-MiniLM-L6-v2 embedding reranker (tamis.Reranker());
@@ -12,6 +13,13 @@ Per set: BM25 (the set's run.bm25.tsv when present, else tamis's BM25) top ``--d
 with nDCG@10 from the project's metrics (TREC DL: relevance level 2, as trec_eval -l 2) on the same
 queries, and documents per second of each reranker. ``--max-queries`` takes a seeded sample of the
 judged queries (report it: a sample, not the full set).
+
+Queries run in a seeded random order, every system on a query before the next query, so a run stopped
+early has scored a random sample with all systems on the same queries. ``--records FILE`` appends each
+(set, query, system) result to a JSONL file as it is done and skips what the file already holds: a run
+that is interrupted (or paused and split over sessions) continues where it stopped, and the summary covers
+the queries every system has finished (``complete`` says whether that is all of them). Throughput is the
+median over queries of documents per second, which a pause in the middle of one query does not move.
 """
 
 from __future__ import annotations
@@ -23,20 +31,23 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import tamis
 from tamis.evaluate.datasets import load_dataset, load_run, sorted_docs
 from tamis.evaluate.first_stage import BM25Index, quiet_truncation
 from tamis.evaluate.metrics import compute_metrics
 from tamis.evaluate.pipeline import default_relevance_level
+from tamis.rerank.listwise import ListwiseReranker
 from tamis.train.card import cpu_model
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 def rerank(rr, query: str, docs: list[str]) -> list[float]:
+    quiet = {"show_progress": False} if isinstance(rr, ListwiseReranker) else {}
     with quiet_truncation():
-        res = rr.rerank(query, docs, return_documents=False, top_n=None)
+        res = rr.rerank(query, docs, return_documents=False, top_n=None, **quiet)
     scores = [0.0] * len(docs)
     for r in res.results:
         scores[r.index] = float(r.relevance_score)
@@ -56,6 +67,8 @@ def main() -> int:
     p.add_argument("--no-embedding", action="store_true", help="skip the embedding reranker")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--records", type=Path, default=None,
+                   help="JSONL of per-query results: appended as the run goes, skipped when already there (resume)")
     args = p.parse_args()
 
     torch.manual_seed(args.seed)
@@ -65,6 +78,14 @@ def main() -> int:
     print(f"listwise: {listwise!r} block_size {listwise.block_size} max_doc_length {listwise.max_doc_length}")
     embedding = None if args.no_embedding else tamis.Reranker()
     orders = [o.strip() for o in args.orders.split(",") if o.strip()]
+    done: dict[tuple[str, str, str], dict] = {}
+    if args.records is not None and args.records.is_file():
+        for line in args.records.read_text().splitlines():
+            if line.strip():
+                rec = json.loads(line)
+                done[(rec["set"], rec["query"], rec["system"])] = rec
+        print(f"records: {len(done)} query results already in {args.records}")
+    records = args.records.open("a") if args.records is not None else None
     results = {"cpu": cpu_model(), "model": args.model, "depth": args.depth, "max_queries": args.max_queries,
                "block_size": listwise.block_size, "max_doc_length": listwise.max_doc_length, "sets": {}}
     for name in args.data:
@@ -82,29 +103,47 @@ def main() -> int:
         level = default_relevance_level(ds)
         qrels = {q: ds.qrels[q] for q in qids}
         cands = {q: [d for d, _ in sorted_docs(first[q])[: args.depth] if d in texts] for q in qids}
-        n_docs = sum(len(c) for c in cands.values())
-        row: dict = {"queries": len(qids), "docs": n_docs}
-
-        def score(run: dict, qrels: dict = qrels, level: int = level) -> float:
-            return round(compute_metrics(qrels, run, [10], level).mean["nDCG@10"], 4)
-
-        row["bm25"] = score({q: {d: -float(i) for i, d in enumerate(cands[q])} for q in qids})
         systems = [("embedding", embedding, "descending")] if embedding is not None else []
         systems += [(f"listwise/{o}", listwise, o) for o in orders]
-        for label, rr, order in systems:
-            run, t0 = {}, time.perf_counter()
-            for q in qids:
+        order_q = list(qids)
+        random.Random(f"order:{args.seed}").shuffle(order_q)
+        for q in tqdm(order_q, desc=name, unit="query"):
+            for label, rr, order in systems:
+                if (name, q, label) in done:
+                    continue
                 docs = list(cands[q])
                 if order == "ascending":
                     docs = docs[::-1]
                 elif order == "random":
                     random.Random(f"{args.seed}:{q}").shuffle(docs)
-                run[q] = dict(zip(docs, rerank(rr, ds.queries[q], [texts[d] for d in docs])))
-            secs = time.perf_counter() - t0
-            row[label] = score(run)
-            row[f"{label} docs/s"] = round(n_docs / secs, 2)
-            print(f"{name}: {label:22s} nDCG@10 {row[label]:.4f}  ({n_docs / secs:.1f} docs/s)", flush=True)
-        print(f"{name}: bm25 nDCG@10 {row['bm25']:.4f} on {len(qids)} queries x top {args.depth}", flush=True)
+                t0 = time.perf_counter()
+                scores = rerank(rr, ds.queries[q], [texts[d] for d in docs])
+                rec = {"set": name, "query": q, "system": label, "secs": time.perf_counter() - t0,
+                       "scores": dict(zip(docs, scores))}
+                done[(name, q, label)] = rec
+                if records is not None:
+                    records.write(json.dumps(rec) + "\n")
+                    records.flush()
+
+        labels = [label for label, _, _ in systems]
+        finished = [q for q in qids if all((name, q, lb) in done for lb in labels)]
+        row: dict = {"queries": len(finished), "of": len(qids), "complete": len(finished) == len(qids),
+                     "docs": sum(len(cands[q]) for q in finished)}
+        qrels_f = {q: qrels[q] for q in finished}
+
+        def score(run: dict, qrels: dict = qrels_f, level: int = level) -> float:
+            return round(compute_metrics(qrels, run, [10], level).mean["nDCG@10"], 4)
+
+        row["bm25"] = score({q: {d: -float(i) for i, d in enumerate(cands[q])} for q in finished})
+        for label in labels:
+            recs = [done[(name, q, label)] for q in finished]
+            rates = sorted(len(r["scores"]) / r["secs"] for r in recs)
+            row[label] = score({r["query"]: r["scores"] for r in recs})
+            row[f"{label} docs/s"] = round(rates[len(rates) // 2], 2) if rates else None
+            print(f"{name}: {label:22s} nDCG@10 {row[label]:.4f}  ({row[f'{label} docs/s']} docs/s, median per query)",
+                  flush=True)
+        print(f"{name}: bm25 nDCG@10 {row['bm25']:.4f} on {len(finished)} of {len(qids)} queries x top {args.depth}",
+              flush=True)
         results["sets"][name] = row
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
