@@ -50,6 +50,24 @@ def test_cross_encoder_rerank_end_to_end(v1):
     assert all(r.document is None for r in raw)
 
 
+def test_bf16_cross_encoder_keeps_its_head_in_float32(v1):
+    """The logit is the score: a bf16 head would round it to bf16's 3 significant digits and tie documents
+    whose float32 scores differ, so the pooler and classifier stay float32 with the checkpoint's values."""
+    import torch
+
+    rr = CrossEncoderReranker(V1, dtype="bfloat16", compile=False)
+    assert rr.model.bert.encoder.layer[0].attention.output.dense.weight.dtype == torch.bfloat16
+    want = dict(v1.model.named_parameters())
+    for prefix, head in rr.model.head_modules().items():
+        for name, param in head.named_parameters():
+            assert param.dtype == torch.float32
+            assert torch.equal(param, want[f"{prefix}.{name}"]), name
+    expected = json.loads((V1 / "expected_text.json").read_text())
+    logits, _, _ = rr.logits(expected["query"], expected["documents"])
+    assert not np.array_equal(logits, torch.from_numpy(logits).bfloat16().float().numpy())  # not on bf16's grid
+    np.testing.assert_allclose(logits, expected["logits"], atol=0.1)  # the encoder's bf16 rounding, no more
+
+
 def test_pair_template_bert_and_roberta_styles(v1):
     enc = v1.tokenizer.encode_pairs(["what is late chunking"], ["short"], max_length=64)[0]
     assert enc.ids[0] == v1.tokenizer.token_to_id("[CLS]") and enc.ids.count(v1.tokenizer.token_to_id("[SEP]")) == 2
