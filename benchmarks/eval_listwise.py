@@ -81,11 +81,15 @@ def main() -> int:
     done: dict[tuple[str, str, str], dict] = {}
     if args.records is not None and args.records.is_file():
         for line in args.records.read_text().splitlines():
-            if line.strip():
+            try:
                 rec = json.loads(line)
-                done[(rec["set"], rec["query"], rec["system"])] = rec
+            except json.JSONDecodeError:  # a line cut short by a kill: that query runs again
+                continue
+            done[(rec["set"], rec["query"], rec["system"])] = rec
         print(f"records: {len(done)} query results already in {args.records}")
     records = args.records.open("a") if args.records is not None else None
+    if records is not None and records.tell() and not args.records.read_bytes().endswith(b"\n"):
+        records.write("\n")  # after a cut line, start a fresh one
     results = {"cpu": cpu_model(), "model": args.model, "depth": args.depth, "max_queries": args.max_queries,
                "block_size": listwise.block_size, "max_doc_length": listwise.max_doc_length, "sets": {}}
     for name in args.data:
