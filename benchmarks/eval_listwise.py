@@ -69,14 +69,20 @@ def main() -> int:
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--records", type=Path, default=None,
                    help="JSONL of per-query results: appended as the run goes, skipped when already there (resume)")
+    p.add_argument("--summary-only", action="store_true",
+                   help="load no model, score nothing: the summary of what --records holds (e.g. while a run goes on)")
     args = p.parse_args()
+    if args.summary_only and args.records is None:
+        p.error("--summary-only needs --records")
 
     torch.manual_seed(args.seed)
     print(f"CPU: {cpu_model()}  torch {torch.__version__}  threads {torch.get_num_threads()}")
     kwargs = {k: v for k, v in (("max_doc_length", args.max_doc_length), ("block_size", args.block_size)) if v}
-    listwise = tamis.Reranker(args.model, **kwargs)
-    print(f"listwise: {listwise!r} block_size {listwise.block_size} max_doc_length {listwise.max_doc_length}")
-    embedding = None if args.no_embedding else tamis.Reranker()
+    listwise = embedding = None
+    if not args.summary_only:
+        listwise = tamis.Reranker(args.model, **kwargs)
+        print(f"listwise: {listwise!r} block_size {listwise.block_size} max_doc_length {listwise.max_doc_length}")
+        embedding = None if args.no_embedding else tamis.Reranker()
     orders = [o.strip() for o in args.orders.split(",") if o.strip()]
     done: dict[tuple[str, str, str], dict] = {}
     if args.records is not None and args.records.is_file():
@@ -87,11 +93,12 @@ def main() -> int:
                 continue
             done[(rec["set"], rec["query"], rec["system"])] = rec
         print(f"records: {len(done)} query results already in {args.records}")
-    records = args.records.open("a") if args.records is not None else None
+    records = args.records.open("a") if args.records is not None and not args.summary_only else None
     if records is not None and records.tell() and not args.records.read_bytes().endswith(b"\n"):
         records.write("\n")  # after a cut line, start a fresh one
     results = {"cpu": cpu_model(), "model": args.model, "depth": args.depth, "max_queries": args.max_queries,
-               "block_size": listwise.block_size, "max_doc_length": listwise.max_doc_length, "sets": {}}
+               "block_size": getattr(listwise, "block_size", None),
+               "max_doc_length": getattr(listwise, "max_doc_length", None), "sets": {}}
     for name in args.data:
         ds = load_dataset(args.data_root / name, "test")
         texts = dict(zip(ds.corpus.ids, ds.corpus.documents(True)))
@@ -107,13 +114,13 @@ def main() -> int:
         level = default_relevance_level(ds)
         qrels = {q: ds.qrels[q] for q in qids}
         cands = {q: [d for d, _ in sorted_docs(first[q])[: args.depth] if d in texts] for q in qids}
-        systems = [("embedding", embedding, "descending")] if embedding is not None else []
+        systems = [] if args.no_embedding else [("embedding", embedding, "descending")]
         systems += [(f"listwise/{o}", listwise, o) for o in orders]
         order_q = list(qids)
         random.Random(f"order:{args.seed}").shuffle(order_q)
         for q in tqdm(order_q, desc=name, unit="query"):
             for label, rr, order in systems:
-                if (name, q, label) in done:
+                if (name, q, label) in done or args.summary_only:
                     continue
                 docs = list(cands[q])
                 if order == "ascending":
