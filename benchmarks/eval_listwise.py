@@ -85,8 +85,9 @@ def main() -> int:
         embedding = None if args.no_embedding else tamis.Reranker()
     orders = [o.strip() for o in args.orders.split(",") if o.strip()]
     done: dict[tuple[str, str, str], dict] = {}
-    if args.records is not None and args.records.is_file():
-        for line in args.records.read_text().splitlines():
+    held = args.records.read_text() if args.records is not None and args.records.is_file() else ""
+    if held:
+        for line in held.splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by a kill: that query runs again
@@ -94,7 +95,7 @@ def main() -> int:
             done[(rec["set"], rec["query"], rec["system"])] = rec
         print(f"records: {len(done)} query results already in {args.records}")
     records = args.records.open("a") if args.records is not None and not args.summary_only else None
-    if records is not None and records.tell() and not args.records.read_bytes().endswith(b"\n"):
+    if records is not None and held and not held.endswith("\n"):
         records.write("\n")  # after a cut line, start a fresh one
     results = {"cpu": cpu_model(), "model": args.model, "depth": args.depth, "max_queries": args.max_queries,
                "block_size": getattr(listwise, "block_size", None),

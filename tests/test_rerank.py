@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import models, pre_tokenizers, processors
 
@@ -53,8 +54,6 @@ def test_cross_encoder_rerank_end_to_end(v1):
 def test_bf16_cross_encoder_keeps_its_head_in_float32(v1):
     """The logit is the score: a bf16 head would round it to bf16's 3 significant digits and tie documents
     whose float32 scores differ, so the pooler and classifier stay float32 with the checkpoint's values."""
-    import torch
-
     rr = CrossEncoderReranker(V1, dtype="bfloat16", compile=False)
     assert rr.model.bert.encoder.layer[0].attention.output.dense.weight.dtype == torch.bfloat16
     want = dict(v1.model.named_parameters())
