@@ -59,3 +59,25 @@ def test_masked_lm_head_matches_transformers(tmp_path):
     m = mask.bool()
     torch.testing.assert_close(got[m], want[m], atol=2e-5, rtol=1e-4)
 
+
+
+def test_mpnet_cross_encoder_in_the_official_layout_matches_transformers(tmp_path):
+    """MPNetForSequenceClassification keeps its encoder under "mpnet." (not "roberta."): such a checkpoint
+    loads, gives transformers' logits, and is written back under the same names."""
+    torch.manual_seed(0)
+    cfg = transformers.MPNetConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64, max_position_embeddings=514, relative_attention_num_buckets=32,
+                                   num_labels=1)
+    ref = transformers.MPNetForSequenceClassification(cfg).eval()
+    for p in ref.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    ref.save_pretrained(tmp_path, safe_serialization=True)
+    ours = bert.from_pretrained(tmp_path)
+    assert isinstance(ours, bert.BertForSequenceClassification)
+    ids, mask = _inputs(ref.config.pad_token_id)
+    with torch.no_grad():
+        want = ref(input_ids=ids, attention_mask=mask).logits
+        got = ours(ids, mask)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    buffers = {k for k, _ in ref.named_buffers()}
+    assert set(bert.hf_state_dict(ours)) == set(ref.state_dict()) - buffers

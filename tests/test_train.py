@@ -269,6 +269,32 @@ def test_student_by_layer_selection_and_sentence_transformers_interop(pairs_dir,
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
 
 
+def test_student_from_an_mpnet_encoder_saves_the_official_layout(pairs_dir, tmp_path):
+    """A student initialised from an MPNet encoder (all-mpnet-base-v2's architecture) is written as
+    MPNetForSequenceClassification under its "mpnet." names: transformers loads every tensor, and tamis and
+    sentence-transformers score the saved student alike."""
+    transformers = pytest.importorskip("transformers")
+    st = pytest.importorskip("sentence_transformers")
+    enc = tmp_path / "mpnet"
+    cfg = transformers.MPNetConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64, max_position_embeddings=514,
+                                   relative_attention_num_buckets=32)
+    torch.manual_seed(0)
+    transformers.MPNetModel(cfg).save_pretrained(enc, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        if (bundled_default_dir() / name).is_file():
+            shutil.copy(bundled_default_dir() / name, enc / name)
+    student = init_cross_encoder(enc, layers=[1], seed=0)
+    save_cross_encoder(student, tmp_path / "student", max_length=128)
+    _, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "student", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    docs = list(from_pairs(pairs_dir).corpus.values())
+    ours = tamis.Reranker(tmp_path / "student", dtype="float32").score("why do cats purr", docs)
+    theirs = st.CrossEncoder(str(tmp_path / "student"), device="cpu").predict([("why do cats purr", d) for d in docs])
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+
+
 def test_train_reranker_end_to_end_with_teacher_and_dev(pairs_dir, tiny_encoder, tmp_path):
     summary = train_reranker(
         [str(pairs_dir)], tmp_path / "run", model=str(tiny_encoder), teacher="ensemble:bm25,bm25",

@@ -537,16 +537,18 @@ class BertForSequenceClassification(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.cfg = cfg
+        # the encoder's attribute is the checkpoint's prefix (bert / roberta / mpnet), so the state dict
+        # carries the official names: MPNetForSequenceClassification keeps its encoder under "mpnet."
+        self._encoder_name = cfg.prefix.rstrip(".") or ("roberta" if cfg.classifier_style == "roberta" else "bert")
+        self.add_module(self._encoder_name, BertModel(cfg))
         if cfg.classifier_style == "roberta":
-            self.roberta = BertModel(cfg)
             self.classifier: nn.Module = RobertaClassificationHead(cfg)
         else:
-            self.bert = BertModel(cfg)
             self.classifier = nn.Linear(cfg.hidden_size, cfg.num_labels)
 
     @property
     def encoder_model(self) -> BertModel:
-        return self.roberta if self.cfg.classifier_style == "roberta" else self.bert
+        return getattr(self, self._encoder_name)
 
     def forward(
         self,
@@ -574,7 +576,7 @@ class BertForSequenceClassification(nn.Module):
         """The classifier head's modules by their state-dict prefix."""
         if self.cfg.classifier_style == "roberta":
             return {"classifier": self.classifier}
-        return {"bert.pooler": self.bert.pooler, "classifier": self.classifier}
+        return {f"{self._encoder_name}.pooler": self.encoder_model.pooler, "classifier": self.classifier}
 
     def head(self, first: torch.Tensor) -> torch.Tensor:
         """Classifier on the first token's state [B, H], computed in the head's own dtype: float32 when
@@ -584,7 +586,7 @@ class BertForSequenceClassification(nn.Module):
             first = first.to(head.out_proj.weight.dtype)
             return head.out_proj(torch.tanh(head.dense(first)))
         first = first.to(self.classifier.weight.dtype)
-        return self.classifier(torch.tanh(self.bert.pooler.dense(first)))
+        return self.classifier(torch.tanh(self.encoder_model.pooler.dense(first)))
 
 
 # ---------------------------------------------------------------------------- inference fast path

@@ -86,7 +86,7 @@ def _fresh_head(model: bert.BertForSequenceClassification, seed: int, reset_pool
     if model.cfg.classifier_style == "roberta":
         heads = [model.classifier.dense, model.classifier.out_proj]
     else:
-        heads = [model.classifier] + ([model.bert.pooler.dense] if reset_pooler else [])
+        heads = [model.classifier] + ([model.encoder_model.pooler.dense] if reset_pooler else [])
     with torch.no_grad():
         for lin in heads:
             lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) * 0.02)
