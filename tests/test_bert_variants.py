@@ -60,7 +60,6 @@ def test_masked_lm_head_matches_transformers(tmp_path):
     torch.testing.assert_close(got[m], want[m], atol=2e-5, rtol=1e-4)
 
 
-
 def test_mpnet_cross_encoder_in_the_official_layout_matches_transformers(tmp_path):
     """MPNetForSequenceClassification keeps its encoder under "mpnet." (not "roberta."): such a checkpoint
     loads, gives transformers' logits, and is written back under the same names."""

@@ -40,14 +40,18 @@ SHARED = Path(__file__).resolve().parents[2] / "shared"
 needs_data = pytest.mark.skipif(not (SHARED / "data" / "scifact").is_dir(), reason="../shared/data not present")
 
 
-@pytest.fixture(scope="module")
-def tiny_encoder(tmp_path_factory) -> Path:
-    """A 2-layer, 32-wide BERT encoder with random weights and MiniLM's tokenizer."""
-    d = tmp_path_factory.mktemp("tiny-encoder")
+def _copy_minilm_tokenizer(d: Path) -> None:
     src = bundled_default_dir()
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
         if (src / name).is_file():
             shutil.copy(src / name, d / name)
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide BERT encoder with random weights and MiniLM's tokenizer."""
+    d = tmp_path_factory.mktemp("tiny-encoder")
+    _copy_minilm_tokenizer(d)
     config = {"architectures": ["BertModel"], "model_type": "bert", "vocab_size": 30522, "hidden_size": 32,
               "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "hidden_act": "gelu",
               "max_position_embeddings": 512, "type_vocab_size": 2, "layer_norm_eps": 1e-12, "pad_token_id": 0}
@@ -281,9 +285,7 @@ def test_student_from_an_mpnet_encoder_saves_the_official_layout(pairs_dir, tmp_
                                    relative_attention_num_buckets=32)
     torch.manual_seed(0)
     transformers.MPNetModel(cfg).save_pretrained(enc, safe_serialization=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (bundled_default_dir() / name).is_file():
-            shutil.copy(bundled_default_dir() / name, enc / name)
+    _copy_minilm_tokenizer(enc)  # WordPiece like MPNet's; tamis and ST read the same file
     student = init_cross_encoder(enc, layers=[1], seed=0)
     save_cross_encoder(student, tmp_path / "student", max_length=128)
     _, info = transformers.AutoModelForSequenceClassification.from_pretrained(
