@@ -781,6 +781,10 @@ def _precision_of(model: Any) -> dict[str, Any]:
         out["compile_reason"] = model.compile_reason
     if p is not None:
         out.update(dtype=p.name, requested=p.requested, reason=p.reason)
+        if out["packed"] and p.name == "bfloat16" and str(getattr(model, "device", "cpu")).startswith("cpu"):
+            from tamis.models.kernels import attention_path
+
+            out["attention"] = attention_path()
     else:
         out["dtype"] = str(getattr(model, "dtype", "")).removeprefix("torch.") or None
     return out

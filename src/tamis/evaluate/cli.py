@@ -239,6 +239,8 @@ def bench_command(args: argparse.Namespace) -> int:
             else:
                 compiled = f", not compiled ({t['compile_reason']})" if t.get("compile_reason") else ""
             print(f"{task}: tamis dtype {t.get('dtype')}{why}{packed}{compiled}", file=out)
+            if t.get("attention"):
+                print(f"{task}: tamis attention: {t['attention']}", file=out)
     print(format_table([r.row() for r in report.results], floatfmt=".2f"), file=out)
     for task in ("embed", "rerank"):
         for suffix, who in (("", "sentence-transformers"), ("_vs_st_bf16", "sentence-transformers + bf16 autocast"),

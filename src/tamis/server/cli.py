@@ -169,6 +169,10 @@ def load_models(
         from tamis.hardware import cpu_info
 
         logger.info("CPU: %s", cpu_info().describe())
+        if cpu_info().bf16_native and str(device).startswith("cpu"):
+            from tamis.models.kernels import attention_path
+
+            logger.info("packed bf16 attention: %s", attention_path())
         for kind, table in (("embedding", embedders), ("reranker", rerankers)):
             for served, model in table.items():
                 logger.info("%s model %s: %r", kind, served, model)  # repr: dtype, packed, compiled and why
