@@ -4,12 +4,12 @@ Every variant is a separate model object in this one process; the variants' batc
 of every variant, order alternating) for ``--rounds`` rounds, and each variant's per-round total is reported
 as a median, with its ratio to the padded float32 baseline and its min cosine against it.
 
-    PYTHONPATH=src python benchmarks/fast_path.py --docs 256 --queries 256 --rounds 3 [--compile] [--int8]
+    PYTHONPATH=src python benchmarks/fast_path.py --docs 256 --queries 256 --rounds 3 [--compile] [--bf16] [--int8]
 
 Workloads: SciFact documents (title + text, most near the 256-token cap) and SciFact queries (short, mixed
-lengths: where padding costs most), in calls of ``--batch-size`` texts; plus a MiniLM-shaped cross-encoder
-(all-MiniLM-L6-v2's encoder + an untrained head: the speed of a ms-marco-MiniLM-L6 cross-encoder) on
-(query, document) pairs when ``--rerank`` is given.
+lengths: where padding costs most), in calls of ``--batch-size`` texts (cross-encoder speed: ``tamis bench
+--task rerank``). With ``--bf16`` on a CPU where tamis's fused bf16 attention kernel runs, the last bf16
+variant is timed again with torch's attention path ("same, torch attention").
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,6 +32,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import tamis  # noqa: E402
 from tamis.hardware import cpu_info  # noqa: E402
+from tamis.models import bert  # noqa: E402
+from tamis.models.kernels import attention_bf16  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "scifact"
 
@@ -61,8 +64,24 @@ def unfused(emb: tamis.Embedder) -> tamis.Embedder:
     return emb
 
 
-def make_variants(args: argparse.Namespace) -> dict[str, tamis.Embedder]:
-    out: dict[str, tamis.Embedder] = {}
+class TorchAttention:
+    """An Embedder run with its packed bf16 attention on torch's matmul + softmax path instead of tamis's fused
+    kernel (``tamis.models.kernels``): the same object and compiled graph, the kernel switched off per call."""
+
+    def __init__(self, emb: tamis.Embedder):
+        self.emb = emb
+
+    def embed(self, texts: list[str], **kwargs: Any) -> np.ndarray:
+        saved = bert.attention_bf16
+        bert.attention_bf16 = lambda: None
+        try:
+            return self.emb.embed(texts, **kwargs)
+        finally:
+            bert.attention_bf16 = saved
+
+
+def make_variants(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
     padded = unfused(tamis.Embedder(dtype="float32", compile=False))
     padded.packed = False
     out["padded fp32 (before)"] = padded
@@ -78,12 +97,16 @@ def make_variants(args: argparse.Namespace) -> dict[str, tamis.Embedder]:
             comp = tamis.Embedder(dtype="bfloat16", compile=True)
             print(f"bf16 compile warm-up (in the constructor): {comp.compile_seconds:.1f} s")
             out["packed bf16+compile"] = comp
+            if attention_bf16() is not None:
+                out["  same, torch attention"] = TorchAttention(comp)
+        elif attention_bf16() is not None:
+            out["  same, torch attention"] = TorchAttention(out["packed bf16"])
     if args.int8:
         out["packed int8"] = tamis.Embedder(dtype="int8")
     return out
 
 
-def run(name: str, variants: dict[str, tamis.Embedder], texts: list[str], batch: int, rounds: int) -> None:
+def run(name: str, variants: dict[str, Any], texts: list[str], batch: int, rounds: int) -> None:
     batches = [texts[i : i + batch] for i in range(0, len(texts), batch)]
     warm = {}
     for v, emb in variants.items():  # warm-up (compile happens here: measured)
