@@ -35,10 +35,12 @@ _ARCH_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512b
 
 
 def kernels_off() -> bool:
+    """``TAMIS_KERNELS=0`` (or false / off / no): torch's kernels everywhere."""
     return os.environ.get("TAMIS_KERNELS", "").strip().lower() in ("0", "false", "off", "no")
 
 
 def cache_dir() -> Path:
+    """Where built kernels are kept: ``$TAMIS_CACHE/kernels``, default ``~/.cache/tamis/kernels``."""
     root = Path(os.environ["TAMIS_CACHE"]).expanduser() if os.environ.get("TAMIS_CACHE") else \
         Path("~/.cache/tamis").expanduser()
     return root / "kernels"
@@ -68,7 +70,7 @@ def _build(source: Path, compiler: str) -> Path:
     with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
         part = Path(tmp) / out.name
         cmd = [compiler, *flags, *includes, str(source), "-o", str(part), *libs, "-lc10", "-ltorch_cpu"]
-        done = subprocess.run(cmd, capture_output=True, text=True)
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines()
             raise RuntimeError(f"{Path(compiler).name} failed: {errors[0].strip() if errors else done.returncode}")
