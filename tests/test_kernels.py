@@ -38,7 +38,8 @@ def _packed_qkv(lengths: list[int], heads: int, d: int, seed: int = 0) -> tuple[
 @needs_kernel
 @pytest.mark.parametrize("heads,d", [(12, 32), (4, 64), (2, 128)])
 def test_fused_attention_matches_float32_sdpa(heads, d, monkeypatch):
-    """Every run length the blocking has edges for (1, 4-row blocks, 16-key blocks and their tails, > 64 keys):
+    """Every run length the blocking has edges for (1; row blocks of 256/d and their tails; 16-key blocks and their
+    tails; several key groups):
     each output row within bf16 rounding of float32 SDPA, and closer to it than torch's bf16 path."""
     lengths = [300, 77, 77, 64, 17, 16, 5, 3, 1, 1]
     q, k, v, runs = _packed_qkv(lengths, heads, d)
