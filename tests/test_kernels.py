@@ -97,7 +97,11 @@ def test_packed_bf16_embeddings_with_the_kernel_match_torch_attention(monkeypatc
     """The default model in bf16, eager: the kernel's vectors against torch's bf16 attention path's."""
     texts = ["short", "a longer sentence about zinc finger proteins binding DNA " * 6, "another one", "x " * 90]
     emb = tamis.Embedder(dtype="bfloat16", compile=False)
+    calls = []
+    real = kernels.attention_bf16()
+    monkeypatch.setattr(bert, "attention_bf16", lambda: lambda *a: calls.append(a) or real(*a))
     with_kernel = emb.embed(texts)
+    assert len(calls) == emb.config["num_hidden_layers"]  # the model did run it: once per layer of one forward
     monkeypatch.setattr(bert, "attention_bf16", lambda: None)
     without = emb.embed(texts)
     assert (with_kernel * without).sum(-1).min() > 0.9999
@@ -106,14 +110,17 @@ def test_packed_bf16_embeddings_with_the_kernel_match_torch_attention(monkeypatc
 def test_kernels_off_by_environment(fresh_load, monkeypatch):
     monkeypatch.setenv("TAMIS_KERNELS", "0")
     assert kernels.attention_bf16() is None
+    assert kernels.why_off("attention_bf16") == "TAMIS_KERNELS=0"
+    assert "TAMIS_KERNELS=0" in kernels.attention_path()
 
 
 def test_kernel_is_not_loaded_on_a_cpu_without_avx512_bf16(fresh_load, monkeypatch):
     monkeypatch.setattr(kernels, "cpu_info", lambda: CPUInfo("test", "x86_64", "AVX2", frozenset({"avx2", "fma"})))
     assert kernels.attention_bf16() is None
+    assert kernels.why_off("attention_bf16") == "the CPU lacks avx512_bf16, avx512bw, avx512f, avx512vl"
 
 
-@pytest.mark.skipif(not ({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= cpu_info().flags),
+@pytest.mark.skipif(not kernels._NEEDS <= cpu_info().flags,
                     reason="the build is attempted only on a CPU with AVX-512 BF16")
 def test_failed_build_falls_back_with_a_warning(fresh_load, monkeypatch, tmp_path, caplog):
     broken = tmp_path / "cxx"
@@ -124,6 +131,7 @@ def test_failed_build_falls_back_with_a_warning(fresh_load, monkeypatch, tmp_pat
     with caplog.at_level(logging.WARNING, logger="tamis.models.kernels"):
         assert kernels.attention_bf16() is None
     assert "did not build" in caplog.text and "error: no compiler here" in caplog.text
+    assert kernels.why_off("attention_bf16").startswith("build failed: cxx failed: broken.cpp:1:1: error")
     assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-written is left to be loaded later
 
 

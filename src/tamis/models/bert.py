@@ -41,7 +41,7 @@ from tamis.errors import UnsupportedModelError
 from tamis.hardware import Precision, cpu_info, resolve_compile
 from tamis.models import lora
 from tamis.models.activations import ACTIVATIONS
-from tamis.models.kernels import attention_bf16
+from tamis.models.kernels import ATTENTION_HEAD_SIZES, attention_bf16
 from tamis.models.loading import apply_key_map, load_config, load_state_dict
 
 logger = logging.getLogger("tamis")
@@ -247,7 +247,7 @@ def _attend_runs(
     d = h // n_heads
     biases = {} if biases is None else biases
     matmul = use_matmul_attention(q) if matmul is None else matmul
-    if matmul and not alibi and rel is None and d in (32, 64, 128):
+    if matmul and not alibi and rel is None and d in ATTENTION_HEAD_SIZES:
         fused = attention_bf16()
         if fused is not None:  # one call for every run: tamis's fused bf16 kernel (README "Speed")
             return fused(*(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)), runs, n_heads, d**-0.5)

@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 # Instructions the kernel is compiled for; it is loaded only where the CPU reports all of them.
 _NEEDS = frozenset({"avx512f", "avx512bw", "avx512vl", "avx512_bf16"})
 _ARCH_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+# Head sizes attention_bf16.cpp is instantiated for (it rejects others; callers keep torch's path for them).
+ATTENTION_HEAD_SIZES = (32, 64, 128)
 
 
 def kernels_off() -> bool:
