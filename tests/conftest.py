@@ -13,6 +13,10 @@ import pytest
 # seconds of warm-up per model: the suite loads hundreds. Auto is off here (and in the servers the tests
 # start); tests/test_speed.py covers the choice, the fallback and the compiled forward's parity with eager.
 os.environ.setdefault("TAMIS_COMPILE", "0")
+# No test may reach the Hugging Face Hub: Hub ids resolve from the cache only (tests/test_hub.py turns this off
+# for a stand-in Hub on 127.0.0.1, tests/hub_server.py). Set before huggingface_hub is imported (it reads it once).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 TOPICS = {
     "cats": ["Cats purr when they are content.", "A cat sleeps most of the day.", "Kittens are young cats."],

@@ -320,7 +320,8 @@ def test_missing_model_error_says_where_and_how(tmp_path, monkeypatch):
     with pytest.raises(ModelNotFoundError) as err:
         tamis.Embedder("jinaai/jina-embeddings-v3")
     msg = str(err.value)
-    assert str(tmp_path / "hub" / "models--jinaai--jina-embeddings-v3") in msg and "never downloads" in msg
+    assert str(tmp_path / "hub" / "models--jinaai--jina-embeddings-v3") in msg and "HF_HUB_OFFLINE=1" in msg
+    assert "\n" not in msg and "tamis pull jinaai/jina-embeddings-v3" in msg
 
 
 def test_hf_cache_layout_resolves_offline(tmp_path, monkeypatch):

@@ -156,8 +156,9 @@ class Embedder:
     """A text embedding model: BERT-family, JinaBERT (jina-embeddings-v2) or jina-embeddings-v3.
 
     Args:
-        model: local directory, Hugging Face id found in the local HF cache, or None / "default" for
-            the bundled all-MiniLM-L6-v2.
+        model: local directory, Hugging Face id (``org/name`` or ``org/name@revision``: the Hugging Face
+            cache first, then a download unless offline; see :func:`tamis.models.loading.resolve_model_dir`),
+            or None / "default" for the bundled all-MiniLM-L6-v2.
         device: torch device ("cpu", "cuda", ...).
         dtype: "auto" (default: bfloat16 on CPUs with native bf16 and on GPUs, float32 elsewhere; see
             :mod:`tamis.hardware`), "float32", "bfloat16", "float16", or "int8" (dynamic int8 Linear
@@ -178,6 +179,9 @@ class Embedder:
             pay, bf16 on a CPU with native bf16 (see :func:`tamis.hardware.auto_compile`; the choice and why
             show in ``repr``); ``TAMIS_COMPILE=0`` turns that off. The compiled forward keeps the weights it
             was compiled with (inference only).
+        revision: branch, tag or commit of a Hub id (or ``org/name@revision``).
+        local_files_only: True: the Hugging Face cache only, never the network (default: ``HF_HUB_OFFLINE``).
+        show_progress: download progress bars on stderr.
     """
 
     def __init__(
@@ -191,8 +195,12 @@ class Embedder:
         max_length: int | None = None,
         adapters: Mapping[str, str | Path] | None = None,
         compile: bool | str = "auto",
+        revision: str | None = None,
+        local_files_only: bool | None = None,
+        show_progress: bool = True,
     ):
-        self.model_dir = resolve_model_dir(model)
+        self.model_dir = resolve_model_dir(model, revision, local_files_only=local_files_only,
+                                           show_progress=show_progress)
         self.config = load_config(self.model_dir)
         self.family = detect_family(self.config)
         self.device = resolve_device(device)

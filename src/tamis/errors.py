@@ -12,19 +12,30 @@ class TamisError(Exception):
 
 
 class ModelNotFoundError(TamisError, FileNotFoundError):
-    """A model name or path could not be resolved to a local directory (no network is used)."""
+    """A model name or path could not be resolved to a local directory (not a directory, not in the Hugging
+    Face cache, and not downloadable: offline, or the Hub unreachable). ``hint`` replaces the default advice."""
 
-    def __init__(self, name: str, looked_in: list[str]):
+    def __init__(self, name: str, looked_in: list[str], hint: str | None = None):
         self.name = name
         self.looked_in = list(looked_in)
-        where = "\n".join(f"  - {p}" for p in self.looked_in) or "  (nowhere)"
-        super().__init__(
-            f"model {name!r} was not found locally. Looked in:\n{where}\n"
-            "tamis never downloads. Provide the model as a local directory (config.json, model.safetensors, "
-            "tokenizer.json), or put it in the Hugging Face cache (HF_HUB_CACHE / HF_HOME), e.g. on a "
-            "machine with network access: `hf download <id>` (huggingface_hub's CLI) and copy the cache over. "
-            "Use 'default' (or no name) for the bundled all-MiniLM-L6-v2."
-        )
+        where = "; ".join(self.looked_in) or "nowhere"
+        super().__init__(f"model {name!r} was not found locally (looked in: {where}). {hint or DEFAULT_MODEL_HINT}")
+
+
+DEFAULT_MODEL_HINT = (
+    "Give a local directory (config.json, model.safetensors, tokenizer.json), a Hugging Face id (org/name, "
+    "downloaded into the Hugging Face cache unless HF_HUB_OFFLINE=1; fill the cache ahead with `tamis pull "
+    "org/name` or `hf download org/name`), or 'default' (or no name) for the bundled all-MiniLM-L6-v2."
+)
+
+
+class HubError(TamisError):
+    """The Hugging Face Hub refused a model or had none to give: ``status`` is the HTTP status (401 private or
+    missing without a token, 403 gated or forbidden, 404 missing) or None (unreachable, unusable repo)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        self.status = status
+        super().__init__(message)
 
 
 class DeviceError(TamisError, ValueError):

