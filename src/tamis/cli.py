@@ -1,4 +1,4 @@
-"""Command line: ``tamis embed | rerank | serve | eval | bench | train``.
+"""Command line: ``tamis embed | rerank | pull | serve | eval | bench | train | batch``.
 
 Start-up is kept light: this module imports only the standard library and :mod:`tamis.errors` at load
 time. ``embed`` and ``rerank`` import torch when they run; the commands of other packages (``serve``,
@@ -109,7 +109,8 @@ def cmd_embed(args: argparse.Namespace) -> int:
             f"(-o FILE.jsonl), whose rows give their input \"line\""
         )
     texts = [(r.title + " " + r.text).strip() if args.with_title else r.text for r in records]
-    model_dir = resolve_model_dir(args.model)  # a missing model fails here, before torch is imported
+    # a missing model fails here, before torch is imported (a Hub id is fetched into the cache here)
+    model_dir = resolve_model_dir(args.model, **_hub_kwargs(args))
     from tamis.hardware import resolve_precision
 
     # "auto" as resolved on this machine: a run resumed where it means another dtype must not mix the two
@@ -130,7 +131,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from tamis.embed import Embedder, TruncationWarning
 
     compile_opt, why_not = _one_shot_compile(args.compile, sum(len(t) for t in texts) // 4)
-    emb = Embedder(args.model, device=args.device, dtype=args.dtype, **compile_opt)
+    emb = Embedder(args.model, device=args.device, dtype=args.dtype, **compile_opt, **_hub_kwargs(args))
     if why_not:
         emb.compile_reason = why_not
     emb.check_task(args.task)
@@ -200,7 +201,7 @@ def cmd_rerank(args: argparse.Namespace) -> int:
     from tamis.rerank import Reranker
 
     compile_opt, why_not = _one_shot_compile(args.compile, None)
-    rr = Reranker(args.model, device=args.device, dtype=args.dtype, **compile_opt)
+    rr = Reranker(args.model, device=args.device, dtype=args.dtype, **compile_opt, **_hub_kwargs(args))
     if why_not and hasattr(rr, "compile_reason"):
         rr.compile_reason = why_not
     _note(args, repr(rr))
@@ -224,6 +225,69 @@ def cmd_rerank(args: argparse.Namespace) -> int:
     _note_truncated(args, "documents", [records[i].line for i in res.truncated], len(records),
                     "were cut to fit the model's context")
     return 0
+
+
+# -------------------------------------------------------------------------------------------- pull
+
+
+def _hub_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``--offline`` / ``-q`` -> the model resolver's ``local_files_only`` / ``show_progress``."""
+    return {"local_files_only": True if getattr(args, "offline", False) else None,
+            "show_progress": not getattr(args, "quiet", False)}
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return f"{n} B"  # pragma: no cover
+
+
+def cmd_pull(args: argparse.Namespace) -> int:
+    """Download (or, offline, check) each model into the Hugging Face cache; print where it lives."""
+    from tamis.models.loading import (
+        DEFAULT_MODEL_ALIASES,
+        hub_snapshot,
+        model_size,
+        parse_hub_id,
+        resolve_model_dir,
+    )
+
+    failed = 0
+    for model in args.models:
+        try:
+            hub = parse_hub_id(model)
+            if model.lower() in DEFAULT_MODEL_ALIASES or hub is None or os.path.isdir(model):
+                where = resolve_model_dir(model)  # bundled or local: nothing to fetch
+            else:
+                if hub[1] and args.revision and hub[1] != args.revision:
+                    raise InvalidInputError(f"{model} names revision {hub[1]!r} and --revision is {args.revision!r}")
+                where = hub_snapshot(hub[0], hub[1] or args.revision, refresh=True, **_hub_kwargs(args))
+        except Exception as exc:
+            known = error_message(exc)
+            if known is None:
+                raise
+            print(f"tamis: error: {known[0]}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{model}\t{where}\t{_size(model_size(where))}", flush=True)
+    return 2 if failed else 0
+
+
+def _add_pull(sub: Any) -> None:
+    p = sub.add_parser(
+        "pull", help="download models into the Hugging Face cache (or check them there) and exit",
+        description="Download each model (Hugging Face id, optionally id@revision) into the Hugging Face cache "
+        "(HF_HUB_CACHE / HF_HOME), fetching only what tamis loads (configs, tokenizer, safetensors), or find "
+        "it there with --offline; then print one line per model: name, directory, size. For baking images "
+        "that run offline (`tamis serve --offline`). A local directory or 'default' is only checked.",
+    )
+    p.add_argument("models", nargs="+", metavar="MODEL", help="Hugging Face id (org/name[@revision]), directory")
+    p.add_argument("--revision", default=None, help="branch, tag or commit for ids without @revision")
+    p.add_argument("--offline", action="store_true", help="never use the network: only check the cache")
+    p.add_argument("-q", "--quiet", action="store_true", help="no download progress on stderr")
+    p.set_defaults(func=cmd_pull)
 
 
 # ------------------------------------------------------------------------------------------ parser
@@ -294,7 +358,11 @@ def _one_shot_compile(choice: str, est_tokens: int | None) -> tuple[dict[str, An
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="local directory or HF id in the local cache (default: bundled)")
+    p.add_argument("--model", default=None,
+                   help="local directory or Hugging Face id org/name[@revision] (cache, else download; "
+                        "default: bundled)")
+    p.add_argument("--offline", action="store_true",
+                   help="never use the network: Hub ids come from the Hugging Face cache only (as HF_HUB_OFFLINE=1)")
     p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16", "int8"],
                    help="auto (default): bfloat16 on CPUs with native bf16 and on GPUs, else float32; int8: dynamic "
@@ -356,6 +424,7 @@ def build_parser(load: Collection[str] | None = None) -> argparse.ArgumentParser
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_embed(sub)
     _add_rerank(sub)
+    _add_pull(sub)
     wanted = set(PACKAGE_COMMANDS) if load is None else set(load)
     for module in dict.fromkeys(m for c, (m, _) in PACKAGE_COMMANDS.items() if c in wanted):
         importlib.import_module(module).register(sub)

@@ -89,6 +89,8 @@ class ServerState:
         self.draining = False
         self.created = int(time.time())
         self.loop: Any = None  # the event loop, set at start-up (drain() is scheduled onto it)
+        # called with the one-line reason when the background load fails (`tamis serve` then exits non-zero)
+        self.on_load_failed: Callable[[str], None] | None = None
 
     def register(self, embedders: Mapping[str, Any], rerankers: Mapping[str, Any]) -> None:
         s = self.settings
@@ -341,7 +343,8 @@ def create_app(
     """Build the app around loaded models (``{served name: Embedder}``, ``{served name: Reranker}``).
 
     With ``loader`` (a function returning ``(embedders, rerankers)``) the models are loaded in a background
-    thread at start-up instead: the port opens at once, ``/health`` answers 503 until loading is done.
+    thread at start-up instead: the port opens at once, ``/health`` answers 503 until loading is done (then
+    200; ``"failed"`` with the reason if it failed), and ``/livez`` answers 200 whenever the process serves HTTP.
     """
     settings = settings or ServerSettings()
     metrics = Metrics()
@@ -360,11 +363,15 @@ def create_app(
         except Exception as exc:  # reported by /health and every model route
             from tamis.errors import TamisError
 
-            state.load_error = f"{type(exc).__name__}: {exc}"
             if isinstance(exc, TamisError):  # a missing model, a bad device: the message says what to do
+                state.load_error = str(exc)
                 logger.error("model loading failed: %s", exc)
             else:
+                first = (str(exc).strip().splitlines() or [""])[0]
+                state.load_error = f"{type(exc).__name__}: {first}".rstrip(": ")
                 logger.exception("model loading failed")
+            if state.on_load_failed is not None:
+                state.on_load_failed(state.load_error)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):  # type: ignore[no-untyped-def]
@@ -587,6 +594,11 @@ def create_app(
             return _json({"status": "failed", "detail": msg, **body}, 503)
         return _json({"status": "loading", "detail": "models are still loading", **body}, 503,
                      headers={"Retry-After": "5"})
+
+    @app.get("/livez", tags=["info"], responses={200: {"description": "the process serves HTTP (liveness)"}})
+    async def livez() -> Response:
+        """Liveness: 200 as soon as the process answers HTTP, while models load too (readiness is /health)."""
+        return _json({"status": "alive"})
 
     @app.get("/metrics", response_class=Response, tags=["info"],
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}},

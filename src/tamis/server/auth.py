@@ -14,7 +14,7 @@ from tamis.server.settings import LOOPBACK_HOSTS
 # paths served without a key: liveness and the docs. /metrics needs the key (Prometheus sends it with
 # `authorization: {credentials: KEY}` in its scrape config) unless the server runs with --public-metrics:
 # it names the served models and shows the traffic, which /v1/models already keeps behind the key.
-PUBLIC_PATHS = frozenset({"/health", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/"})
+PUBLIC_PATHS = frozenset({"/health", "/livez", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json", "/"})
 DOCS_STATIC = "/static-offline-docs"  # Swagger UI / ReDoc assets served from the fastapi-offline package
 
 

@@ -43,7 +43,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         description=(
             "Serve models over HTTP. With no arguments: the default embedding model (all-MiniLM-L6-v2) and the "
             "default reranker on 127.0.0.1:8080. Routes: POST /v1/embeddings, /v1/rerank, /v2/rerank; "
-            "GET /v1/models, /health, /metrics, /docs."
+            "GET /v1/models, /health (200 once every model is loaded, 503 before), /livez (200 while the process "
+            "serves HTTP), /metrics, /docs. The port opens at once; models load (and download) in the background, "
+            "and a model that fails to load stops the server with a non-zero exit status."
         ),
     )
     add_arguments(p)
@@ -54,11 +56,15 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = ServerSettings()
     p.add_argument("--embedding-model", action="append", default=None, metavar="[NAME=]MODEL",
-                   help="embedding model: local dir, HF id in the local cache, or 'default'; repeat to serve several "
+                   help="embedding model: local dir, Hugging Face id org/name[@revision] (cache, else download), or "
+                        "'default'; repeat to serve several "
                         "(requests pick one with their 'model' field); NAME= sets the served name")
     p.add_argument("--reranker-model", action="append", default=None, metavar="[NAME=]MODEL",
                    help="reranker model (cross-encoder, listwise, ensemble; 'default' = the shipped tamis-reranker-tiny, "
                         "'embedding' = all-MiniLM-L6-v2 similarity); repeatable")
+    p.add_argument("--offline", action="store_true",
+                   help="never touch the network: Hub ids load from the Hugging Face cache only (fill it with "
+                        "`tamis pull`); sets HF_HUB_OFFLINE=1 for the whole process")
     p.add_argument("--no-embedding", action="store_true", help="serve no embedding model")
     p.add_argument("--no-reranker", action="store_true", help="serve no reranker")
     p.add_argument("--host", default=DEFAULT_HOST, help=f"bind address (default {DEFAULT_HOST})")
@@ -134,10 +140,11 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 def load_models(
     embedding_specs: Sequence[str], reranker_specs: Sequence[str], device: str = "cpu", dtype: str = "auto",
-    compile: str = "auto",
+    compile: str = "auto", offline: bool = False,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Load models by spec; served name = ``NAME=`` if given, else the model's own name. ``compile``: the
-    ``--compile`` choice (auto, on, off); a compiled model pays its warm-up here, before /health is ready."""
+    ``--compile`` choice (auto, on, off); a compiled model pays its warm-up here, before /health is ready.
+    Hub ids come from the Hugging Face cache, else are downloaded (progress on stderr) unless ``offline``."""
     import tamis
     from tamis.cli import compile_kwargs
     from tamis.models.loading import DEFAULT_MODEL_ALIASES
@@ -146,13 +153,14 @@ def load_models(
     def bundled(model: str) -> str:  # every spelling of the bundled all-MiniLM-L6-v2 shares one copy
         return "default" if model.lower() in DEFAULT_MODEL_ALIASES | EMBEDDING_RERANKER_ALIASES else model
 
+    hub = {"local_files_only": True} if offline else {}
     embedders: dict[str, Any] = {}
     rerankers: dict[str, Any] = {}
     by_spec: dict[str, Any] = {}
     for spec in embedding_specs:
         name, model = parse_model_spec(spec)
         emb = tamis.Embedder(None if model == "default" else model, device=device, dtype=dtype,
-                             **compile_kwargs(compile))
+                             **compile_kwargs(compile), **hub)
         by_spec[bundled(model)] = emb
         _add(embedders, name or emb.name, emb, "embedding")
     for spec in reranker_specs:
@@ -163,7 +171,7 @@ def load_models(
             rr = EmbeddingReranker(by_spec[bundled(model)], name=by_spec[bundled(model)].name)
         else:
             rr = tamis.Reranker(None if model == "default" else model, device=device, dtype=dtype,
-                                **compile_kwargs(compile))
+                                **compile_kwargs(compile), **hub)
         _add(rerankers, name or rr.name, rr, "reranker")
     if embedding_specs or reranker_specs:
         from tamis.hardware import cpu_info
@@ -202,16 +210,24 @@ def serve_command(args: argparse.Namespace) -> int:
     if not emb_specs and not rr_specs:
         print("tamis serve: nothing to serve (both --no-embedding and --no-reranker)", file=sys.stderr)
         return 2
+    if args.offline:  # huggingface_hub reads this once, at import: set both, so nothing in the process goes out
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        hub_constants = sys.modules.get("huggingface_hub.constants")
+        if hub_constants is not None:
+            hub_constants.HF_HUB_OFFLINE = True  # type: ignore[attr-defined]
     from tamis.models.loading import resolve_device
 
     resolve_device(args.device)  # a device this torch cannot use: one `tamis: error:` line before the port opens
     level, message = startup_message(len(settings.api_keys), args.host)
     logger.log(level, message)
     app = create_app(settings=settings, loader=lambda: load_models(emb_specs, rr_specs, args.device, args.dtype,
-                                                                       args.compile))
+                                                                       args.compile, args.offline))
     logger.info("serving on http://%s:%d (docs at /docs); loading models: embedding %s, reranker %s",
                 args.host, args.port, emb_specs, rr_specs)
-    run(app, settings, args.host, args.port, args.log_level)
+    load_error = run(app, settings, args.host, args.port, args.log_level)
+    if load_error is not None:  # the server stopped because a model could not be loaded
+        print(f"tamis: error: model loading failed: {load_error}", file=sys.stderr)
+        return 1
     return 0
 
 

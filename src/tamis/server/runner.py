@@ -180,6 +180,14 @@ class Server(uvicorn.Server):
         super().__init__(config)
         self.tamis_state = getattr(getattr(app, "state", None), "tamis", None)
         self.grace_s = grace_s
+        self.load_error: str | None = None
+        if self.tamis_state is not None:
+            self.tamis_state.on_load_failed = self.load_failed
+
+    def load_failed(self, reason: str) -> None:
+        """The models could not be loaded (loader thread): stop serving; :func:`run` returns ``reason``."""
+        self.load_error = reason
+        self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         first = not self.should_exit
@@ -234,8 +242,9 @@ def fit_open_files(limit: int, max_connections: int, backlog: int = ACCEPT_BACKL
     return max(1, min(max_connections, spare - 3 * backlog)), backlog
 
 
-def run(app: Any, settings: ServerSettings, host: str, port: int, log_level: str = "info") -> None:
-    """Serve ``app`` until SIGTERM / Ctrl-C, then drain (see :class:`Server`)."""
+def run(app: Any, settings: ServerSettings, host: str, port: int, log_level: str = "info") -> str | None:
+    """Serve ``app`` until SIGTERM / Ctrl-C, then drain (see :class:`Server`). Returns None, or why the models
+    could not be loaded (the server then stops at once: an orchestrator sees the exit and its reason)."""
     limit = raise_open_file_limit(settings.max_connections + 3 * ACCEPT_BACKLOG + RESERVED_FILES)
     connections, backlog = fit_open_files(limit, settings.max_connections)
     if connections < settings.max_connections:
@@ -244,4 +253,6 @@ def run(app: Any, settings: ServerSettings, host: str, port: int, log_level: str
         settings.max_connections = connections
     config = make_config(app, settings, host=host, port=port, log_level=log_level, backlog=backlog)
     quiet_repeats()
-    Server(config, app, settings.graceful_timeout_s).run()
+    server = Server(config, app, settings.graceful_timeout_s)
+    server.run()
+    return server.load_error
