@@ -1,4 +1,4 @@
-"""Read a Llama-architecture GGUF file (llama.cpp's format) into a Hugging Face layout directory.
+"""Read a Llama- or Qwen2-architecture GGUF file (llama.cpp's format) into a Hugging Face layout directory.
 
 The ``gguf`` package (llama.cpp's own reader) parses the file and dequantizes every tensor to float32;
 this module only maps names and undoes llama.cpp's conversion quirks:
@@ -7,10 +7,11 @@ this module only maps names and undoes llama.cpp's conversion quirks:
 - shapes: GGUF lists dimensions fastest-first, so ``[in, out]`` there is a ``[out, in]`` torch weight;
 - rotary layout: llama.cpp's converter permutes the rows of ``q_proj`` / ``k_proj`` of Llama models so that
   its interleaved ("GPT-J") RoPE equals Hugging Face's half-split ("NeoX") one; :func:`unpermute_rope`
-  inverts that permutation, because our decoder (tamis.models.qwen3) uses the half-split layout;
+  inverts that permutation, because our decoder (tamis.models.qwen3) uses the half-split layout. Qwen2
+  files are not permuted (llama.cpp runs them with NeoX RoPE) and carry q/k/v biases;
 - tokenizer: a GPT-2 style byte-level BPE (``tokenizer.ggml.tokens`` / ``merges``) is rebuilt as a
   ``tokenizer.json`` for the ``tokenizers`` library, with control tokens (``<|im_start|>`` ...) as special
-  added tokens and the pre-tokenizer named by ``tokenizer.ggml.pre``.
+  added tokens and the pre-tokenizer named by ``tokenizer.ggml.pre`` (``smollm``, ``gpt2``, ``qwen2``).
 
 Quantized weights (Q4_1, Q8_0, ...) are lossy; dequantized they are the exact values llama.cpp computes
 with. :func:`gguf_to_hf` writes ``config.json`` (model_type llama), ``model.safetensors`` (float32),
@@ -44,8 +45,12 @@ _LAYER_NAMES = {
 }
 
 # llama.cpp pre-tokenizer names -> the regex split of Hugging Face's tokenizer.json for those models.
-# "gpt2"-family byte-level splitting; "smollm" additionally splits every digit on its own.
-_PRE_TOKENIZERS = {"smollm": True, "gpt2": False, "default": False}
+# "gpt2"-family byte-level splitting; "smollm" additionally splits every digit on its own; "qwen2" uses its
+# own split (one digit per piece, letters with one leading non-letter, NFC-normalised text).
+_PRE_TOKENIZERS = {"smollm": True, "gpt2": False, "default": False, "qwen2": False}
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
 
 def _reader(path: str | os.PathLike[str]) -> Any:
@@ -90,16 +95,17 @@ def permute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def read_gguf(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
-    """(HF ``config.json`` dict, HF-named float32 state dict, tokenizer description) of a Llama GGUF."""
+    """(HF ``config.json`` dict, HF-named float32 state dict, tokenizer description) of a Llama / Qwen2 GGUF."""
     from gguf import dequantize
 
     reader = _reader(path)
     arch = _field(reader, "general.architecture")
-    if arch != "llama":
-        raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} is not supported (only 'llama')")
+    if arch not in _ARCHITECTURES:
+        raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} is not supported "
+                                    f"({', '.join(map(repr, _ARCHITECTURES))})")
 
     def meta(key: str, default: Any = None) -> Any:
-        return _field(reader, f"llama.{key}", default)
+        return _field(reader, f"{arch}.{key}", default)
 
     hidden = int(meta("embedding_length"))
     heads = int(meta("attention.head_count"))
@@ -109,8 +115,8 @@ def read_gguf(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, t
         raise UnsupportedModelError(f"{path}: partial rotary embeddings are not supported")
     tokens = list(_field(reader, "tokenizer.ggml.tokens") or [])
     config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [_ARCHITECTURES[arch]],
+        "model_type": arch,
         "vocab_size": int(meta("vocab_size", len(tokens))),
         "hidden_size": hidden,
         "intermediate_size": int(meta("feed_forward_length")),
@@ -147,13 +153,14 @@ def read_gguf(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, t
             state["lm_head.weight"] = w
         elif name.startswith("blk."):
             _, layer, kind, suffix = name.split(".", 3)
-            if kind not in _LAYER_NAMES or suffix != "weight":
+            biased = arch == "qwen2" and kind in ("attn_q", "attn_k", "attn_v")
+            if kind not in _LAYER_NAMES or suffix not in (("weight", "bias") if biased else ("weight",)):
                 raise UnsupportedModelError(f"{path}: unexpected tensor {name}")
-            if kind == "attn_q":
+            if arch == "llama" and kind == "attn_q":
                 w = unpermute_rope(w, heads)
-            elif kind == "attn_k":
+            elif arch == "llama" and kind == "attn_k":
                 w = unpermute_rope(w, kv_heads)
-            state[f"model.layers.{layer}.{_LAYER_NAMES[kind]}.weight"] = w
+            state[f"model.layers.{layer}.{_LAYER_NAMES[kind]}.{suffix}"] = w
         elif name == "rope_freqs.weight":
             raise UnsupportedModelError(f"{path}: rope frequency factors (rope scaling) are not supported")
         else:
@@ -174,7 +181,7 @@ def read_gguf(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, t
 
 def build_tokenizer(desc: dict[str, Any]) -> Any:
     """A ``tokenizers.Tokenizer`` for a GGUF ``gpt2``-type vocabulary (byte-level BPE)."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
     if desc["model"] != "gpt2":
         raise UnsupportedModelError(f"GGUF tokenizer model {desc['model']!r} is not supported (only byte-level BPE 'gpt2')")
@@ -184,9 +191,14 @@ def build_tokenizer(desc: dict[str, Any]) -> Any:
     vocab = {tok: i for i, tok in enumerate(desc["tokens"])}
     merges = [tuple(m.split(" ", 1)) for m in desc["merges"]]
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]  # GPT-2's regex split
-    if _PRE_TOKENIZERS[pre]:
-        steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
+    if pre == "qwen2":  # Qwen2's tokenizer.json: NFC, its own split, then bytes without GPT-2's regex
+        tok.normalizer = normalizers.NFC()
+        steps = [pre_tokenizers.Split(Regex(_QWEN2_SPLIT), behavior="isolated"),
+                 pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    else:
+        steps = [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]  # GPT-2's regex split
+        if _PRE_TOKENIZERS[pre]:
+            steps.insert(0, pre_tokenizers.Digits(individual_digits=True))
     tok.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tok.decoder = decoders.ByteLevel()
     # GGUF token types: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte

@@ -7,8 +7,10 @@ Document vectors are read from the final post-norm hidden state at ``<|embed_tok
 query vector at the ``<|rerank_token|>`` position; the token ids are passed in by the caller, who takes
 them from the tokenizer.
 
-Llama (e.g. SmolLM2) is the same decoder without the per-head q/k RMSNorm (``qk_norm=False``), so both
-model types share these modules; ``Qwen3Config.from_dict`` reads either ``config.json``.
+Llama (e.g. SmolLM2) is the same decoder without the per-head q/k RMSNorm (``qk_norm=False``), and Qwen2
+(e.g. Qwen2.5-Coder) is Llama with biases on the q/k/v projections (``qkv_bias=True``), so the three model
+types share these modules; ``Qwen3Config.from_dict`` reads each ``config.json``. :class:`DecoderLM` adds the
+(usually tied) LM head and a key/value cache for generation (:mod:`tamis.models.generate`).
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ class Qwen3Config:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 1_000_000.0
     max_position_embeddings: int = 131072
-    attention_bias: bool = False
-    qk_norm: bool = True  # Qwen3: RMSNorm on each query/key head before RoPE; Llama: none
+    attention_bias: bool = False  # biases on q/k/v/o (Llama's attention_bias)
+    qkv_bias: bool = False  # biases on q/k/v only (Qwen2)
+    qk_norm: bool = True  # Qwen3: RMSNorm on each query/key head before RoPE; Llama, Qwen2: none
+    tie_word_embeddings: bool = True
     model_type: str = "qwen3"
     # listwise projector: Linear(hidden, projector_hidden) -> ReLU -> Linear(projector_hidden, projector_dim)
     projector_hidden: int = 0
@@ -50,10 +54,10 @@ class Qwen3Config:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Qwen3Config:
-        """Build from a Hugging Face ``config.json`` of ``model_type`` qwen3 or llama."""
+        """Build from a Hugging Face ``config.json`` of ``model_type`` qwen3, qwen2 or llama."""
         model_type = d.get("model_type") or "qwen3"
-        if model_type not in ("qwen3", "llama"):
-            raise UnsupportedModelError(f"expected a qwen3 or llama config, got model_type {model_type!r}")
+        if model_type not in ("qwen3", "qwen2", "llama"):
+            raise UnsupportedModelError(f"expected a qwen3, qwen2 or llama config, got model_type {model_type!r}")
         act = d.get("hidden_act", "silu")
         if act != "silu":
             raise UnsupportedModelError(f"{model_type}: hidden_act {act!r} is not supported (only 'silu')")
@@ -80,8 +84,10 @@ class Qwen3Config:
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
             rope_theta=float(d.get("rope_theta", rope.get("rope_theta", 1_000_000.0))),
             max_position_embeddings=int(d.get("max_position_embeddings", 131072)),
-            attention_bias=bool(d.get("attention_bias", False)),
+            attention_bias=model_type != "qwen2" and bool(d.get("attention_bias", False)),
+            qkv_bias=model_type == "qwen2",
             qk_norm=model_type == "qwen3",
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
             model_type=model_type,
             projector_hidden=int(d.get("projector_hidden") or hidden // 2),
             projector_dim=int(d.get("projector_dim") or DEFAULT_PROJECTOR_DIM),
@@ -128,22 +134,28 @@ class Attention(nn.Module):
         self.n_heads = cfg.num_attention_heads
         self.n_kv = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
-        bias = cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=bias)
+        qkv_bias = cfg.attention_bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias)
         self.q_norm: nn.Module = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm: nn.Module = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else nn.Identity()
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
-    ) -> torch.Tensor:
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Self-attention over ``x``; with ``past`` (cached keys/values [B, n_kv, T, hd]) the new tokens also
+        attend to the cached ones, and the result is ``(out, (keys, values))`` with this call's appended."""
         b, n, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, n, self.n_heads, self.head_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(b, n, self.n_kv, self.head_dim)).transpose(1, 2)
         v = self.v_proj(x).view(b, n, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        cache = (k, v)
         if self.n_kv != self.n_heads:
             rep = self.n_heads // self.n_kv
             k = k.repeat_interleave(rep, dim=1)
@@ -152,7 +164,8 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        return self.o_proj(out.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim))
+        out = self.o_proj(out.transpose(1, 2).reshape(b, n, self.n_heads * self.head_dim))
+        return out if past is None else (out, cache)
 
 
 class MLP(nn.Module):
@@ -179,6 +192,14 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_cached(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+        past: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 def _run_layer(layer: nn.Module, route: Any, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -226,6 +247,109 @@ class Qwen3Model(nn.Module):
             else:
                 x = layer(x, cos, sin, mask)
         return self.norm(x)
+
+    def forward_cached(
+        self, input_ids: torch.Tensor, cache: KVCache, attention_mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, KVCache]:
+        """New tokens ``input_ids`` [B, L] after the ``cache``d ones -> (final hidden states [B, L, H], the
+        cache with them appended). ``attention_mask`` [B, L] marks the real new tokens (padding may sit
+        anywhere); positions count real tokens only, the cached ones included, as in :meth:`forward`."""
+        b, n = input_ids.shape
+        device = input_ids.device
+        if cache.real.shape[0] != b:
+            cache = cache.expand(b)
+        new_real = attention_mask.bool() if attention_mask is not None else torch.ones(b, n, dtype=torch.bool,
+                                                                                      device=device)
+        real = torch.cat([cache.real, new_real], dim=1)  # [B, T + L]
+        positions = ((real.long().cumsum(-1) - 1).clamp(min=0))[:, -n:]
+        keys = torch.arange(real.shape[1], device=device)
+        queries = keys[-n:]
+        # a new token sees the real tokens up to itself; a padded one only itself (softmax stays finite)
+        mask = ((keys[None, :] <= queries[:, None])[None] & real[:, None, :]) | (keys[None, :] == queries[:, None])
+        x = self.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(positions, self.config.head_dim, self.config.rope_theta, x.dtype)
+        layers = []
+        for layer, past in zip(self.layers, cache.layers):
+            x, kv = layer.forward_cached(x, cos, sin, mask[:, None], past)
+            layers.append(kv)
+        return self.norm(x), KVCache(layers, real)
+
+
+@dataclass
+class KVCache:
+    """Keys and values [B, n_kv, T, head_dim] of every layer for the T tokens seen so far, and which of
+    them are real (``real`` [B, T], False at padding). A batch-1 cache (a shared prompt prefix) serves a
+    batch of any size: the first call that extends it broadcasts it over the batch."""
+
+    layers: list[tuple[torch.Tensor, torch.Tensor]]
+    real: torch.Tensor
+
+    @classmethod
+    def empty(cls, cfg: Qwen3Config, batch: int = 1, device: str | torch.device = "cpu",
+              dtype: torch.dtype = torch.float32) -> KVCache:
+        z = torch.zeros(batch, cfg.num_key_value_heads, 0, cfg.head_dim, device=device, dtype=dtype)
+        return cls([(z, z) for _ in range(cfg.num_hidden_layers)], torch.zeros(batch, 0, dtype=torch.bool,
+                                                                                device=device))
+
+    @property
+    def length(self) -> int:
+        return int(self.real.shape[1])
+
+    def expand(self, batch: int) -> KVCache:
+        """This batch-1 cache as a batch of ``batch`` identical rows (views, no copy)."""
+        if self.real.shape[0] != 1:
+            raise ValueError(f"only a batch-1 cache can be expanded (this one has {self.real.shape[0]} rows)")
+        return KVCache([(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self.layers],
+                       self.real.expand(batch, -1))
+
+
+class DecoderLM(nn.Module):
+    """The decoder with its LM head (tied to the input embeddings unless the checkpoint has its own):
+    next-token logits for generation. Loads Qwen2/Qwen3/Llama ``*ForCausalLM`` checkpoints and GGUF files
+    converted by :func:`tamis.models.gguf.gguf_to_hf`."""
+
+    def __init__(self, cfg: Qwen3Config):
+        super().__init__()
+        self.config = cfg
+        self.model = Qwen3Model(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, KVCache]:
+        """(logits [B, V] of the token after each row's last position, the cache with ``input_ids`` added).
+        Rows are right-aligned: pad on the left (``attention_mask`` 0) so every row ends at position -1."""
+        if cache is None:
+            cache = KVCache.empty(self.config, input_ids.shape[0], self.device, self.dtype)
+        hidden, cache = self.model.forward_cached(input_ids, cache, attention_mask)
+        return self.lm_head(hidden[:, -1]).float(), cache
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, device: str | torch.device = "cpu",
+                        dtype: str | torch.dtype = "float32") -> DecoderLM:
+        model_dir = Path(model_dir)
+        cfg = Qwen3Config.from_dict(load_config(model_dir))
+        state = load_state_dict(model_dir)
+        if cfg.tie_word_embeddings:
+            state.pop("lm_head.weight", None)
+            state["lm_head.weight"] = state["model.embed_tokens.weight"]
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_state_dict(apply_key_map(state, model), assign=True)
+        model = model.to(device=device, dtype=resolve_dtype(dtype)).eval()
+        if cfg.tie_word_embeddings:  # assign=True and .to() untie the two; keep one tensor
+            model.lm_head.weight = model.model.embed_tokens.weight
+        return model
+
 
 
 class JinaListwiseModel(nn.Module):
