@@ -469,6 +469,35 @@ def pairs_with_unlabelled(pairs_dir, tmp_path) -> Path:
     return d
 
 
+def test_unlabelled_set_gives_label_free_lists_only(tmp_path):
+    """``DIR:unlabelled``: a corpus and real queries without judgments (web search queries beside a pooled
+    corpus) are all label-free queries; prepare_data mines their lists only when label-free lists are asked."""
+    import gzip
+
+    from tamis.train.rerankers import prepare_data
+
+    d = tmp_path / "web"
+    d.mkdir()
+    docs = [(f"{t}{i}", text) for t, texts in TOPICS.items() for i, text in enumerate(texts)]
+    with gzip.open(d / "corpus.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"_id": i, "title": "", "text": x}) + "\n" for i, x in docs)
+    with gzip.open(d / "queries.jsonl.gz", "wt") as f:
+        f.writelines(json.dumps({"_id": q, "text": x}) + "\n"
+                     for q, x in (("w1", "rust belt towns"), ("w2", "tea for cats"), ("w3", "  ")))
+    data = load_training_data(f"{d}:unlabelled")
+    assert data.name == "web-unlabelled" and len(data.corpus) == len(docs)
+    assert data.unlabelled_queries() == ["w1", "w2"] and data.trainable_queries() == []  # the blank query is dropped
+    assert split_dev(data, 0.5) == ([], [])
+    cfg = MiningConfig(methods=("bm25",), n_negatives=2, skip_top=0, depth=10, label_free=True)
+    prepared = prepare_data([f"{d}:unlabelled"], tmp_path / "prep", cfg, show_progress=False)
+    assert [t.qid for t in prepared.train] == ["w1", "w2"] and prepared.dev_run == {}
+    assert all(not t.positives and t.labelled == 0 and len(t.negatives) == 3 for t in prepared.train)
+    off = MiningConfig(methods=("bm25",), n_negatives=2, skip_top=0, depth=10)
+    assert prepare_data([f"{d}:unlabelled"], tmp_path / "prep-off", off, show_progress=False).train == []
+    with pytest.raises(Exception, match="does not exist"):
+        load_training_data(f"{tmp_path / 'nope'}:unlabelled")
+
+
 def test_label_free_lists_of_queries_without_a_positive(pairs_with_unlabelled, tmp_path):
     """Judged queries without a relevant document become candidate-only lists (labelled non-relevant first,
     then mined; k + 1 per group), only when asked; a BEIR split's unjudged (test) queries never do."""

@@ -7,7 +7,9 @@ give them). Data sets are read from the layout of ``../shared/data`` (see
 
 - a BEIR directory with ``qrels/<split>.tsv`` (e.g. ``scifact`` with ``split="train"``);
 - a pair set directory with ``pairs.jsonl.gz`` (e.g. ``ares-pairs``): pairs are grouped by query text,
-  documents deduplicated, ids derived from the text (stable across runs).
+  documents deduplicated, ids derived from the text (stable across runs);
+- ``DIR:unlabelled``: a corpus and queries without any judgment (e.g. real search queries beside a pooled
+  corpus): every query is label-free, for teacher-scored candidate lists only.
 
 :func:`split_dev` holds out a deterministic slice of the *training* queries for model selection.
 :class:`TrainList` is one query with its positives and (labelled or mined) negatives.
@@ -99,8 +101,23 @@ def from_pairs(directory: str | os.PathLike[str], name: str | None = None) -> Re
     return RerankData(name, corpus, queries, qrels, sources)
 
 
+def from_unlabelled(directory: str | os.PathLike[str], with_title: bool = True) -> RerankData:
+    """A corpus and queries with no judgments: every query is a label-free query (in ``qrels`` with no
+    document), so it gives a mined candidate list that only a teacher can score."""
+    from tamis.evaluate.datasets import load_corpus, load_queries
+
+    path = Path(directory).expanduser()
+    if not path.is_dir():
+        raise DatasetError(f"data directory {path} does not exist")
+    corpus = load_corpus(path)
+    queries = {q: t for q, t in load_queries(path).items() if t.strip()}
+    name = f"{path.name}-unlabelled"
+    return RerankData(name, dict(zip(corpus.ids, corpus.documents(with_title))), queries,
+                      {q: {} for q in queries}, {q: name for q in queries})
+
+
 def load_training_data(spec: str | os.PathLike[str], with_title: bool = True, allow_test: bool = False) -> RerankData:
-    """``DIR`` (a pair set, or a BEIR set's ``train`` split) or ``DIR:SPLIT``.
+    """``DIR`` (a pair set, or a BEIR set's ``train`` split), ``DIR:SPLIT`` or ``DIR:unlabelled``.
 
     A ``test`` split is refused unless ``allow_test`` says the set is training data that merely comes
     as one file named so (e.g. llamaindex-10k-lyft, whose questions are the published *training* set
@@ -110,6 +127,8 @@ def load_training_data(spec: str | os.PathLike[str], with_title: bool = True, al
     if ":" in text and not Path(text).exists():
         text, _, split = text.rpartition(":")
     path = Path(text).expanduser()
+    if split == "unlabelled":
+        return from_unlabelled(path, with_title)
     if (path / "pairs.jsonl.gz").is_file() or (path / "pairs.jsonl").is_file():
         return from_pairs(path)
     if not (path / "qrels").is_dir():
