@@ -336,7 +336,13 @@ def resolve_model_dir(
     if pinned and revision and pinned != revision:
         raise ModelNotFoundError(text, [], hint=f"It names revision {pinned!r} and revision={revision!r} was also "
                                                 "given: give one")
-    return hub_snapshot(repo_id, pinned or revision, local_files_only=local_files_only, show_progress=show_progress)
+    try:
+        return hub_snapshot(repo_id, pinned or revision, local_files_only=local_files_only,
+                            show_progress=show_progress)
+    except HubError as exc:
+        if exc.status in (401, 404):  # perhaps a mistyped local path: say that none exists either
+            raise HubError(f"{exc}; nor is there a local directory {path.resolve()}", status=exc.status) from None
+        raise
 
 
 def model_size(directory: Path) -> int:

@@ -29,13 +29,14 @@ import threading
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tamis.batching import plan_batches
 from tamis.server.errors import ApiError, ClientDisconnected, DeadlineExceeded, Overloaded, ShuttingDown
 from tamis.server.metrics import Metrics
+
+if TYPE_CHECKING:  # torch is imported when a model runs: `tamis serve` opens its port before torch loads
+    import torch
 
 logger = logging.getLogger("tamis.server")
 
@@ -353,6 +354,8 @@ class ModelWorker:
 
     def _admit_rows(self, job: RowsJob) -> RowsJob:
         if job.n == 0:
+            import torch
+
             job.encodings = []
             job.future.set_result(torch.empty(0, 0))
             return job
@@ -598,6 +601,8 @@ class ModelWorker:
                 elif not job.dead:
                     assert out is not None
                     if job.out is None:
+                        import torch
+
                         job.out = torch.empty(job.n, out.shape[-1], dtype=torch.float32)
                     job.out[r] = out[k]
                 self._row_done_locked(job)

@@ -217,7 +217,8 @@ def serve_command(args: argparse.Namespace) -> int:
             hub_constants.HF_HUB_OFFLINE = True  # type: ignore[attr-defined]
     from tamis.models.loading import resolve_device
 
-    resolve_device(args.device)  # a device this torch cannot use: one `tamis: error:` line before the port opens
+    if args.device != "cpu":  # a device this torch cannot use: one `tamis: error:` line before the port opens
+        resolve_device(args.device)  # (the CPU needs no check: torch then loads with the models, port open)
     level, message = startup_message(len(settings.api_keys), args.host)
     logger.log(level, message)
     app = create_app(settings=settings, loader=lambda: load_models(emb_specs, rr_specs, args.device, args.dtype,
