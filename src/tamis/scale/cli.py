@@ -55,7 +55,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 def _io(p: argparse.ArgumentParser) -> None:
     p.add_argument("input", help="a .parquet or .jsonl/.json/.ndjson(.gz) file, or a directory of them")
     p.add_argument("output", help="output directory of Parquet shards")
-    p.add_argument("--model", default=None, help="local directory or HF id in the local cache (default: bundled)")
+    p.add_argument("--model", default=None, help="local directory or Hugging Face id org/name[@revision] (cache, else download; default: bundled)")
     p.add_argument("--keep", action="append", default=None, metavar="COLUMN",
                    help="column to carry into the output (repeatable; default: every column but the text ones)")
     p.add_argument("--skip-bad-rows", action="store_true", help="leave bad rows out instead of flagging them")

@@ -321,7 +321,7 @@ class EmbedBatch(_BatchMapper):
     """Embed the text column(s) of a batch. See the module docstring for the output columns.
 
     Args:
-        model: local directory, HF id in the local cache, or None for the bundled all-MiniLM-L6-v2.
+        model: local directory, Hugging Face id (cache, else download), or None for the bundled all-MiniLM-L6-v2.
         text_column: the column to embed, or several joined with a space (``["title", "text"]``; null or
             empty parts are left out; a row is bad when every part is).
         keep_columns: columns carried into the output (default: every column but the text columns).
@@ -488,7 +488,7 @@ class RerankBatch(_BatchMapper):
     batch, so keep a query's candidates together (sort by query, batch size >= candidates per query).
 
     Args:
-        model: reranker directory or HF id in the local cache (None: the default reranker).
+        model: reranker directory or Hugging Face id (cache, else download; None: the default reranker).
         query_column, document_column: the two text columns.
         keep_columns: columns carried into the output (default: every column but the two text columns).
         output_column: name of the score column.
