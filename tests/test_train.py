@@ -471,7 +471,7 @@ def pairs_with_unlabelled(pairs_dir, tmp_path) -> Path:
 
 def test_unlabelled_set_gives_label_free_lists_only(tmp_path):
     """``DIR:unlabelled``: a corpus and real queries without judgments (web search queries beside a pooled
-    corpus) are all label-free queries; prepare_data mines their lists only when label-free lists are asked."""
+    corpus) are all label-free queries, and prepare_data mines their candidate lists."""
     import gzip
 
     from tamis.train.rerankers import prepare_data
@@ -492,8 +492,9 @@ def test_unlabelled_set_gives_label_free_lists_only(tmp_path):
     prepared = prepare_data([f"{d}:unlabelled"], tmp_path / "prep", cfg, show_progress=False)
     assert [t.qid for t in prepared.train] == ["w1", "w2"] and prepared.dev_run == {}
     assert all(not t.positives and t.labelled == 0 and len(t.negatives) == 3 for t in prepared.train)
+    # such a set exists for its label-free lists: they are mined without asking too
     off = MiningConfig(methods=("bm25",), n_negatives=2, skip_top=0, depth=10)
-    assert prepare_data([f"{d}:unlabelled"], tmp_path / "prep-off", off, show_progress=False).train == []
+    assert prepare_data([f"{d}:unlabelled"], tmp_path / "prep-off", off, show_progress=False).train == prepared.train
     with pytest.raises(Exception, match="does not exist"):
         load_training_data(f"{tmp_path / 'nope'}:unlabelled")
 

@@ -121,7 +121,8 @@ def prepare_data(specs: Sequence[str], work_dir: str | Path, mining: MiningConfi
             lists, dev_run = load_lists(lists_path), load_run(dev_path)
         else:
             train_q, dev_q = split_dev(data, mining.dev, seed, mining.max_dev_per_source)
-            free_q = data.unlabelled_queries() if mining.label_free else []
+            # a set of unjudged queries only (DIR:unlabelled) exists for its label-free lists
+            free_q = data.unlabelled_queries() if mining.label_free or not data.trainable_queries() else []
             if "dense" in mining.methods and embedder is None:
                 from tamis.embed import Embedder
 
@@ -245,7 +246,7 @@ def train_reranker(
     config = config or TrainConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if mining.label_free:  # before mining: a wrong loss fails at once
+    if mining.label_free or any(str(d).endswith(":unlabelled") for d in data):  # before mining: fail at once
         check_label_free_loss(lists.loss, teacher is not None)
     emb_cache = EmbeddingCache(cache_dir) if cache_dir is not None else EmbeddingCache()
     t0 = time.perf_counter()
