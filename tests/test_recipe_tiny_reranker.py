@@ -102,3 +102,20 @@ def test_passage_order_is_a_seeded_sample_sorted_within_windows(recipe):
         assert lengths == sorted(lengths)
     # the first window is the first 10 of the seeded order, whatever the window size
     assert set(order[:10]) == set(recipe.passage_order(ids, texts, 0, 1)[:10])
+
+
+def test_query_records_carry_over_sessions_through_the_snapshot(recipe, tmp_path):
+    rows = [{"doc": f"d{i}", "query": f"q {i}", "prefix": i % 4} for i in (3, 1, 2)]
+    run = tmp_path / "queries.jsonl"
+    run.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"doc": "d9", "qu')  # the last line cut short
+    snap = tmp_path / "snap.jsonl.gz"
+    assert recipe.snapshot_records(run, snap) == 3
+    first = snap.read_bytes()
+    assert recipe.snapshot_records(run, snap) == 3 and snap.read_bytes() == first  # byte-stable
+    fresh = tmp_path / "fresh" / "queries.jsonl"
+    fresh.parent.mkdir()
+    assert recipe.seed_records(fresh, snap) == 3 and recipe.seed_records(fresh, snap) == 0
+    from tamis.train.querygen import read_records
+
+    assert sorted(read_records(fresh)) == ["d1", "d2", "d3"]
+    assert recipe.seed_records(run, snap) == 0 and recipe.seed_records(tmp_path / "x.jsonl", tmp_path / "none") == 0
