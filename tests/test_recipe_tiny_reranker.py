@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,10 @@ RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "tiny_reranker.py"
 def recipe():
     spec = importlib.util.spec_from_file_location("tiny_reranker_recipe", RECIPE)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
-    return module
+    yield module
+    sys.modules.pop(spec.name, None)
 
 
 def _row(name: str, ndcg: float, hit3: float | None = None, mrr: float | None = None) -> dict:
