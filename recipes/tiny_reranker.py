@@ -201,7 +201,7 @@ def main() -> int:
                     args.teacher_dtype, show)
     web_dir = work / "web"
     if "web" in stages:
-        build_web_sets(data_root, work, web_dir, args.web_queries, emb_cache, teacher_models, args.device,
+        build_web_sets(data_root, work, web_dir, args.web_queries, emb_cache, teacher_models, mining, args.device,
                        args.teacher_dtype, args.seed, show)
     web_specs = {"synthetic": str(web_dir / "synthetic"), "queries": f"{web_dir / 'queries'}:unlabelled"}
     for w in web:
@@ -410,13 +410,13 @@ def _write_beir(out: Path, docs: list[tuple[str, str]], queries: dict[str, str],
 
 
 def build_web_sets(data_root: Path, work: Path, web: Path, n_queries: int, emb_cache: Any, models: TeacherModels,
-                   device: str, mpnet_dtype: str, seed: int, show: bool) -> None:
+                   mining: Any, device: str, mpnet_dtype: str, seed: int, show: bool) -> None:
     """The consistency-filtered synthetic set, the label-free real-query set, and the fitted teacher's scores
     of both sets' training lists (WORK/web/scores-<set>.jsonl, ids as the student's merged data names them)."""
     import hashlib
 
     from tamis.evaluate.datasets import load_corpus, load_pairs, load_queries
-    from tamis.train import MiningConfig, prepare_data
+    from tamis.train import prepare_data
     from tamis.train.data import load_training_data, text_id
     from tamis.train.mining import candidate_run, first_stage_runs
     from tamis.train.querygen import read_records
@@ -460,8 +460,6 @@ def build_web_sets(data_root: Path, work: Path, web: Path, n_queries: int, emb_c
                                                "ares-pairs passages": len(ares)}}
     summary_path.write_text(json.dumps(summary, indent=1))
     # the teacher's scores of the student's lists of each web set (mined as the student will mine them)
-    mining = MiningConfig(methods=("bm25", "dense"), n_negatives=15, skip_top=3, depth=50, dev=0.05,
-                          max_dev_per_source=100, dev_depth=30)
     for name, spec in (("synthetic", web / "synthetic"), ("queries", f"{web / 'queries'}:unlabelled")):
         out = web / f"scores-{name}.jsonl"
         if out.is_file():

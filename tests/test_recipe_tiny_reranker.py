@@ -122,3 +122,79 @@ def test_query_records_carry_over_sessions_through_the_snapshot(recipe, tmp_path
 
     assert sorted(read_records(fresh)) == ["d1", "d2", "d3"]
     assert recipe.seed_records(run, snap) == 0 and recipe.seed_records(tmp_path / "x.jsonl", tmp_path / "none") == 0
+
+
+def _gz(path: Path, rows: list[dict]) -> None:
+    import gzip
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with gzip.open(path, "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+@pytest.mark.slow
+def test_web_stage_filters_generated_queries_and_scores_every_web_list(recipe, tmp_path):
+    """The 'web' stage on a miniature of ../shared/data: generated queries kept only where the fitted teacher
+    ranks their source passage first, the real queries as label-free lists over pool + wiki + ARES passages,
+    and the teacher's scores of both sets' lists under the ids the student's merged data gives them."""
+    transformers = pytest.importorskip("transformers")
+    import shutil
+
+    import torch
+
+    from conftest import QUESTIONS, TOPICS
+    from tamis.evaluate.first_stage import EmbeddingCache
+    from tamis.models.loading import resolve_model_dir
+    from tamis.train import MiningConfig, prepare_data
+
+    data = tmp_path / "data"
+    passages = [(f"p-{t}{i}", x) for t, texts in TOPICS.items() for i, x in enumerate(texts)]
+    _gz(data / "msmarco-v2-pool" / "corpus.jsonl.gz", [{"_id": d, "title": "", "text": x} for d, x in passages])
+    _gz(data / "web-queries" / "queries.jsonl.gz",
+        [{"_id": f"w{i}", "text": q, "source": "bing"} for i, q in enumerate(q for qs in QUESTIONS.values() for q in qs)])
+    _gz(data / "wiki-vital" / "en" / "corpus.jsonl.gz", [{"_id": "en0", "title": "Tea", "text": "Tea is a drink."}])
+    _gz(data / "ares-pairs" / "pairs.jsonl.gz", [{"query": "mars moons", "document": "Phobos orbits Mars.",
+                                                   "label": 1, "source": "nq"}])
+    work = tmp_path / "work"
+    # generated queries: one per passage, written as the 'queries' stage writes them (one blank)
+    qs = {d: (QUESTIONS[d[2:-1]][int(d[-1])] if d != "p-piano2" else "") for d, _ in passages}
+    (work / "synthetic").mkdir(parents=True)
+    (work / "synthetic" / "queries.jsonl").write_text(
+        "".join(json.dumps({"doc": d, "query": q, "prefix": 0}) + "\n" for d, q in qs.items()))
+    # a fitted teacher: MiniLM twice (as the mpnet member too) and a tiny random SPLADE with a small weight
+    splade = tmp_path / "splade"
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(cfg).save_pretrained(splade, safe_serialization=True)
+    shutil.copy(resolve_model_dir(None) / "tokenizer.json", splade / "tokenizer.json")
+    (work / "teacher").mkdir()
+    (work / "teacher" / "summary.json").write_text(json.dumps(
+        {"members": ["dense:all-MiniLM-L6-v2", "dense:mpnet", "splade"], "weights": [0.45, 0.45, 0.1],
+         "scale": 3.0}))
+    models = recipe.TeacherModels(resolve_model_dir(None), splade)
+    cache = EmbeddingCache(tmp_path / "cache")
+    mining = MiningConfig(methods=("bm25", "dense"), n_negatives=15, skip_top=3, depth=50, dev=0.05,
+                          max_dev_per_source=100, dev_depth=30)  # the recipe's
+    recipe.build_web_sets(data, work, work / "web", 12, cache, models, mining, "cpu", "float32", 0, False)
+
+    summary = json.loads((work / "web" / "summary.json").read_text())
+    syn = summary["synthetic"]
+    assert syn["records"] == 18 and syn["generated"] == 17 and 0 < syn["kept"] <= 17
+    kept_qrels = (work / "web" / "synthetic" / "qrels" / "train.tsv").read_text().splitlines()[1:]
+    assert len(kept_qrels) == syn["kept"] and all(q == f"s-{d}" for q, d, _ in (r.split("\t") for r in kept_qrels))
+    assert summary["queries"] == {"queries": 12, "of": 18, "corpus": 20, "corpus parts": {
+        "msmarco-v2-pool": 18, "wiki-vital/en": 1, "ares-pairs passages": 1}}
+    # the scores cover exactly the lists the student will mine, named as its merged data names them
+    for name, spec, prefix in (("synthetic", work / "web" / "synthetic", "synthetic-train/"),
+                               ("queries", f"{work / 'web' / 'queries'}:unlabelled", "queries-unlabelled/")):
+        prepared = prepare_data([str(spec)], work / "teacher" / "data", mining, 0, cache, False)
+        rows = [json.loads(x) for x in (work / "web" / f"scores-{name}.jsonl").read_text().splitlines()]
+        assert len(rows) == len(prepared.train) > 0
+        for row, t in zip(rows, prepared.train):
+            assert row["qid"] == prefix + t.qid
+            assert set(row["scores"]) == {prefix + d for d in [*t.positives, *t.negatives]}
+    # a rerun finds everything built and changes nothing
+    before = (work / "web" / "scores-queries.jsonl").read_bytes()
+    recipe.build_web_sets(data, work, work / "web", 12, cache, models, mining, "cpu", "float32", 0, False)
+    assert (work / "web" / "scores-queries.jsonl").read_bytes() == before
