@@ -174,39 +174,55 @@ def test_count_json_values_matches_a_tokenizer() -> None:
             assert count_json_values(s, block=block) == ref(s), (block, s)
 
 
-def test_large_body_is_bounded_before_parsing_and_health_stays_responsive() -> None:
+def test_large_body_is_bounded_before_parsing_and_health_stays_responsive(monkeypatch: pytest.MonkeyPatch) -> None:
     """Item 11: a body of a million list items was parsed and validated on the event loop (seconds, with
-    /health waiting); now it is refused from a byte count, off the loop, before anything is built."""
+    /health waiting); now it is refused from a byte count, off the loop, before anything is built.
+
+    Behaviour, not wall-clock time (issue 36, item 2): each big body is sent in two parts, and its second part
+    is held back until ``/health`` has answered, so the server is seen answering while the body is pending;
+    ``json.loads`` is watched to show the big bodies are never parsed."""
     big = b'{"input":[' + b",".join([b"1"] * 1_000_000) + b"]}"
     objects = b'{"query":"q","documents":[' + b",".join([b"{}"] * 600_000) + b"]}"
+    parsed: list[int] = []
+    loads = body_module.json.loads
+
+    def watching_loads(text: Any, *a: Any, **kw: Any) -> Any:
+        parsed.append(len(text))
+        return loads(text, *a, **kw)
+
+    monkeypatch.setattr(body_module.json, "loads", watching_loads)
+    health_answered = threading.Event()
     with LiveServer(make_app()) as srv:
-        results: dict[str, Any] = {}
+        results: dict[str, httpx.Response] = {}
 
         def send(name: str, body: bytes, path: str) -> None:
-            t0 = time.perf_counter()
-            r = httpx.post(srv.url + path, content=body, headers={"content-type": "application/json"}, timeout=60)
-            results[name] = (r, time.perf_counter() - t0)
+            def parts() -> Any:
+                yield body[:10]
+                health_answered.wait(60)  # the rest only once /health answered beside this pending body
+                yield body[10:]
 
-        health: list[float] = []
+            results[name] = httpx.post(srv.url + path, content=parts(), timeout=60,
+                                       headers={"content-type": "application/json", "content-length": str(len(body))})
+
         threads = [threading.Thread(target=send, args=("ints", big, "/v1/embeddings")),
                    threading.Thread(target=send, args=("objects", objects, "/v1/rerank"))]
         for t in threads:
             t.start()
+        health: list[int] = []
         with httpx.Client(base_url=srv.url, timeout=30) as h:
-            while True:  # at least one probe, also when both refusals came back before the client opened
-                t0 = time.perf_counter()
-                assert h.get("/health").status_code == 200
-                health.append(time.perf_counter() - t0)
-                if not any(t.is_alive() for t in threads):
-                    break
+            health.append(h.get("/health").status_code)
+            pending = all(t.is_alive() for t in threads)  # both bodies are still held back here
+            health_answered.set()
+            while any(t.is_alive() for t in threads):
+                health.append(h.get("/health").status_code)
                 time.sleep(0.01)
         for t in threads:
             t.join()
+    assert pending and health and set(health) == {200}, health
     for name in ("ints", "objects"):
-        r, seconds = results[name]
+        r = results[name]
         assert r.status_code == 413 and "JSON values" in r.json()["detail"], r.text
-        assert seconds < 3.0, (name, seconds)
-    assert health and max(health) < 0.5, max(health)
+    assert all(n < 10_000 for n in parsed), parsed  # the big bodies were refused before json.loads saw them
 
 
 def test_large_bodies_are_parsed_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -403,13 +419,13 @@ def test_sigterm_finishes_what_fits_and_answers_the_rest_with_503(tmp_path: Path
     """Item 14: queued work at SIGTERM got plain-text 500s at the graceful-shutdown timeout."""
     proc, url, log = start_script_server(tmp_path, "max_batch_size=1, graceful_timeout_s=3.0")
     try:
-        results: list[tuple[int, dict, dict, float]] = []
+        results: list[tuple[int, dict, dict]] = []
         http = httpx.Client(base_url=url, timeout=30, limits=httpx.Limits(max_connections=32))
 
         def one(i: int) -> None:
             r = http.post("/v1/embeddings", json={"input": [f"text {i}"]})
             body = r.json() if r.headers.get("content-type", "").startswith("application/json") else {"raw": r.text}
-            results.append((r.status_code, body, dict(r.headers), time.time()))
+            results.append((r.status_code, body, dict(r.headers)))
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(12)]  # 12 x 0.5 s of work, serial
         for t in threads:
@@ -419,7 +435,6 @@ def test_sigterm_finishes_what_fits_and_answers_the_rest_with_503(tmp_path: Path
             if metric(http.get("/metrics").text, "tamis_queue_requests") >= 12:
                 break
             time.sleep(0.05)
-        sent = time.time()
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(20)
@@ -435,9 +450,9 @@ def test_sigterm_finishes_what_fits_and_answers_the_rest_with_503(tmp_path: Path
     refused = [r for r in results if r[0] == 503]
     assert len(ok) + len(refused) == 12, statuses  # nothing else: no 500, no dropped connection
     assert 2 <= len(ok) <= 8 and refused, statuses  # what fit in the grace period (2 s of 6 s) finished
-    for _, body, headers, at in refused:
+    for _, body, headers in refused:
+        # a JSON 503 from the server, not a connection cut when the graceful-shutdown timeout ran out
         assert "shutting down" in body["detail"] and int(headers["retry-after"]) >= 1
-        assert at - sent < 3.0  # answered before the 3 s graceful-shutdown timeout
     assert proc.returncode is not None
 
 
@@ -452,16 +467,14 @@ def test_deadline_is_enforced_on_the_waiting_side() -> None:
         async with client(app) as c:
             blocker = asyncio.ensure_future(post(c, "/v1/rerank", {"query": "q", "documents": ["a", "b"]}))
             await asyncio.sleep(0.1)
-            t0 = time.perf_counter()
             small = await post(c, "/v1/rerank", {"query": "q", "documents": ["c"]})
-            small_s = time.perf_counter() - t0
             still_busy = not blocker.done() or rr.done_steps == []
             await blocker
-            return small, small_s, still_busy
+            return small, still_busy
 
-    small, small_s, still_busy = run(go())
+    small, still_busy = run(go())
     assert small.status_code == 503 and small.headers["retry-after"] and "waited in the queue" in small.json()["detail"]
-    assert small_s < 1.5 and still_busy, small_s  # at its deadline (0.5 s), not when the worker came free (2 s)
+    assert still_busy  # answered at its deadline, while the worker was still busy, not when it came free
 
 
 def test_started_rerank_stops_at_its_deadline() -> None:
@@ -564,13 +577,14 @@ def test_connections_time_out_and_are_capped() -> None:
         slow_body = socket.create_connection(addr)
         slow_body.sendall(b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                           b"Content-Length: 100\r\n\r\n{\"input\": ")
-        body_reply, body_s = _recv_all(slow_body, 3)
+        body_reply, _ = _recv_all(slow_body, 3)
         ok = httpx.post(srv.url + "/v1/embeddings", json={"input": "still serving"}, timeout=5)
         for s in [*silent, partial, slow_body]:
             s.close()
     assert head.startswith(b"HTTP/1.1 408")
-    assert all(data == b"" and 0.4 < s < 3.0 for data, s in closed), closed  # closed after the 0.5 s timeout
-    assert body_reply.startswith(b"HTTP/1.1 408") and b"body_timeout" in body_reply and body_s < 2.0
+    # closed by the server (b"", not "<still open>" at the end of the wait), never before the 0.5 s timeout
+    assert all(data == b"" and s > 0.4 for data, s in closed), closed
+    assert body_reply.startswith(b"HTTP/1.1 408") and b"body_timeout" in body_reply
     assert ok.status_code == 200
 
 
@@ -631,7 +645,7 @@ def test_connection_cap_closes_waiting_connections_first() -> None:
             t.start()
         time.sleep(0.4)
         extra = socket.create_connection(addr)
-        refused, refused_s = _recv_all(extra, 2)
+        refused, _ = _recv_all(extra, 2)
         extra.close()
         for t in threads:
             t.join(30)
@@ -640,9 +654,8 @@ def test_connection_cap_closes_waiting_connections_first() -> None:
     assert closed_first == [True, False, False]
     assert partial_reply.startswith(b"HTTP/1.1 408")
     assert still_open == [False, False, False, True, True, True], still_open
-    # closed by the server (b"", not "<still open>" after the 2 s wait), well before the wait ends (the bound is
-    # loose: a CPU quota can stall the event loop for ~100 ms at a time)
-    assert refused == b"" and refused_s < 1.5, (refused, refused_s)
+    # closed by the server: b"", not "<still open>" at the end of the wait
+    assert refused == b"", refused
     assert results == [200] * 4 and after.status_code == 200
 
 
@@ -764,17 +777,15 @@ def test_rss_and_time_of_a_rejected_million_object_body() -> None:
 
     async def go():
         async with client(make_app()) as c:
-            t0 = time.perf_counter()
-            r = await c.post("/v1/rerank", content=body, headers={"content-type": "application/json"})
-            return r, time.perf_counter() - t0
+            return await c.post("/v1/rerank", content=body, headers={"content-type": "application/json"})
 
     try:
-        r, seconds = run(go())
+        r = run(go())
     finally:
         done.set()
         sampler.join()
     grown = peak[0] - before
-    assert r.status_code == 413 and seconds < 3.0 and grown < 150, (seconds, grown)
+    assert r.status_code == 413 and grown < 150, grown  # refused from the byte count, nothing built
 
 
 # ---------------------------------------------------------------------------- start-up (item 6, server side)
