@@ -165,7 +165,7 @@ def generate_queries(generator: QueryGenerator, docs: Sequence[tuple[str, str]],
     with open(out_path, "a", encoding="utf-8") as f:
         if needs_newline:
             f.write("\n")
-        for i, batch in batches:
+        for n, (i, batch) in enumerate(batches, 1):
             batch = [(d, p) for d, p in batch if d not in done]
             k = i % c.n_prefixes
             gen = torch.Generator().manual_seed(c.seed * 1_000_003 + i) if c.temperature > 0 else None
@@ -177,7 +177,7 @@ def generate_queries(generator: QueryGenerator, docs: Sequence[tuple[str, str]],
             f.flush()
             written += len(batch)
             bar.update(len(batch))
-            if written in range(len(batch), len(batch) * 3 + 1, len(batch)) or written == remaining:
+            if n <= 3 or n % 20 == 0 or written == remaining:  # the first batches size the run, then a pulse
                 rate = (time.perf_counter() - t0) / written
                 log.info("queries: %d written, %.2f s per passage, ~%.0f min for the %d left", written, rate,
                          rate * (remaining - written) / 60, remaining - written)
