@@ -191,6 +191,98 @@ def test_cohere_v2_rerank(server: LiveServer, models: dict[str, Any]) -> None:
     assert e.value.status_code == 401
 
 
+# ---------------------------------------------------------------------------- cohere embed (issue 36, item 3)
+def test_cohere_v2_embed_all_types(server: LiveServer, models: dict[str, Any]) -> None:
+    import cohere
+
+    co = cohere.ClientV2(api_key=KEY, base_url=server.url)
+    res = co.embed(model=MINI, texts=TEXTS, input_type="search_document",
+                   embedding_types=["float", "int8", "uint8", "binary", "ubinary", "base64"])
+    ref = models["mini"].embed(TEXTS)
+    e = res.embeddings
+    got = np.array(e.float_)
+    assert got.shape == (5, 384) and cos(got, ref).min() >= 0.99999
+    int8, uint8 = np.array(e.int8), np.array(e.uint8)
+    assert int8.shape == (5, 384) and int8.min() >= -127 and int8.max() <= 127 and np.abs(int8).max(1).min() == 127
+    np.testing.assert_array_equal(uint8, int8 + 128)
+    assert cos(int8, ref).min() > 0.999  # the direction survives quantisation
+    signs = (ref > 0).astype(np.uint8)
+    np.testing.assert_array_equal(np.unpackbits(np.array(e.ubinary, np.uint8), axis=1), signs)
+    np.testing.assert_array_equal(np.array(e.binary), np.array(e.ubinary) - 128)
+    b64 = np.stack([np.frombuffer(base64.b64decode(x), "<f4") for x in e.base64])
+    np.testing.assert_allclose(b64, got, atol=1e-7)
+    assert res.texts == TEXTS and res.id and res.meta.billed_units.input_tokens == sum(models["mini"].count_tokens(TEXTS))
+    assert res.response_type == "embeddings_by_type"
+    # the default type is float; output_dimension is the Matryoshka cut
+    res = co.embed(model=MINI, texts=["hi"], input_type="search_query", output_dimension=32)
+    assert np.array(res.embeddings.float_).shape == (1, 32) and res.embeddings.int8 is None
+    # text content in v2 "inputs"
+    res = co.embed(model=MINI, inputs=[{"content": [{"type": "text", "text": "hi"}]}], input_type="search_query",
+                   embedding_types=["float"])
+    assert cos(np.array(res.embeddings.float_[0]), models["mini"].embed(["hi"])[0]) >= 0.99999
+    with pytest.raises(cohere.BadRequestError, match="empty string"):
+        co.embed(model=MINI, texts=["ok", ""], input_type="search_query")
+    with pytest.raises(cohere.BadRequestError, match="embedding_types"):
+        co.embed(model=MINI, texts=["ok"], input_type="search_query", embedding_types=["float16"])
+    with pytest.raises(cohere.core.api_error.ApiError) as err:
+        cohere.ClientV2(api_key="nope", base_url=server.url).embed(model=MINI, texts=["x"], input_type="search_query")
+    assert err.value.status_code == 401
+
+
+def test_cohere_embed_input_type_selects_the_task(server: LiveServer, models: dict[str, Any]) -> None:
+    import cohere
+
+    if models["v3"] is None:
+        pytest.skip("jina-embeddings-v3-tiny fixture missing")
+    co = cohere.ClientV2(api_key=KEY, base_url=server.url)
+    v3 = models["v3"]
+    for input_type, task in [("search_query", "retrieval.query"), ("search_document", "retrieval.passage"),
+                             ("classification", "classification"), ("clustering", "separation")]:
+        res = co.embed(model="jina-embeddings-v3-tiny", texts=[TEXTS[0], "hi"], input_type=input_type)
+        ref = v3.embed([TEXTS[0], "hi"], task=task)
+        np.testing.assert_allclose(np.array(res.embeddings.float_), ref, atol=1e-5)
+    # all-MiniLM-L6-v2 has no tasks: every input_type embeds the plain text
+    res = co.embed(model=MINI, texts=["x"], input_type="classification")
+    np.testing.assert_allclose(np.array(res.embeddings.float_), models["mini"].embed(["x"]), atol=1e-6)
+    with pytest.raises(cohere.BadRequestError, match="input_type"):
+        co.embed(model=MINI, texts=["x"], input_type="image")
+
+
+def test_cohere_embed_truncate_none_start_end(server: LiveServer, models: dict[str, Any]) -> None:
+    import cohere
+
+    mini = models["mini"]
+    head, tail = "alpha beta gamma " * 120, "the final words of a long text"
+    long = head + tail  # > 256 tokens
+    co = cohere.ClientV2(api_key=KEY, base_url=server.url)
+    with pytest.raises(cohere.BadRequestError, match="text 1 has"):
+        co.embed(model=MINI, texts=["short", long], input_type="search_document", truncate="NONE")
+    end = np.array(co.embed(model=MINI, texts=[long], input_type="search_document", truncate="END").embeddings.float_)
+    default = np.array(co.embed(model=MINI, texts=[long], input_type="search_document").embeddings.float_)
+    start = np.array(co.embed(model=MINI, texts=[long], input_type="search_document", truncate="START")
+                     .embeddings.float_)
+    np.testing.assert_allclose(end, mini.embed([long]), atol=1e-5)  # the end is dropped, as the library
+    np.testing.assert_allclose(default, end, atol=1e-6)  # Cohere's default is END
+    ids = mini.tokenizer.raw([long])[0].ids
+    kept = mini.tokenizer.decode(ids[-(mini.max_length - 2):])  # START keeps the last tokens
+    assert cos(start[0], mini.embed([kept])[0]) >= 0.9999
+    assert cos(start[0], end[0]) < 0.99  # not the same cut
+    r = post(server, "/v2/embed", {"model": MINI, "texts": [long], "input_type": "search_document"})
+    assert r.headers["x-truncated-inputs"] == "0"
+
+
+def test_cohere_v1_embed_response_shapes(server: LiveServer, models: dict[str, Any]) -> None:
+    import cohere
+
+    co = cohere.Client(api_key=KEY, base_url=server.url)
+    res = co.embed(model=MINI, texts=TEXTS, input_type="search_query")  # no embedding_types: embeddings_floats
+    assert res.response_type == "embeddings_floats"
+    assert cos(np.array(res.embeddings), models["mini"].embed(TEXTS)).min() >= 0.99999
+    res = co.embed(model=MINI, texts=TEXTS, input_type="search_query", embedding_types=["ubinary", "float"])
+    assert res.response_type == "embeddings_by_type"
+    assert np.array(res.embeddings.ubinary).shape == (5, 48) and np.array(res.embeddings.float_).shape == (5, 384)
+
+
 # ---------------------------------------------------------------------------- raw HTTP: Jina-only fields
 def test_v1_rerank_documents_and_usage(server: LiveServer, models: dict[str, Any]) -> None:
     r = post(server, "/v1/rerank", {"model": MINI, "query": QUERY, "documents": DOCS, "top_n": None})

@@ -40,8 +40,8 @@ PACKAGE_COMMANDS: dict[str, tuple[str, str]] = {
 
 # the library's embedding types (tamis.embed.EMBEDDING_TYPES; a test keeps them equal), known here so that
 # a wrong --embedding-type is an argument error before torch is imported
-EMBEDDING_TYPES = ("float", "base64", "binary", "ubinary")
-NPY_TYPES = {"float": "float32", "binary": "int8", "ubinary": "uint8"}
+EMBEDDING_TYPES = ("float", "base64", "binary", "ubinary", "int8", "uint8")
+NPY_TYPES = {"float": "float32", "binary": "int8", "ubinary": "uint8", "int8": "int8", "uint8": "uint8"}
 DEFAULT_WRITE_EVERY = 1024
 SHOW_PROGRESS_FROM = 64  # inputs
 

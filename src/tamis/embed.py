@@ -43,7 +43,7 @@ from tamis.tokenize import Encoded, Tokenizer, pack
 
 logger = logging.getLogger("tamis")
 
-EMBEDDING_TYPES = ("float", "base64", "binary", "ubinary")
+EMBEDDING_TYPES = ("float", "base64", "binary", "ubinary", "int8", "uint8")
 DEFAULT_LATE_CHUNK_OVERLAP = 512
 TOKENIZE_SLAB = 4096  # texts tokenized at a time in one embed() call (README "Speed")
 # LoRA targets of a fresh task adapter on a BERT-family encoder: every Linear of every layer (attention
@@ -82,6 +82,11 @@ def _model_name(model: str | Path | None, model_dir: Path) -> str:
     if Path(text).expanduser().is_dir():
         return Path(text).expanduser().resolve().name
     return text
+
+
+def _st_normalizes(model_dir: Path) -> bool:
+    """Whether the model's sentence-transformers pipeline (``modules.json``) ends in a Normalize module."""
+    return any(str(m.get("type", "")).endswith("Normalize") for m in read_json(model_dir / "modules.json") or [])
 
 
 def _pooling_mode(model_dir: Path, config: dict[str, Any]) -> str:
@@ -134,7 +139,12 @@ def pool_packed(hidden: torch.Tensor, lengths: Sequence[int], mode: str) -> torc
 
 
 def encode_output(x: np.ndarray, embedding_type: str | Sequence[str]) -> Any:
-    """Encode float vectors as ``float`` / ``base64`` / ``binary`` / ``ubinary`` (or several: a dict)."""
+    """Encode float vectors as ``float`` / ``base64`` / ``binary`` / ``ubinary`` / ``int8`` / ``uint8`` (or several:
+    a dict).
+
+    ``int8`` scales each vector so its largest absolute component is 127 and rounds (the direction, hence cosine
+    similarity, is kept up to rounding); ``uint8`` is that plus 128 (Cohere's ``uint8``). ``binary`` is the packed
+    sign bits minus 128, as sentence-transformers' ``quantize_embeddings`` and Cohere's ``binary``."""
     if not isinstance(embedding_type, str):
         types = list(embedding_type)
         if not types:
@@ -149,6 +159,10 @@ def encode_output(x: np.ndarray, embedding_type: str | Sequence[str]) -> Any:
         return np.packbits(x > 0, axis=-1)
     if embedding_type == "binary":
         return (np.packbits(x > 0, axis=-1).astype(np.int16) - 128).astype(np.int8)
+    if embedding_type in ("int8", "uint8"):
+        peak = np.maximum(np.abs(x).max(axis=-1, keepdims=True), 1e-12)
+        q = np.clip(np.rint(x / peak * 127.0), -127, 127).astype(np.int16)
+        return q.astype(np.int8) if embedding_type == "int8" else (q + 128).astype(np.uint8)
     raise InvalidInputError(f"unknown embedding_type {embedding_type!r}; use one of {list(EMBEDDING_TYPES)}")
 
 
@@ -216,6 +230,7 @@ class Embedder:
         self.max_batch_size = max_batch_size
         self.tokenizer = Tokenizer.from_dir(self.model_dir, self.config)
         self.pooling = _pooling_mode(self.model_dir, self.config)
+        self.st_normalize = _st_normalizes(self.model_dir)  # what SentenceTransformer(...).encode does anyway
         self._prefixes: dict[str, str] = {}
         self._adapters: dict[str, int] = {}  # task -> adapter index in the model's LoRA stacks
         self._n_adapters = 0
@@ -371,11 +386,13 @@ class Embedder:
             out.append(t)
         return out
 
-    def tokenize(self, texts: str | Sequence[str], task: str | None = None, truncate: bool = True) -> list[Encoded]:
-        """Prefix (task instruction / prompt) and tokenize; over-long inputs are cut or raise."""
+    def tokenize(self, texts: str | Sequence[str], task: str | None = None, truncate: bool = True,
+                 side: str = "right") -> list[Encoded]:
+        """Prefix (task instruction / prompt) and tokenize; over-long inputs are cut (at the end, or at the start
+        with ``side="left"``, keeping the prefix) or raise."""
         prefix = self.prefix(task)
         items = self._as_texts(texts)
-        return self.tokenizer.encode([prefix + t for t in items], self.max_length, truncate=truncate)
+        return self.tokenizer.encode(items, self.max_length, truncate=truncate, side=side, prefix=prefix)
 
     def count_tokens(self, texts: str | Sequence[str], task: str | None = None) -> list[int]:
         prefix = self.prefix(task)
@@ -513,6 +530,65 @@ class Embedder:
             texts, task, dimensions, normalized, embedding_type, truncate, late_chunking, show_progress
         ).embeddings
 
+    def encode(
+        self,
+        sentences: str | Sequence[str],
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+        output_value: str | None = "sentence_embedding",
+        precision: str = "float32",
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        device: str | None = None,
+        normalize_embeddings: bool = False,
+        truncate_dim: int | None = None,
+    ) -> Any:
+        """sentence-transformers' ``SentenceTransformer.encode``, same arguments and return shapes, so code moves
+        over by changing the import: one string gives a vector [d], a list a matrix [n, d]; vectors are normalised
+        when ``normalize_embeddings`` is true or the model's ``modules.json`` ends in a Normalize module (as there;
+        all-MiniLM-L6-v2's does); ``convert_to_tensor`` gives a tensor,
+        ``convert_to_numpy=False`` a list of tensors. ``prompt_name`` is a task (prompt) of this model, ``prompt``
+        text put before each input, ``truncate_dim`` the Matryoshka cut, ``precision`` ``float32``, ``binary`` or
+        ``ubinary`` (sentence-transformers' ``int8`` / ``uint8`` calibrate ranges on the batch: use
+        ``embed(embedding_type="int8")`` for tamis's per-vector scaling). Over-long inputs are cut, as there."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidInputError(f"batch_size must be a positive integer (got {batch_size!r})")
+        if output_value != "sentence_embedding":
+            raise InvalidInputError(f"output_value={output_value!r} is not supported: only 'sentence_embedding'")
+        if precision not in ("float32", "binary", "ubinary"):
+            raise InvalidInputError(f"precision={precision!r} is not supported by encode(): use float32, binary or "
+                                    "ubinary (or embed(embedding_type='int8' / 'uint8'))")
+        if device is not None and torch.device(device) != torch.device(self.device):
+            raise InvalidInputError(f"device={device!r}: this model is on {self.device}; load it there with "
+                                    "Embedder(..., device=...)")
+        if prompt_name is not None and prompt is not None:
+            raise InvalidInputError("give prompt_name or prompt, not both")
+        single = isinstance(sentences, str)
+        items = self._as_texts(sentences)
+        if prompt:
+            items = [prompt + t for t in items]
+        self.check_dimensions(truncate_dim)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TruncationWarning)  # sentence-transformers cuts silently too
+            # its order: the model's own pipeline (Normalize included) at full width, then the cut, then
+            # normalize_embeddings, then the precision
+            res = self.embed_result(items, task=prompt_name, normalized=self.st_normalize,
+                                    show_progress=bool(show_progress_bar), batch_size=batch_size)
+        x = res.embeddings[:, :truncate_dim] if truncate_dim is not None else res.embeddings
+        if normalize_embeddings:
+            x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        x = encode_output(np.ascontiguousarray(x, dtype=np.float32), "float" if precision == "float32" else precision)
+        out = np.asarray(x)
+        if convert_to_tensor:
+            t = torch.from_numpy(out)
+            return t[0] if single else t
+        if not convert_to_numpy:
+            rows = [torch.from_numpy(r) for r in out]
+            return rows[0] if single else rows
+        return out[0] if single else out
+
     def embed_result(
         self,
         texts: str | Sequence[str],
@@ -523,8 +599,11 @@ class Embedder:
         truncate: bool = True,
         late_chunking: bool = False,
         show_progress: bool | None = None,
+        *,
+        batch_size: int | None = None,
     ) -> EmbedResult:
-        """Like :meth:`embed`, also returning token counts and the indices of truncated inputs."""
+        """Like :meth:`embed`, also returning token counts and the indices of truncated inputs. ``batch_size``
+        caps the rows per model call (batches are planned by token budget; results do not depend on it)."""
         self.check_task(task)
         self.check_dimensions(dimensions)
         self.check_embedding_type(embedding_type)
@@ -538,7 +617,7 @@ class Embedder:
         # With truncate=False every input is tokenized first, so an over-long one fails before any model work.
         slab = TOKENIZE_SLAB if truncate else max(1, len(items))
         with tqdm(total=len(items), disable=not show_progress, desc="embed", unit="text", file=sys.stderr) as bar:
-            parts = list(self._pooled_slabs(items, task, truncate, slab, bar))
+            parts = list(self._pooled_slabs(items, task, truncate, slab, bar, batch_size))
         pooled = torch.cat([p for _, p, _ in parts]) if parts else torch.empty(0, self.dimension)
         encodings = [e for _, _, part in parts for e in part]
         truncated = [i for i, e in enumerate(encodings) if e.truncated]
@@ -584,6 +663,7 @@ class Embedder:
 
     def _pooled_slabs(
         self, items: list[str], task: str | None, truncate: bool, slab: int, bar: tqdm | None = None,
+        max_batch_size: int | None = None,
     ) -> Iterator[tuple[int, torch.Tensor, list[Encoded]]]:
         """``(start, pooled float32 [n, dim], encodings)`` per slab of ``slab`` texts, batches planned within a
         slab; the next slab is tokenized on a helper thread while the model runs this one where that pays."""
@@ -600,7 +680,8 @@ class Embedder:
                 current = upcoming.result() if upcoming is not None else tokenize_slab(k)
                 upcoming = helper.submit(tokenize_slab, k + 1) if helper and k + 1 < len(starts) else None
                 pooled = torch.empty(len(current), self.dimension, dtype=torch.float32)
-                for idx in plan_batches([len(e) for e in current], self.max_tokens_per_batch, self.max_batch_size):
+                for idx in plan_batches([len(e) for e in current], self.max_tokens_per_batch,
+                                        max_batch_size or self.max_batch_size):
                     pooled[idx] = self.forward([current[i] for i in idx], task)
                     if bar is not None:
                         bar.update(len(idx))

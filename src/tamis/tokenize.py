@@ -114,17 +114,32 @@ class Tokenizer:
         max_length: int | None,
         truncate: bool = True,
         add_special_tokens: bool = True,
+        side: str = "right",
+        prefix: str = "",
     ) -> list[Encoded]:
-        """Encode single texts. With ``truncate=False`` an over-long input raises InputTooLongError."""
+        """Encode single texts (each after ``prefix``, an instruction). With ``truncate=False`` an over-long input
+        raises InputTooLongError; otherwise it is cut at the end (``side="right"``) or at the start
+        (``side="left"``: the text's tail is kept, after the whole prefix)."""
+        if side not in ("right", "left"):
+            raise ValueError(f"side must be 'right' or 'left', not {side!r}")
         extra = self._n_special_single if add_special_tokens else 0
         out: list[Encoded] = []
-        for i, enc in enumerate(self.raw(texts)):
+        prefix_enc = self.raw([prefix])[0] if prefix and side == "left" else None
+        for i, enc in enumerate(self.raw([prefix + t for t in texts])):
             n = len(enc.ids) + extra
             cut = max_length is not None and n > max_length
             if cut:
                 if not truncate:
                     raise InputTooLongError(i, n, int(max_length))
-                enc.truncate(max(int(max_length) - extra, 0))
+                keep = max(int(max_length) - extra, 0)
+                if side == "right":
+                    enc.truncate(keep)
+                elif prefix_enc is None:
+                    enc.truncate(keep, direction="left")
+                else:
+                    tail = self.raw([texts[i]])[0]
+                    tail.truncate(max(keep - len(prefix_enc.ids), 0), direction="left")
+                    enc = Encoding.merge([prefix_enc, tail], growing_offsets=False)
             if add_special_tokens:
                 enc = self._tok.post_process(enc, None, True)
             out.append(_encoded(enc, n, cut))

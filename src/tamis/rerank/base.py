@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+
 from tamis.errors import InvalidInputError
 from tamis.rerank.results import RankedResults
 
@@ -56,3 +58,82 @@ class RerankerLike(Protocol):
         truncate: bool = True,
         progress: Callable[[int, int], None] | None = None,
     ) -> RankedResults: ...
+
+
+class SentenceTransformersCompat:
+    """sentence-transformers ``CrossEncoder`` habits on every reranker, so code moves over by changing an import:
+    ``predict(pairs)`` and ``rank(query, documents, top_k, return_documents)``, same arguments and return shapes.
+
+    Scores are the reranker's ``relevance_score`` (a cross-encoder's sigmoid, as ``CrossEncoder`` gives for one
+    label). ``batch_size`` is checked and otherwise a speed knob only: tamis plans its batches by token budget,
+    and a pair's score does not depend on the batch it ran in. ``predict`` groups pairs by query, so a listwise
+    reranker scores each query's documents together."""
+
+    rerank: Callable[..., RankedResults]  # each backend's own
+
+    def predict(
+        self,
+        sentences: Sequence[Sequence[str]] | Sequence[str],
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+        activation_fn: Callable[..., Any] | None = None,
+        apply_softmax: bool | None = False,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+    ) -> Any:
+        """Scores of ``(query, document)`` pairs, in their order: ``np.ndarray`` [n] (a float for one pair given
+        as ``(query, document)``; a tensor with ``convert_to_tensor``; a list of 0-d tensors without
+        ``convert_to_numpy``), as ``CrossEncoder.predict``."""
+        _check_batch_size(batch_size)
+        if activation_fn is not None or apply_softmax:
+            raise InvalidInputError("activation_fn / apply_softmax are not supported: scores are the reranker's own "
+                                    "(load a cross-encoder with activation='none' for raw logits)")
+        singular = len(sentences) > 0 and isinstance(sentences[0], str)
+        pairs = [sentences] if singular else list(sentences)
+        groups: dict[str, list[int]] = {}
+        for i, pair in enumerate(pairs):
+            if isinstance(pair, str) or len(pair) != 2 or not all(isinstance(x, str) for x in pair):
+                raise InvalidInputError(f"pair {i} must be a (query, document) pair of strings")
+            groups.setdefault(pair[0], []).append(i)
+        scores = np.zeros(len(pairs), dtype=np.float32)
+        for query, where in groups.items():
+            res = self.rerank(query, [pairs[i][1] for i in where], return_documents=False)
+            for r in res.results:
+                scores[where[r.index]] = r.relevance_score
+        if convert_to_tensor:
+            import torch
+
+            out: Any = torch.from_numpy(scores)
+            return out[0] if singular else out
+        if not convert_to_numpy:
+            import torch
+
+            out = [torch.tensor(s) for s in scores]
+            return out[0] if singular else out
+        return scores[0] if singular else scores
+
+    def rank(
+        self,
+        query: str,
+        documents: Sequence[str],
+        top_k: int | None = None,
+        return_documents: bool = False,
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+    ) -> list[dict[str, Any]]:
+        """``[{"corpus_id": i, "score": s(, "text": document)}]`` sorted by score, descending (ties by index), the
+        first ``top_k``, as ``CrossEncoder.rank``."""
+        _check_batch_size(batch_size)
+        res = self.rerank(query, list(documents), top_n=top_k, return_documents=False)
+        out = []
+        for r in res.results:
+            item: dict[str, Any] = {"corpus_id": int(r.index), "score": float(r.relevance_score)}
+            if return_documents:
+                item["text"] = documents[r.index]
+            out.append(item)
+        return out
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidInputError(f"batch_size must be a positive integer (got {batch_size!r})")

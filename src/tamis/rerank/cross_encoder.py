@@ -14,7 +14,7 @@ from tamis.errors import InputTooLongError
 from tamis.hardware import Precision, configure_threads, resolve_precision
 from tamis.models import bert
 from tamis.models.loading import load_config, resolve_device
-from tamis.rerank.base import document_texts, query_text
+from tamis.rerank.base import SentenceTransformersCompat, document_texts, query_text
 from tamis.rerank.results import RankedResults, rank
 from tamis.tokenize import Batch, Tokenizer, pack
 
@@ -33,7 +33,7 @@ def relevance_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return relevance_column(model(batch.input_ids, batch.attention_mask, batch.token_type_ids))
 
 
-class CrossEncoderReranker:
+class CrossEncoderReranker(SentenceTransformersCompat):
     """Scores each (query, document) pair with one forward pass of a sequence classifier.
 
     The pair goes through the tokenizer's own pair template (``[CLS] q [SEP] d [SEP]`` with token

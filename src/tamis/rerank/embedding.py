@@ -11,11 +11,11 @@ import torch
 from tamis.batching import plan_batches
 from tamis.embed import Embedder
 from tamis.errors import InputTooLongError
-from tamis.rerank.base import document_texts, query_text
+from tamis.rerank.base import SentenceTransformersCompat, document_texts, query_text
 from tamis.rerank.results import RankedResults, rank
 
 
-class EmbeddingReranker:
+class EmbeddingReranker(SentenceTransformersCompat):
     """Query embedded with the model's query task, documents with its passage task, cosine scores.
 
     Scores lie in [-1, 1]. This is what ``tamis.Reranker()`` uses until the project ships a trained

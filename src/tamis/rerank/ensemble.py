@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from tamis.errors import CheckpointError
-from tamis.rerank.base import RerankerLike, document_texts, query_text
+from tamis.rerank.base import RerankerLike, SentenceTransformersCompat, document_texts, query_text
 from tamis.rerank.results import RankedResults, rank
 
 MODEL_TYPE = "tamis-ensemble"
@@ -43,7 +43,7 @@ def standardize(scores: Sequence[float] | np.ndarray) -> np.ndarray:
     return (scores - scores.mean()) / std if std > 1e-8 else np.zeros_like(scores)
 
 
-class EnsembleReranker:
+class EnsembleReranker(SentenceTransformersCompat):
     """``scale · Σ_m w_m · standardize(scores_m)`` over member rerankers."""
 
     kind = "ensemble"

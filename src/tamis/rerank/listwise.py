@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from tamis.errors import CheckpointError, InputTooLongError, InvalidInputError
 from tamis.models.loading import load_config, resolve_device, resolve_dtype, resolve_model_dir
 from tamis.models.qwen3 import JinaListwiseModel
-from tamis.rerank.base import document_texts, query_text
+from tamis.rerank.base import SentenceTransformersCompat, document_texts, query_text
 from tamis.rerank.results import RankedResults, rank
 from tamis.tokenize import Tokenizer
 
@@ -119,7 +119,7 @@ def _display_name(given: str, model_dir: Path) -> str:
     return given
 
 
-class ListwiseReranker:
+class ListwiseReranker(SentenceTransformersCompat):
     """jina-reranker-v3: ranks a whole list of documents in one (or a few) causal forward passes."""
 
     kind = "listwise"

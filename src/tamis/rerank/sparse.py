@@ -19,13 +19,13 @@ import torch
 from tqdm.auto import tqdm
 
 from tamis.errors import InputTooLongError
-from tamis.rerank.base import document_texts, query_text
+from tamis.rerank.base import SentenceTransformersCompat, document_texts, query_text
 from tamis.rerank.results import RankedResults, rank
 
 SparseVector = tuple[np.ndarray, np.ndarray]  # (term ids ascending, weights)
 
 
-class SpladeReranker:
+class SpladeReranker(SentenceTransformersCompat):
     """Rerank by the dot product of SPLADE vectors of the query and each document (fp32)."""
 
     kind = "splade"

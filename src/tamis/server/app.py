@@ -46,6 +46,7 @@ from tamis.server.errors import ApiError, NotReady, ShuttingDown, echo
 from tamis.server.metrics import Metrics
 from tamis.server.middleware import ServerMiddleware
 from tamis.server.schemas import (
+    CohereEmbedRequest,
     EmbeddingRequest,
     EmbeddingResponse,
     Health,
@@ -231,9 +232,10 @@ def _input_texts(raw: Any) -> list[str]:
 
 
 def clip_texts(texts: list[str], token_limit: int | None, per_token: int, truncate: bool, what: str,
-               param: str) -> tuple[list[str], list[int]]:
+               param: str, side: str = "right") -> tuple[list[str], list[int]]:
     """Bound work by characters before tokenizing: texts over ``token_limit * per_token`` characters are cut
-    to that (``truncate``; their indices are returned, they count as truncated) or refused with 400."""
+    to that (``truncate``; at the end, or at the start with ``side="left"``; their indices are returned, they
+    count as truncated) or refused with 400."""
     if not token_limit:
         return texts, []
     cap = int(token_limit) * per_token
@@ -252,12 +254,14 @@ def clip_texts(texts: list[str], token_limit: int | None, per_token: int, trunca
                                                         "n_chars": len(texts[i]), "char_limit": cap})
     out = list(texts)
     for i in cut:
-        out[i] = texts[i][:cap]
+        out[i] = texts[i][:cap] if side == "right" else texts[i][-cap:]
     return out, cut
 
 
-def _tokenize(emb: Any, texts: list[str], task: str | None, truncate: bool, limit: int | None) -> list[Any]:
-    encodings = list(emb.tokenize(texts, task, truncate))
+def _tokenize(emb: Any, texts: list[str], task: str | None, truncate: bool, limit: int | None,
+              side: str = "right") -> list[Any]:
+    encodings = list(emb.tokenize(texts, task, truncate) if side == "right" else emb.tokenize(texts, task, truncate,
+                                                                                              side=side))
     if limit is not None and not truncate:
         for i, e in enumerate(encodings):
             if e.n_tokens > limit:
@@ -292,6 +296,68 @@ def _rerank_limits(rr: Any) -> tuple[int | None, int | None]:
     """Token limits of a reranker's query and documents (listwise models bound each separately)."""
     ctx = getattr(rr, "max_length", None)
     return getattr(rr, "max_query_length", None) or ctx, getattr(rr, "max_doc_length", None) or ctx
+
+
+COHERE_INPUT_TYPES = {  # Cohere input_type -> the first of these tasks / prompts the model has (none: no task)
+    "search_query": ("retrieval.query", "query", "search_query"),
+    "search_document": ("retrieval.passage", "passage", "document", "search_document"),
+    "classification": ("classification",),
+    "clustering": ("separation", "clustering"),
+}
+COHERE_TYPES = ("float", "int8", "uint8", "binary", "ubinary", "base64")
+COHERE_TRUNCATE = ("NONE", "START", "END")
+
+
+def _cohere_task(emb: Any, input_type: str | None) -> str | None:
+    if input_type is None:
+        return None
+    if input_type not in COHERE_INPUT_TYPES:
+        raise ApiError(400, f"input_type {echo(input_type)} is not one of {', '.join(COHERE_INPUT_TYPES)} (images are "
+                            "not supported: the served models take text only)", code="invalid_input",
+                       param="input_type")
+    tasks = list(getattr(emb, "tasks", []) or [])
+    return next((t for t in COHERE_INPUT_TYPES[input_type] if t in tasks), None)
+
+
+def _cohere_texts(body: Any) -> list[str]:
+    if body.images:
+        raise ApiError(400, "images are not supported: the served models take text only", code="unsupported_input",
+                       param="images")
+    if body.texts is not None and body.inputs is not None:
+        raise ApiError(400, "send either texts or inputs, not both", code="invalid_input", param="inputs")
+    if body.inputs is not None:
+        items: list[Any] = []
+        for i, inp in enumerate(body.inputs):
+            content = inp.get("content")
+            parts = content if isinstance(content, list) else []
+            if not parts or any(not isinstance(c, dict) or c.get("type") != "text" for c in parts):
+                raise ApiError(400, f'inputs {i} must hold text content only: {{"content": [{{"type": "text", '
+                                    '"text": ...}]}', code="unsupported_input", param="inputs")
+            items.append("".join(str(c.get("text") or "") for c in parts))
+        param = "inputs"
+    else:
+        items = list(body.texts or [])
+        param = "texts"
+    if not items:
+        raise ApiError(400, f"{param} is missing or empty: send at least one text", code="empty_input", param=param)
+    return [_doc_text(x, f"{param[:-1]} {i}", param) for i, x in enumerate(items)]
+
+
+def _cohere_types(body: Any, default: list[str]) -> list[str]:
+    types = list(body.embedding_types) if body.embedding_types is not None else default
+    bad = [t for t in types if t not in COHERE_TYPES]
+    if bad or not types:
+        raise ApiError(400, f"embedding_types {bad or types} is not a non-empty list of {', '.join(COHERE_TYPES)}",
+                       code="invalid_input", param="embedding_types")
+    return list(dict.fromkeys(types))
+
+
+def _cohere_truncate(body: Any) -> str:
+    value = (body.truncate or "END").upper()
+    if value not in COHERE_TRUNCATE:
+        raise ApiError(400, f"truncate {echo(body.truncate)} is not one of NONE, START, END", code="invalid_input",
+                       param="truncate")
+    return value
 
 
 # ---------------------------------------------------------------------------- rendering
@@ -401,7 +467,7 @@ def create_app(
     app.add_middleware(ServerMiddleware, keys=keys, metrics=metrics, max_request_bytes=settings.max_request_bytes,
                        body_timeout_s=settings.body_timeout_s, public_metrics=settings.public_metrics)
     _document_bodies(app, {"/v1/embeddings": EmbeddingRequest, "/v1/rerank": RerankRequest,
-                           "/v2/rerank": RerankRequest})
+                           "/v2/rerank": RerankRequest, "/v2/embed": CohereEmbedRequest})
 
     common = error_responses(400, 401, 408, 413, 422, 429, 503)
     per_token = settings.max_chars_per_token
@@ -456,29 +522,96 @@ def create_app(
             result = await wait_for(job, request.receive)
             values, tokens, truncated = result.embeddings, int(sum(result.token_counts)), []
         else:
-            check_task = getattr(emb, "check_task", None)
-            if check_task is not None:
-                check_task(task)  # fail fast, before queueing
-            texts, cut = clip_texts(texts, getattr(emb, "max_length", None), per_token, truncate, "input", "input")
-
-            def tokenize() -> list[Any]:
-                return _tokenize(emb, texts, task, truncate, settings.max_input_tokens)
-
-            if state.tokenize_on_worker(name, sum(map(len, texts))):
-                job = worker.submit_texts(n, tokenize, [task] * n, settings.request_timeout_s)
-            else:
-                job = worker.submit_rows(await run_in_threadpool(tokenize), [task] * n, settings.request_timeout_s)
-            pooled = await wait_for(job, request.receive)
-            encodings = job.encodings or []
-            truncated = sorted(set(cut) | {i for i, e in enumerate(encodings) if getattr(e, "truncated", False)})
-            tokens = int(sum(len(e) for e in encodings))
-            values = await run_in_threadpool(emb.finalize, pooled, body.dimensions, normalized, output_type)
+            values, tokens, truncated = await embed_texts(request, name, emb, worker, texts, task, body.dimensions,
+                                                          normalized, output_type, truncate, "input")
         payload = await run_in_threadpool(render_embeddings, name, values, n, tokens)
+        count(name, n, tokens, truncated)
+        return Response(payload, media_type="application/json", headers=_truncated_header(truncated))
+
+    def count(name: str, n: int, tokens: int, truncated: list[int]) -> None:
         metrics.tokens.labels(name, "embeddings").inc(tokens)
         metrics.inputs.labels(name, "embeddings").inc(n)
         if truncated:
             metrics.truncated.labels(name).inc(len(truncated))
-        return Response(payload, media_type="application/json", headers=_truncated_header(truncated))
+
+    async def embed_texts(request: Request, name: str, emb: Any, worker: ModelWorker, texts: list[str],
+                          task: str | None, dimensions: int | None, normalized: bool, output_type: Any,
+                          truncate: bool, param: str, side: str = "right") -> tuple[Any, int, list[int]]:
+        """Texts through the model's dynamic batcher: (values, tokens, indices of truncated inputs)."""
+        n = len(texts)
+        check_task = getattr(emb, "check_task", None)
+        if check_task is not None:
+            check_task(task)  # fail fast, before queueing
+        label = "input" if param == "input" else param[:-1]
+        texts, cut = clip_texts(texts, getattr(emb, "max_length", None), per_token, truncate, label, param, side)
+
+        def tokenize() -> list[Any]:
+            return _tokenize(emb, texts, task, truncate, settings.max_input_tokens, side)
+
+        if state.tokenize_on_worker(name, sum(map(len, texts))):
+            job = worker.submit_texts(n, tokenize, [task] * n, settings.request_timeout_s)
+        else:
+            job = worker.submit_rows(await run_in_threadpool(tokenize), [task] * n, settings.request_timeout_s)
+        pooled = await wait_for(job, request.receive)
+        encodings = job.encodings or []
+        truncated = sorted(set(cut) | {i for i, e in enumerate(encodings) if getattr(e, "truncated", False)})
+        tokens = int(sum(len(e) for e in encodings))
+        values = await run_in_threadpool(emb.finalize, pooled, dimensions, normalized, output_type)
+        return values, tokens, truncated
+
+    # ------------------------------------------------------------------ Cohere embed
+    async def cohere_embed(request: Request, version: int) -> Response:
+        state.ensure_ready()
+        body = await parse(request, CohereEmbedRequest, "texts")
+        name, emb, worker = state.lookup("embedding", body.model)
+        texts = _cohere_texts(body)
+        task = _cohere_task(emb, body.input_type)
+        _check_dimensions(body.output_dimension, emb)
+        limit = getattr(emb, "max_length", None)
+        if body.max_tokens is not None and limit is not None and body.max_tokens < int(limit):
+            raise ApiError(400, f"max_tokens={body.max_tokens} is below the model's limit of {int(limit)} tokens: "
+                                "per-request token limits are not supported (omit max_tokens)", code="unsupported",
+                           param="max_tokens")
+        floats_only = version == 1 and body.embedding_types is None
+        types = _cohere_types(body, ["float"])
+        mode = _cohere_truncate(body)
+        worker.check_capacity(len(texts))
+        param = "inputs" if body.inputs is not None else "texts"
+        try:
+            values, tokens, truncated = await embed_texts(
+                request, name, emb, worker, texts, task, body.output_dimension, True, types, mode != "NONE", param,
+                "left" if mode == "START" else "right")
+        except InputTooLongError as exc:
+            raise ApiError(400, f"{param[:-1]} {exc.index} has {exc.n_tokens} tokens, more than the limit of "
+                                f'{exc.limit}; shorten it or send "truncate": "END" (or "START")',
+                           code="input_too_long", param=param,
+                           extra={"index": exc.index, "n_tokens": exc.n_tokens, "limit": exc.limit}) from None
+        except ApiError as exc:  # the character bound's refusal names the Jina field: name Cohere's
+            exc.message = exc.message.replace('send "truncate": true', 'send "truncate": "END"')
+            raise
+        count(name, len(texts), tokens, truncated)
+        meta = {"api_version": {"version": str(version), "is_experimental": False},
+                "billed_units": {"input_tokens": tokens}}
+        if floats_only:
+            payload = {"response_type": "embeddings_floats", "id": str(uuid.uuid4()), "embeddings": values["float"],
+                       "texts": texts, "meta": meta}
+        else:
+            payload = {"response_type": "embeddings_by_type", "id": str(uuid.uuid4()), "embeddings": values,
+                       "texts": texts, "meta": meta}
+        return _json(payload, headers={"X-Model": name, **_truncated_header(truncated)})
+
+    cohere_doc = {200: {"description": "Cohere embed response: embeddings by type (v1 without embedding_types: "
+                                       "embeddings_floats)"}, **common}
+
+    @app.post("/v2/embed", response_model=None, responses=cohere_doc, tags=["embeddings"],
+              summary="Embed texts (Cohere v2 wire format)", openapi_extra=_body_schema(CohereEmbedRequest))
+    async def embed_v2(request: Request) -> Response:
+        return await cohere_embed(request, 2)
+
+    @app.post("/v1/embed", response_model=None, responses=cohere_doc, tags=["embeddings"],
+              summary="Embed texts (Cohere v1 wire format)", openapi_extra=_body_schema(CohereEmbedRequest))
+    async def embed_v1(request: Request) -> Response:
+        return await cohere_embed(request, 1)
 
     # ------------------------------------------------------------------ rerank
     async def run_rerank(request: Request, default_return: bool) -> tuple[str, int, dict[str, str], list]:

@@ -19,7 +19,7 @@ from tamis.server.auth import DOCS_STATIC, KeyChecker, is_public
 from tamis.server.errors import ApiError
 from tamis.server.metrics import Metrics
 
-ROUTES = frozenset({"/v1/embeddings", "/v1/rerank", "/v2/rerank", "/v1/models", "/health", "/livez", "/metrics",
+ROUTES = frozenset({"/v1/embeddings", "/v1/rerank", "/v2/rerank", "/v2/embed", "/v1/embed", "/v1/models", "/health", "/livez", "/metrics",
                     "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc", "/"})
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 

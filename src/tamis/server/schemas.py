@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-EmbeddingType = Literal["float", "base64", "binary", "ubinary"]
+EmbeddingType = Literal["float", "base64", "binary", "ubinary", "int8", "uint8"]
 
 
 class TextDoc(BaseModel):
@@ -36,7 +36,7 @@ _QUERY_SCHEMA = {"anyOf": [_QUERY, {"type": "object", "properties": {"text": _QU
                  "title": "Query"}
 _DOCUMENTS_SCHEMA = {"type": "array", "minItems": 1, "title": "Documents",
                      "items": {"anyOf": [_TEXT, {"type": "object", "properties": {"text": _TEXT}, "required": ["text"]}]}}
-_TYPES = ["float", "base64", "binary", "ubinary"]
+_TYPES = ["float", "base64", "binary", "ubinary", "int8", "uint8"]
 _TYPES_SCHEMA = {"anyOf": [{"enum": _TYPES}, {"type": "array", "items": {"enum": _TYPES}, "minItems": 1,
                                                "uniqueItems": True}, {"type": "null"}]}
 OutputTypes = Annotated[EmbeddingType | list[EmbeddingType] | None, WithJsonSchema(_TYPES_SCHEMA)]
@@ -127,6 +127,33 @@ class RerankRequest(BaseModel):
         None, description="cut a query or document longer than the model's context (default true, reported in the "
                           "X-Truncated-Inputs / X-Truncated-Query headers) instead of answering 400 (false)"
     )
+
+
+class CohereEmbedRequest(BaseModel):
+    """Cohere ``/v2/embed`` and ``/v1/embed``: ``texts`` (or v2 ``inputs`` of text content), ``input_type``,
+    ``embedding_types``, ``truncate``, ``output_dimension``."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={"example": {"model": "all-MiniLM-L6-v2", "texts": ["a text"], "input_type": "search_query",
+                                       "embedding_types": ["float"]}},
+    )
+
+    model: str | None = Field(None, description="served model name; omitted = the first served embedding model")
+    texts: list[str | TextDoc] | None = Field(None, description="the texts to embed (at most max_inputs)")
+    inputs: list[dict[str, Any]] | None = Field(
+        None, description='v2 mixed inputs: {"content": [{"type": "text", "text": ...}]}; text content only')
+    images: list[str] | None = Field(None, description="not supported: the served models take text only (400)")
+    input_type: str | None = Field(
+        None, description="search_query / search_document / classification / clustering: the model's matching task "
+                          "(or prompt) when it has one, none otherwise")
+    embedding_types: list[str] | None = Field(
+        None, description="any of float, int8, uint8, binary, ubinary, base64 (v2 default: float; v1 without it: "
+                          "the embeddings_floats response)")
+    truncate: str | None = Field(
+        None, description="NONE (an over-long text is a 400), START (drop the start), END (drop the end; default)")
+    output_dimension: int | None = Field(None, description="Matryoshka truncation: 1..model dimension")
+    max_tokens: int | None = Field(None, description="not below the model's token limit (400 otherwise)")
 
 
 class RerankDocument(BaseModel):
