@@ -136,7 +136,9 @@ def test_unwritable_output_is_found_before_the_model_loads(lines, tmp_path, caps
     assert "directory" in capsys.readouterr().err
     assert main(["embed", str(lines), "-o", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
-    assert main(["embed", str(lines), "-o", str(lines)]) == 2
+    as_jsonl = lines.with_suffix(".jsonl")  # an input whose suffix is an output format too
+    as_jsonl.write_text(lines.read_text())
+    assert main(["embed", str(as_jsonl), "-o", str(as_jsonl)]) == 2
     assert "is the input file" in capsys.readouterr().err
     assert lines.read_text().startswith("first line")
 
@@ -332,8 +334,10 @@ def _interrupt_on_call(monkeypatch, k: int) -> None:
     monkeypatch.setattr(tamis.embed.Embedder, "forward", flaky)
 
 
-@pytest.mark.parametrize("suffix", ["jsonl", "npy"])
+@pytest.mark.parametrize("suffix", ["jsonl", "npy", "parquet", "csv"])
 def test_interrupted_run_resumes_to_the_uninterrupted_output(tmp_path, capsys, monkeypatch, suffix):
+    if suffix == "parquet":
+        pytest.importorskip("pyarrow")
     src = _inputs(tmp_path, 40)
     full, part = tmp_path / f"full.{suffix}", tmp_path / f"part.{suffix}"
     common = ["--dimensions", "16", "--write-every", "8", "-q"]
@@ -343,7 +347,8 @@ def test_interrupted_run_resumes_to_the_uninterrupted_output(tmp_path, capsys, m
         _interrupt_on_call(m, 3)
         assert main(["embed", str(src), "-o", str(part), *common]) == 130
     err = capsys.readouterr().err
-    assert err.strip() == (f"tamis: interrupted: 16 of 40 inputs done; they are in {part}: run the same command "
+    kept = part if suffix == "jsonl" else Path(str(part) + ".partial")  # where the rows really are (item 10)
+    assert err.strip() == (f"tamis: interrupted: 16 of 40 inputs done; they are in {kept}: run the same command "
                            "with --resume to continue")
     state = Path(str(part) + ".resume.json")
     assert state.is_file()
@@ -493,3 +498,51 @@ def test_build_backend_copies_only_verified_files(tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="pinned SHA-256"):
         backend.ensure_default_model(tmp_path / "c")
     assert not any((tmp_path / "c").rglob("*.safetensors"))
+
+
+# ---------------------------------------------------------------------------- output formats (issue 36, item 5)
+def test_embed_writes_parquet_and_csv_by_suffix(tmp_path, capsys):
+    pa = pytest.importorskip("pyarrow.parquet")
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "text": "first text"}\n\n{"id": "b", "text": "second text"}\n')
+    common = ["--dimensions", "8", "--dtype", "float32", "-q"]
+    assert main(["embed", str(src), "-o", str(tmp_path / "v.jsonl"), *common]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "v.jsonl").read_text().splitlines()]
+    want = np.array([r["embedding"] for r in rows], np.float32)
+
+    assert main(["embed", str(src), "-o", str(tmp_path / "v.parquet"), *common]) == 0
+    assert (tmp_path / "v.parquet").read_bytes()[:4] == b"PAR1"  # not JSONL under another name
+    table = pa.read_table(tmp_path / "v.parquet")
+    assert table.column_names == ["index", "line", "id", "embedding"]
+    assert table.column("line").to_pylist() == [1, 3] and table.column("id").to_pylist() == ["a", "b"]
+    assert str(table.schema.field("embedding").type) == "list<element: float>"
+    np.testing.assert_array_equal(np.array(table.column("embedding").to_pylist(), np.float32), want)
+
+    assert main(["embed", str(src), "-o", str(tmp_path / "b.parquet"), "--embedding-type", "ubinary,base64",
+                 *common]) == 0
+    table = pa.read_table(tmp_path / "b.parquet")
+    assert table.column_names == ["index", "line", "id", "embedding_ubinary", "embedding_base64"]
+    assert table.column("embedding_ubinary").to_pylist() == [[int(x) for x in np.packbits(v > 0)] for v in want]
+
+    assert main(["embed", str(src), "-o", str(tmp_path / "v.csv"), *common]) == 0
+    import csv
+
+    with open(tmp_path / "v.csv", newline="") as f:
+        lines = list(csv.reader(f))
+    assert lines[0] == ["index", "line", "id", *[f"e{i}" for i in range(8)]]
+    assert [r[:3] for r in lines[1:]] == [["0", "1", "a"], ["1", "3", "b"]]
+    np.testing.assert_array_equal(np.array([r[3:] for r in lines[1:]], np.float32), want)
+    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob("*.resume.json"))
+    capsys.readouterr()
+
+
+def test_embed_refuses_an_unknown_output_suffix_in_one_line(lines, tmp_path, capsys, monkeypatch):
+    _no_model(monkeypatch)
+    for name in ("vectors.txt", "vectors", "v.parquet.gz"):
+        assert main(["embed", str(lines), "-o", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("tamis: error: cannot tell the output format") and \
+            ".parquet" in err and "Traceback" not in err, err
+        assert not (tmp_path / name).exists()
+    assert main(["embed", str(lines), "-o", str(tmp_path / "v.csv"), "--embedding-type", "float,base64"]) == 2
+    assert "one --embedding-type" in capsys.readouterr().err

@@ -88,13 +88,16 @@ def _check_no_truncation(emb: Any, texts: list[str], records: list[Any], task: s
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from tamis.cli_io import EmbeddingOutput, input_digest, read_records
+    from tamis.cli_io import EmbeddingOutput, input_digest, output_format, read_records
     from tamis.models.loading import resolve_model_dir
 
     types: list[str] = args.embedding_type
-    to_npy = bool(args.output) and args.output.endswith(".npy")
+    fmt = output_format(args.output)
+    to_npy = fmt == "npy"
     if to_npy and (len(types) != 1 or types[0] not in NPY_TYPES):
-        raise InvalidInputError(".npy output takes one --embedding-type of float, binary or ubinary")
+        raise InvalidInputError(f".npy output takes one --embedding-type of {', '.join(NPY_TYPES)}")
+    if fmt == "csv" and len(types) != 1:
+        raise InvalidInputError(".csv output takes one --embedding-type (write .jsonl or .parquet for several)")
     if args.resume and args.output in (None, "-"):
         raise InvalidInputError("--resume needs an output file (-o FILE): stdout cannot be resumed")
 
@@ -170,7 +173,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         bar.close()
         output.close()
-        kept = (f"; they are in {output.where}: run the same command with --resume to continue"
+        kept = (f"; they are in {output.kept_in}: run the same command with --resume to continue"
                 if output.path is not None and output.done else "")
         print(f"tamis: interrupted: {_fmt(output.done)} of {_fmt(n)} inputs done{kept}", file=sys.stderr)
         return 130
@@ -374,15 +377,18 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _add_embed(sub: Any) -> None:
     p = sub.add_parser(
-        "embed", help="embed text lines or JSONL {'text': ...} into JSONL vectors or .npy",
+        "embed", help="embed text lines or JSONL {'text': ...} into JSONL, .npy, Parquet or CSV",
         description="Embed each non-blank input line (text, or JSONL with a \"text\" field). JSONL output rows "
         "carry \"index\" (row), \"line\" (input line number), \"id\" (when the input has one) and \"embedding\"; "
         "they are written as they are computed, so an interrupted run keeps its rows and --resume continues it. "
-        ".npy output fills <output>.partial and renames it when complete. Blank lines are skipped (and reported).",
+        ".npy, .parquet and .csv outputs fill <output>.partial and become <output> when complete. Blank lines are "
+        "skipped (and reported).",
     )
     p.add_argument("input", nargs="?", default=None, help="file (lines, JSONL, .gz) or - for stdin (default)")
     _common(p)
-    p.add_argument("-o", "--output", default=None, help="output file (.npy or JSONL); default stdout JSONL")
+    p.add_argument("-o", "--output", default=None,
+                   help="output file, its format by suffix: .jsonl, .npy, .parquet (needs pyarrow) or .csv (other "
+                        "suffixes are an error); default stdout JSONL")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run into the same -o file (same input and options)")
     p.add_argument("--write-every", type=_positive_int, default=DEFAULT_WRITE_EVERY, metavar="N",
@@ -391,7 +397,8 @@ def _add_embed(sub: Any) -> None:
     p.add_argument("--task", default=None, help="task (jina-embeddings-v3: retrieval.query, retrieval.passage, ...)")
     p.add_argument("--dimensions", type=_positive_int, default=None, help="Matryoshka: keep the first N dimensions")
     p.add_argument("--embedding-type", type=_embedding_types, default=["float"], metavar="TYPE[,TYPE]",
-                   help="float (default), base64, binary, ubinary; several separated by commas (JSONL output)")
+                   help="float (default), base64, binary, ubinary, int8, uint8; several separated by commas "
+                        "(JSONL / Parquet output)")
     p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise")
     p.add_argument("--no-truncate", action="store_true",
                    help="error on over-long inputs instead of cutting them at the model's limit")

@@ -4,8 +4,10 @@ Input: text lines or JSONL objects with a ``"text"`` field (optional ``"title"``
 ``.gz``, or stdin. Every record keeps its 1-based input ``line``. Blank lines (and JSONL records whose text is
 blank) are not embedded; they are counted in :attr:`Records.blank_lines` so the command can say so.
 
-Output (:class:`EmbeddingOutput`): JSONL rows appended as each block of inputs is done, or a ``.npy`` whose
-rows fill a preallocated ``<output>.partial`` file that is renamed to ``<output>`` at the end. While a file
+Output (:class:`EmbeddingOutput`), by the file's suffix: JSONL rows (``.jsonl``, ``.ndjson``, ``.json``, or
+stdout) appended as each block of inputs is done; a ``.npy`` whose rows fill a preallocated
+``<output>.partial`` file that is renamed to ``<output>`` at the end; ``.parquet`` / ``.csv``, whose rows are
+appended as JSONL to ``<output>.partial`` and converted at the end. Other suffixes are refused. While a file
 output is incomplete, ``<output>.resume.json`` records what it is (the input's hash, the model and the
 options) and, for ``.npy``, how many rows are done; ``--resume`` checks it and continues from there.
 Only this module knows these file layouts.
@@ -34,6 +36,22 @@ from tamis.errors import InvalidInputError
 STATE_SUFFIX = ".resume.json"
 PARTIAL_SUFFIX = ".partial"
 STATE_VERSION = 1
+OUTPUT_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".npy": "npy", ".parquet": "parquet",
+                  ".csv": "csv"}
+
+
+def output_format(path: str | None) -> str:
+    """``jsonl`` / ``npy`` / ``parquet`` / ``csv`` from an output path's suffix (stdout: ``jsonl``)."""
+    if path in (None, "-"):
+        return "jsonl"
+    if Path(str(path)).is_dir():
+        raise InvalidInputError(f"cannot write {path}: it is a directory")
+    suffix = Path(str(path)).suffix.lower()
+    if suffix not in OUTPUT_FORMATS:
+        raise InvalidInputError(
+            f"cannot tell the output format of {path}: its suffix is {suffix or 'missing'!s}; use .jsonl, .npy, "
+            ".parquet or .csv")
+    return OUTPUT_FORMATS[suffix]
 
 
 # ----------------------------------------------------------------------------------------------- input
@@ -232,7 +250,14 @@ class EmbeddingOutput:
         input_path: str | None = None,
     ):
         self.path = Path(path) if path not in (None, "-") else None
-        self.npy = self.path is not None and self.path.suffix == ".npy"
+        self.format = output_format(path)
+        self.npy = self.format == "npy"
+        if self.format == "parquet":
+            try:
+                import pyarrow  # noqa: F401
+            except ImportError:
+                raise InvalidInputError(f"writing {path} needs pyarrow: pip install 'tamis[batch]' (or write .jsonl "
+                                        "/ .npy / .csv)") from None
         self.fingerprint = fingerprint
         self.total = total
         self.done = 0
@@ -246,7 +271,7 @@ class EmbeddingOutput:
                 raise InvalidInputError(f"-o {self.path} is the input file; write the embeddings elsewhere")
         check_writable(self.path)
         self.state_path = Path(str(self.path) + STATE_SUFFIX)
-        self.partial_path = Path(str(self.path) + PARTIAL_SUFFIX) if self.npy else self.path
+        self.partial_path = Path(str(self.path) + PARTIAL_SUFFIX) if self.format != "jsonl" else self.path
         state = self._read_state()
         if state is not None and not resume:
             raise InvalidInputError(
@@ -279,7 +304,7 @@ class EmbeddingOutput:
     def _state_done(self, state: dict[str, Any]) -> int:
         if self.npy:
             return int(state.get("done", 0)) if self.partial_path.is_file() else 0
-        return _complete_jsonl_rows(self.path)[0] if self.path.is_file() else 0
+        return _complete_jsonl_rows(self.partial_path)[0] if self.partial_path.is_file() else 0
 
     def _check_same_job(self, state: dict[str, Any]) -> None:
         before, now = state.get("fingerprint", {}), self.fingerprint
@@ -298,7 +323,7 @@ class EmbeddingOutput:
             raise InvalidInputError(f"--resume: {self.path} has {done} rows, more than the {self.total} inputs")
 
     def _save_state(self) -> None:
-        state = {"version": STATE_VERSION, "output": str(self.path), "format": "npy" if self.npy else "jsonl",
+        state = {"version": STATE_VERSION, "output": str(self.path), "format": self.format,
                  "total": self.total, "fingerprint": self.fingerprint}
         if self.npy:
             state |= {"done": self.done, "dtype": self._sink.dtype.str, "shape": list(self._sink.shape)}
@@ -325,13 +350,13 @@ class EmbeddingOutput:
                 self.done = 0
                 self._sink = np.lib.format.open_memmap(self.partial_path, mode="w+", dtype=dtype, shape=shape)
         elif self.done:
-            rows, end = _complete_jsonl_rows(self.path)
-            with open(self.path, "rb+") as f:
+            rows, end = _complete_jsonl_rows(self.partial_path)
+            with open(self.partial_path, "rb+") as f:
                 f.truncate(end)  # drop a line torn by the interruption
             self.done = rows
-            self._sink = open(self.path, "a", encoding="utf-8")
+            self._sink = open(self.partial_path, "a", encoding="utf-8")
         else:
-            self._sink = open(self.path, "w", encoding="utf-8")
+            self._sink = open(self.partial_path, "w", encoding="utf-8")
         self._save_state()
 
     def write(self, start: int, records: Sequence[Record], embeddings: Any) -> None:
@@ -382,8 +407,89 @@ class EmbeddingOutput:
         self.close()
         if self.npy:
             os.replace(self.partial_path, self.path)
+        elif self.format in ("parquet", "csv"):
+            if self.format == "parquet":
+                _jsonl_to_parquet(self.partial_path, self.path, list(self.fingerprint.get("embedding_type") or ["float"]))
+            else:
+                _jsonl_to_csv(self.partial_path, self.path)
+            self.partial_path.unlink()
         self.state_path.unlink(missing_ok=True)
 
     @property
     def where(self) -> str:
         return "stdout" if self.path is None else str(self.path)
+
+    @property
+    def kept_in(self) -> str:
+        """Where the rows written so far are (an incomplete ``.npy``, ``.parquet`` or ``.csv``: ``<output>.partial``)."""
+        return "stdout" if self.path is None else str(self.partial_path)
+
+
+def _jsonl_rows(path: Path) -> Iterator[dict[str, Any]]:
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            yield json.loads(line)
+
+
+def _columns(row: dict[str, Any]) -> list[tuple[str, Any]]:
+    """(column, value) of one row's embedding: ``embedding`` for one type, ``embedding_<type>`` for several."""
+    emb = row["embedding"]
+    if isinstance(emb, dict):
+        return [(f"embedding_{k}", v) for k, v in emb.items()]
+    return [("embedding", emb)]
+
+
+def _jsonl_to_parquet(src: Path, dst: Path, types: list[str], rows_per_group: int = 8192) -> None:
+    """Columns ``index``, ``line``, ``id`` (when the input had ids) and the embedding: a list of float32 (int8
+    / uint8 for binary / ubinary / int8 / uint8) or a base64 string; written to a temporary file, then moved."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    first = next(_jsonl_rows(src), None)
+    if first is None:
+        return
+    value_type = {"float": pa.float32(), "binary": pa.int8(), "ubinary": pa.uint8(), "int8": pa.int8(),
+                  "uint8": pa.uint8()}
+    fields = [pa.field("index", pa.int64()), pa.field("line", pa.int64())]
+    if "id" in first:
+        fields.append(pa.field("id", pa.string()))
+    for (name, _), t in zip(_columns(first), types, strict=True):
+        fields.append(pa.field(name, pa.string() if t == "base64" else pa.list_(value_type[t])))
+    schema = pa.schema(fields)
+    tmp = dst.with_name(dst.name + ".tmp")
+    with pq.ParquetWriter(tmp, schema) as writer:
+        block: dict[str, list[Any]] = {f.name: [] for f in fields}
+        for row in _jsonl_rows(src):
+            block["index"].append(row["index"])
+            block["line"].append(row["line"])
+            if "id" in block:
+                block["id"].append(None if row.get("id") is None else str(row["id"]))
+            for name, value in _columns(row):
+                block[name].append(value)
+            if len(block["index"]) >= rows_per_group:
+                writer.write_table(pa.table(block, schema=schema))
+                block = {k: [] for k in block}
+        if block["index"]:
+            writer.write_table(pa.table(block, schema=schema))
+    os.replace(tmp, dst)
+
+
+def _jsonl_to_csv(src: Path, dst: Path) -> None:
+    """Columns ``index``, ``line``, ``id`` (when the input had ids), then one column per dimension (``e0``,
+    ``e1``, ...) or one ``embedding`` column of base64 strings; written to a temporary file, then moved."""
+    import csv
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        header_done = False
+        for row in _jsonl_rows(src):
+            emb = row["embedding"]
+            values = [emb] if isinstance(emb, str) else list(emb)
+            has_id = "id" in row
+            if not header_done:
+                names = ["embedding"] if isinstance(emb, str) else [f"e{i}" for i in range(len(values))]
+                writer.writerow(["index", "line", *(["id"] if has_id else []), *names])
+                header_done = True
+            writer.writerow([row["index"], row["line"], *([row.get("id")] if has_id else []), *values])
+    os.replace(tmp, dst)
