@@ -33,7 +33,7 @@ PACKAGE_COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("tamis.evaluate.cli",
               "throughput of embedding and reranking on real texts (optionally vs sentence-transformers)"),
     "train": ("tamis.train.cli",
-              "train rerankers: fine-tune a cross-encoder, or distil a teacher into a smaller student"),
+              "train models: rerankers (fine-tune, distil, listwise), embedding models and task adapters"),
     "batch": ("tamis.scale.cli",
               "embed or rerank Parquet/JSONL files into Parquet shards (resumable; --ray for Ray Data)"),
 }
@@ -43,6 +43,7 @@ PACKAGE_COMMANDS: dict[str, tuple[str, str]] = {
 EMBEDDING_TYPES = ("float", "base64", "binary", "ubinary", "int8", "uint8")
 NPY_TYPES = {"float": "float32", "binary": "int8", "ubinary": "uint8", "int8": "int8", "uint8": "uint8"}
 DEFAULT_WRITE_EVERY = 1024
+CHARS_CAP_ESTIMATE = 512 * 32  # characters of one input counted for the compile decision, before the model is known
 SHOW_PROGRESS_FROM = 64  # inputs
 
 
@@ -76,7 +77,16 @@ def _note_truncated(args: argparse.Namespace, what: str, lines: list[int], total
 
 
 def _check_no_truncation(emb: Any, texts: list[str], records: list[Any], task: str | None, step: int) -> None:
-    """--no-truncate: find an over-long input before computing anything."""
+    """--no-truncate: find an over-long input before computing anything (by characters first, without
+    tokenizing: the library's and the server's rule)."""
+    from tamis.tokenize import MAX_CHARS_PER_TOKEN
+
+    cap = emb.max_length * MAX_CHARS_PER_TOKEN
+    for text, record in zip(texts, records, strict=True):
+        if len(text) > cap:
+            raise InvalidInputError(
+                f"line {record.line} has {len(text):,} characters, more than the {cap:,} that fit the model's limit "
+                f"of {emb.max_length} tokens; shorten it, or leave out --no-truncate to cut inputs at the limit")
     for start in range(0, len(texts), step):
         counts = emb.count_tokens(texts[start : start + step], task)
         for j, n in enumerate(counts):
@@ -133,7 +143,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
     from tamis.embed import Embedder, TruncationWarning
 
-    compile_opt, why_not = _one_shot_compile(args.compile, sum(len(t) for t in texts) // 4)
+    # an input counts as at most 32 characters per token of a 512-token context: one huge line is cut by
+    # characters before tokenizing, so it must not make a small job look like one that repays a compile
+    compile_opt, why_not = _one_shot_compile(args.compile, sum(min(len(t), CHARS_CAP_ESTIMATE) for t in texts) // 4)
     emb = Embedder(args.model, device=args.device, dtype=args.dtype, **compile_opt, **_hub_kwargs(args))
     if why_not:
         emb.compile_reason = why_not
@@ -146,6 +158,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
     width = args.dimensions or emb.dimension
     output.open(-(-width // 8) if types[0] in ("binary", "ubinary") else width, NPY_TYPES.get(types[0]))
     resumed = f", resuming after {_fmt(output.done)} done" if output.done else ""
+    first_done = output.done
     _note(args, f"{emb!r}: embedding {_fmt(n)} texts into {output.where}{resumed}")
 
     etype: str | list[str] = types[0] if len(types) == 1 else types
@@ -179,8 +192,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
         return 130
     bar.close()
     output.finish()
-    _note_truncated(args, "inputs", truncated, n, f"were longer than {emb.max_length} tokens and were cut",
-                    "--no-truncate makes that an error")
+    # a resumed run reports the inputs it embedded itself, against its own count
+    _note_truncated(args, "inputs" if not first_done else "inputs embedded by this run", truncated, n - first_done,
+                    f"were longer than {emb.max_length} tokens and were cut", "--no-truncate makes that an error")
     _note(args, f"wrote {_fmt(n)} embeddings to {output.where} ({_fmt(tokens)} tokens embedded by this run)")
     return 0
 
@@ -409,9 +423,10 @@ def _add_embed(sub: Any) -> None:
 
 def _add_rerank(sub: Any) -> None:
     p = sub.add_parser("rerank", help="rank documents for a query")
-    p.add_argument("--query", required=True)
+    p.add_argument("--query", required=True, help="the query text the documents are ranked for")
     p.add_argument("--documents", required=True, help="file of documents (lines or JSONL), - for stdin")
-    p.add_argument("--top-n", type=_positive_int, default=None)
+    p.add_argument("--top-n", type=_positive_int, default=None, metavar="N",
+                   help="print only the N most relevant documents (default: all, best first)")
     p.add_argument("--json", action="store_true", help="JSONL output")
     _common(p)
     p.set_defaults(func=cmd_rerank)
@@ -447,7 +462,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     first, _ = parser.parse_known_args(argv)
     if first.command in PACKAGE_COMMANDS:
         parser = build_parser(load=[first.command])
-    return parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # the usage of the command the user typed, not the top-level one
+        command = _subparsers(parser).get(args.command, parser)
+        while True:  # nested commands (train reranker, ...): the innermost one given
+            inner = next((p for name, p in _subparsers(command).items() if name in argv), None)
+            if inner is None:
+                break
+            command = inner
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return dict(action.choices)
+    return {}
 
 
 # ------------------------------------------------------------------------------------------ errors
@@ -467,8 +498,36 @@ def error_message(exc: BaseException) -> tuple[str, int] | None:
     return None
 
 
+class _Interrupts:
+    """Whether Ctrl-C came: an interrupt inside a C extension's import (numpy, torch) surfaces as an ImportError,
+    which is then reported as the interruption it is, not as a traceback."""
+
+    seen = False
+
+    @classmethod
+    def handler(cls, signum: int, frame: Any) -> None:
+        cls.seen = True
+        raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+    import threading
+
     argv = sys.argv[1:] if argv is None else list(argv)
+    _Interrupts.seen = False
+    own = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if own:
+        signal.signal(signal.SIGINT, _Interrupts.handler)
+    try:
+        return _main(argv)
+    finally:
+        if own and signal.getsignal(signal.SIGINT) is _Interrupts.handler:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _main(argv: list[str]) -> int:
     verbose = False
     try:
         args = parse_args(argv)
@@ -487,6 +546,9 @@ def main(argv: list[str] | None = None) -> int:
             pass
         return 141
     except Exception as exc:
+        if _Interrupts.seen:
+            print("tamis: interrupted", file=sys.stderr)
+            return 130
         known = error_message(exc)
         if known is None:
             raise

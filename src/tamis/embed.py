@@ -374,7 +374,7 @@ class Embedder:
     @staticmethod
     def _as_texts(texts: str | Sequence[Any]) -> list[str]:
         if isinstance(texts, str):
-            return [texts]
+            texts = [texts]
         if not isinstance(texts, Sequence) and not hasattr(texts, "__iter__"):
             raise InvalidInputError(f"texts must be a string or a list of strings, not {type(texts).__name__}")
         out = []
@@ -383,6 +383,10 @@ class Embedder:
                 t = t["text"]
             if not isinstance(t, str):
                 raise InvalidInputError(f"input {i} is a {type(t).__name__}, expected a string")
+            if not t.strip():  # the server's 400 and the CLI's skipped blank lines: one rule
+                kind = "an empty string" if t == "" else "only whitespace"
+                raise InvalidInputError(f"input {i} is {kind}: every input must contain text (a blank input "
+                                        "embeds to the same vector as nothing)")
             out.append(t)
         return out
 

@@ -69,16 +69,21 @@ class InputTooLongError(InvalidInputError):
     such as a rerank query.
     """
 
-    def __init__(self, index: int | None, n_tokens: int, limit: int, what: str = "input"):
+    def __init__(self, index: int | None, n_tokens: int, limit: int, what: str = "input",
+                 n_chars: int | None = None, char_limit: int | None = None):
         self.index = index
         self.n_tokens = n_tokens
         self.limit = limit
         self.what = what
+        self.n_chars = n_chars  # set when the input was refused by its length in characters, before tokenizing
+        self.char_limit = char_limit
         self.label = what if index is None else f"{what} {index}"
-        super().__init__(
-            f"{self.label} has {n_tokens} tokens, more than the model's limit of {limit}; "
-            "shorten it or pass truncate=True to drop the tail"
-        )
+        if n_chars is not None:
+            size = (f"{n_chars:,} characters, more than the {char_limit:,} that fit the model's limit of {limit} "
+                    "tokens (texts over 32 characters per token are refused without tokenizing them)")
+        else:
+            size = f"{n_tokens} tokens, more than the model's limit of {limit}"
+        super().__init__(f"{self.label} has {size}; shorten it or pass truncate=True to drop the tail")
 
 
 class UnknownModelError(InvalidInputError):

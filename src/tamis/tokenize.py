@@ -21,6 +21,10 @@ from tokenizers import Tokenizer as HFTokenizer
 from tamis.errors import InputTooLongError, ModelNotFoundError
 from tamis.models.loading import read_json
 
+# a text longer than this many characters per token of the model's limit is cut (or refused) by characters
+# before tokenizing; the server's max_chars_per_token defaults to the same 32
+MAX_CHARS_PER_TOKEN = 32
+
 # tokenizer_config.json uses int(1e30) to mean "no limit"
 _NO_LIMIT = 10**12
 
@@ -119,15 +123,33 @@ class Tokenizer:
     ) -> list[Encoded]:
         """Encode single texts (each after ``prefix``, an instruction). With ``truncate=False`` an over-long input
         raises InputTooLongError; otherwise it is cut at the end (``side="right"``) or at the start
-        (``side="left"``: the text's tail is kept, after the whole prefix)."""
+        (``side="left"``: the text's tail is kept, after the whole prefix).
+
+        Before tokenizing, a text longer than :data:`MAX_CHARS_PER_TOKEN` characters per token of ``max_length``
+        is cut to that many characters (and counts as truncated; its ``n_tokens`` are those of the cut text) or,
+        with ``truncate=False``, refused: the server's rule, so one huge line cannot hold the tokenizer (and
+        memory) for seconds."""
         if side not in ("right", "left"):
             raise ValueError(f"side must be 'right' or 'left', not {side!r}")
+        texts = list(texts)
+        clipped: set[int] = set()
+        if max_length is not None:
+            cap = int(max_length) * MAX_CHARS_PER_TOKEN
+            for i, t in enumerate(texts):
+                if len(t) > cap:
+                    if not truncate:
+                        raise InputTooLongError(i, 0, int(max_length), n_chars=len(t), char_limit=cap)
+                    texts[i] = t[:cap] if side == "right" else t[-cap:]
+                    clipped.add(i)
         extra = self._n_special_single if add_special_tokens else 0
         out: list[Encoded] = []
         prefix_enc = self.raw([prefix])[0] if prefix and side == "left" else None
         for i, enc in enumerate(self.raw([prefix + t for t in texts])):
             n = len(enc.ids) + extra
             cut = max_length is not None and n > max_length
+            if i in clipped and not cut:
+                out.append(_encoded(self._tok.post_process(enc, None, True) if add_special_tokens else enc, n, True))
+                continue
             if cut:
                 if not truncate:
                     raise InputTooLongError(i, n, int(max_length))

@@ -108,6 +108,9 @@ class ServerState:
                 table = self.aliases[kind]
                 for alias in _aliases(name, model):
                     table.setdefault(alias.lower(), name)
+        for name in self.rerankers:  # listed under its own id in /v1/models: requests may use that id too
+            if name in self.embedders:
+                self.aliases["reranker"].setdefault(reranker_id(name).lower(), name)
         self.metrics.ready.set(1)
         self.ready = True
 
@@ -188,6 +191,12 @@ class ServerState:
             api.message = api.message + hint
             raise api
         return name, models[name], self.workers[(kind, name)]
+
+
+def reranker_id(name: str) -> str:
+    """The /v1/models id of a reranker served under the same name as an embedding model (clients such as
+    OpenAI's de-duplicate the list by id): ``NAME:reranker``, also accepted as its ``model`` in requests."""
+    return f"{name}:reranker"
 
 
 def _aliases(name: str, model: Any) -> list[str]:
@@ -699,7 +708,8 @@ def create_app(
         data = []
         for name, emb in state.embedders.items():
             data.append({
-                "id": name, "object": "model", "created": state.created, "owned_by": "tamis", "type": "embedding",
+                "id": name, "served_name": name, "object": "model", "created": state.created, "owned_by": "tamis",
+                "type": "embedding",
                 "dimension": _int_or_none(getattr(emb, "dimension", None)),
                 "max_length": _int_or_none(getattr(emb, "max_length", None)),
                 "tasks": list(getattr(emb, "tasks", []) or []),
@@ -707,7 +717,8 @@ def create_app(
             })
         for name, rr in state.rerankers.items():
             data.append({
-                "id": name, "object": "model", "created": state.created, "owned_by": "tamis", "type": "reranker",
+                "id": reranker_id(name) if name in state.embedders else name, "served_name": name,
+                "object": "model", "created": state.created, "owned_by": "tamis", "type": "reranker",
                 "kind": getattr(rr, "kind", None),
                 "aliases": sorted({a for a, n in state.aliases["reranker"].items() if n == name and a != name}),
             })

@@ -18,6 +18,8 @@ from typing import Any
 from tamis.cli import add_compile_argument
 from tamis.server.settings import ServerSettings, keys_from_env
 
+LOADER_THREAD = "tamis-loader"  # the thread tamis.server.app starts to load the models
+
 logger = logging.getLogger("tamis.server")
 
 DEFAULT_HOST = "127.0.0.1"
@@ -60,8 +62,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "'default'; repeat to serve several "
                         "(requests pick one with their 'model' field); NAME= sets the served name")
     p.add_argument("--reranker-model", action="append", default=None, metavar="[NAME=]MODEL",
-                   help="reranker model (cross-encoder, listwise, ensemble; 'default' = the shipped tamis-reranker-tiny, "
-                        "'embedding' = all-MiniLM-L6-v2 similarity); repeatable")
+                   help="reranker model (cross-encoder, listwise, ensemble; 'default' = the cosine similarity of the "
+                        "bundled all-MiniLM-L6-v2's embeddings, as 'embedding', until a tamis-reranker-tiny ships with "
+                        "the package: none does yet); repeatable")
     p.add_argument("--offline", action="store_true",
                    help="never touch the network: Hub ids load from the Hugging Face cache only (fill it with "
                         "`tamis pull`); sets HF_HUB_OFFLINE=1 for the whole process")
@@ -225,11 +228,38 @@ def serve_command(args: argparse.Namespace) -> int:
                                                                        args.compile, args.offline))
     logger.info("serving on http://%s:%d (docs at /docs); loading models: embedding %s, reranker %s",
                 args.host, args.port, emb_specs, rr_specs)
-    load_error = run(app, settings, args.host, args.port, args.log_level)
+    try:
+        load_error = run(app, settings, args.host, args.port, args.log_level)
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn re-raises it once the server has stopped
+        exit_while_loading(130, "tamis: interrupted")
+        raise
     if load_error is not None:  # the server stopped because a model could not be loaded
+        exit_while_loading(1, f"tamis: error: model loading failed: {load_error}")
         print(f"tamis: error: model loading failed: {load_error}", file=sys.stderr)
         return 1
+    exit_while_loading(0, "")
     return 0
+
+
+def exit_while_loading(code: int, message: str) -> None:
+    """Stop the process now if the model loader thread is still running (the server was stopped during
+    start-up): an interpreter shutting down beside a thread inside torch (importing it, loading or compiling
+    a model) aborts with ``terminate called without an active exception`` (exit 134). Nothing of a half-loaded
+    model needs saving, so the process ends with ``os._exit`` after flushing its output. Returns when no
+    loader is running."""
+    import threading
+
+    if not any(t.name == LOADER_THREAD and t.is_alive() for t in threading.enumerate()):
+        return
+    if message:
+        print(message, file=sys.stderr)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -159,9 +159,12 @@ def from_exception(exc: BaseException) -> ApiError:
     if isinstance(exc, InputTooLongError):
         what = getattr(exc, "what", "input")
         label = getattr(exc, "label", f"input {exc.index}")
+        n_chars = getattr(exc, "n_chars", None)
+        size = (f"{n_chars} characters, more than the {exc.char_limit} that fit the model's limit of {exc.limit} "
+                "tokens" if n_chars is not None else f"{exc.n_tokens} tokens, more than the limit of {exc.limit}")
         return ApiError(
             400,
-            f"{label} has {exc.n_tokens} tokens, more than the limit of {exc.limit}; shorten it or send "
+            f"{label} has {size}; shorten it or send "
             '"truncate": true to drop the tail',
             code="input_too_long",
             param={"document": "documents", "query + document": "documents"}.get(what, what),

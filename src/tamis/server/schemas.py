@@ -213,7 +213,9 @@ class RerankResponseV2(BaseModel):
 
 
 class ModelCard(BaseModel):
-    id: str
+    id: str = Field(..., description="unique in the list: a reranker served under an embedding model's name is "
+                                     "listed as NAME:reranker (also accepted as its request model)")
+    served_name: str = Field(..., description="the name the model is served under on its route")
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "tamis"
