@@ -200,3 +200,39 @@ def test_plot_without_quality_is_throughput_only(tmp_path: Path) -> None:
     points[0]["nDCG@10"] = 0.01
     a = _axes(plot_quality_vs_throughput(points, tmp_path / "low.png"))[0]
     assert a["kind"] == "quality" and a["ylim"][0] >= 0 and a["labels_inside"], a
+
+
+# ---------------------------------------------------------------------------- item 13: tamis eval
+def test_eval_report_name_recall_on_the_full_list_and_max_queries(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from test_evaluate import DOCS, QRELS, QUERIES, _write_jsonl_gz
+
+    data = tmp_path / "toy"  # test_evaluate's toy set: 5 documents, 3 judged queries, a run file
+    (data / "qrels").mkdir(parents=True)
+    _write_jsonl_gz(data / "corpus.jsonl.gz", DOCS)
+    _write_jsonl_gz(data / "queries.jsonl.gz", QUERIES)
+    (data / "qrels" / "test.tsv").write_text(QRELS)
+    (data / "run.bm25.tsv").write_text("query-id\tcorpus-id\trank\tscore\nq1\td2\t1\t9.0\nq1\td1\t2\t8.0\n"
+                                       "q1\td5\t3\t1.0\nq2\td4\t1\t5.0\nq2\td2\t2\t4.0\nq3\td5\t1\t3.0\n"
+                                       "q3\td3\t2\t2.0\n")
+    monkeypatch.chdir(tmp_path)
+    out_dir = tmp_path / "reports-here"
+    run_file = data / "run.bm25.tsv"
+    assert main(["eval", "--data", str(data), "--first-stage", f"run:{run_file}", "--reranker", "default",
+                 "--depth", "1", "--out", str(out_dir), "--quiet"]) == 0
+    report = out_dir / "eval-toy-run.bm25-rerank.json"
+    assert [p.name for p in out_dir.iterdir()] == [report.name]  # short name, under --out, nothing in the cwd
+    assert not list(tmp_path.glob("eval-*.json"))
+    stages = json.loads(report.read_text())["stages"]
+    first, reranked = stages[0]["metrics"], stages[1]["metrics"]
+    assert first["Recall@100"] == 1.0  # every relevant document is somewhere in the run file's lists
+    assert reranked["Recall@100"] == first["Recall@100"]  # --depth 1 reranks the top 1 and keeps the rest
+    capsys.readouterr()
+
+    assert main(["eval", "--data", str(data), "--first-stage", "bm25", "--max-queries", "2", "--corpus-sample", "4",
+                 "--out", str(out_dir), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    sample = json.loads((out_dir / "eval-toy-bm25-sample.json").read_text())
+    assert sample["sizes"]["queries"] == 2 and sample["stages"][0]["n_queries"] == 2
+    assert sample["sizes"]["documents"] == 4 and sample["config"]["sample"]["max_queries"] == 2
+    assert "sample: 2 queries, 4 documents (seed 0)" in printed

@@ -66,7 +66,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dtype", default="auto",
                    help="auto (default: bf16 with native bf16 on CPU / on GPU, else float32), float32, bfloat16, int8")
     add_compile_argument(p)
-    p.add_argument("--output", default=None, help="JSON report path (default reports/eval-<data>-<stage>.json)")
+    p.add_argument("--out", default="reports", metavar="DIR",
+                   help="directory of the JSON report, named eval-<data>-<first stage>[-<reranker>].json "
+                        "(default reports)")
+    p.add_argument("--output", default=None, metavar="FILE.json", help="the JSON report's path instead")
+    p.add_argument("--max-queries", type=int, default=None, metavar="N",
+                   help="a quick run: a seeded random sample of N queries")
+    p.add_argument("--corpus-sample", type=int, default=None, metavar="N",
+                   help="a quick dense run: search N documents (every judged one of the kept queries plus a "
+                        "seeded random sample; scores come out higher than on the whole corpus)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --max-queries / --corpus-sample (default 0)")
     p.add_argument("--per-query", action="store_true", help="include per-query metrics in the JSON report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=eval_command)
@@ -124,10 +133,27 @@ def _slug(text: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in text).strip("-")
 
 
-def default_report_path(dataset: str, stage: str, reranked: bool) -> Path:
-    stage = stage.replace("run:", "run-")
-    name = f"eval-{_slug(dataset)}-{_slug(stage)}{'-rerank' if reranked else ''}.json"
-    return Path("reports") / name
+def _short(name: str) -> str:
+    """The last part of a path or Hub id, without a data file's suffixes: ``../x/run.bm25.tsv`` -> ``run.bm25``."""
+    path = Path(name.rstrip("/\\"))
+    last = (path.parent.name if path.name in ("model", "checkpoint") and path.parent.name else path.name) or name
+    for suffix in (".gz", ".tsv", ".txt", ".trec", ".run", ".jsonl", ".json"):
+        last = last.removesuffix(suffix)
+    return _slug(last)[:48] or "x"
+
+
+def default_report_path(dataset: str, stage: str, reranker: str | None = None, out: str | Path = "reports",
+                        sampled: bool = False) -> Path:
+    """``<out>/eval-<data>-<stage>[-<reranker>][-sample].json`` with short names: a run file by its name, a model by
+    the last part of its path or id (``eval-trec-dl21-run.bm25-rerank-tiny.json`` for ``runs/tiny/model``)."""
+    kind, _, arg = stage.partition(":")
+    run = _short(arg) if kind == "run" and arg else ""
+    parts = [_short(dataset), (run if run.startswith("run") else f"run-{run}") if run else _slug(kind)]
+    if reranker:
+        parts.append("rerank" if reranker == "default" else f"rerank-{_short(reranker)}")
+    if sampled:
+        parts.append("sample")
+    return Path(out) / ("eval-" + "-".join(parts) + ".json")
 
 
 def eval_command(args: argparse.Namespace) -> int:
@@ -159,13 +185,21 @@ def eval_command(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             show_progress=not args.quiet,
+            max_queries=args.max_queries,
+            corpus_sample=args.corpus_sample,
+            seed=args.seed,
             **compile_kwargs(args.compile),
         )
     except (TamisError, ValueError, FileNotFoundError) as exc:
         print(f"tamis eval: error: {exc}", file=sys.stderr)
         return 2
     print(eval_table(report))
-    out = Path(args.output) if args.output else default_report_path(report.dataset, args.first_stage, bool(args.reranker))
+    sampled = args.max_queries is not None or args.corpus_sample is not None
+    out = Path(args.output) if args.output else default_report_path(report.dataset, args.first_stage, args.reranker,
+                                                                    args.out, sampled)
+    if sampled:
+        print(f"sample: {report.sizes['queries']} queries, {report.sizes['documents']} documents (seed {args.seed}); "
+              "a quick run, not comparable with full-set numbers")
     data = report.to_dict(per_query=args.per_query)
     data["args"] = {k: v for k, v in vars(args).items() if k != "func"}
     write_json(data, out)

@@ -76,6 +76,35 @@ class EvalReport:
         }
 
 
+def sample_dataset(dataset: Dataset, max_queries: int | None = None, corpus_sample: int | None = None,
+                   seed: int = 0) -> Dataset:
+    """A quick-run subset: a seeded random ``max_queries`` of the queries (kept in file order) and a corpus of
+    ``corpus_sample`` documents holding every document judged for them (see :func:`evaluate`)."""
+    import dataclasses
+    import random
+
+    if max_queries is None and corpus_sample is None:
+        return dataset
+    for name, value in (("max_queries", max_queries), ("corpus_sample", corpus_sample)):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be at least 1 (got {value})")
+    queries = dataset.queries
+    if max_queries is not None and max_queries < len(queries):
+        keep = set(random.Random(f"queries:{seed}").sample(sorted(queries), max_queries))
+        queries = {q: t for q, t in queries.items() if q in keep}
+    qrels = {q: dataset.qrels[q] for q in queries if q in dataset.qrels}
+    corpus = dataset.corpus
+    if corpus_sample is not None and corpus_sample < len(corpus):
+        judged = {d for q in qrels for d in qrels[q]}
+        others = sorted(d for d in corpus.ids if d not in judged)
+        n_more = max(corpus_sample - len(judged & set(corpus.ids)), 0)
+        keep_docs = judged | set(random.Random(f"corpus:{seed}").sample(others, min(n_more, len(others))))
+        at = [i for i, d in enumerate(corpus.ids) if d in keep_docs]
+        corpus = dataclasses.replace(corpus, ids=[corpus.ids[i] for i in at], titles=[corpus.titles[i] for i in at],
+                                     texts=[corpus.texts[i] for i in at])
+    return dataclasses.replace(dataset, queries=queries, qrels=qrels, corpus=corpus)
+
+
 def parse_first_stage(spec: str) -> tuple[str, str | None]:
     """``"bm25" | "dense" | "hybrid" | "pool" | "run" | "run:FILE"`` -> (kind, file).
 
@@ -125,8 +154,11 @@ def rerank_run(
     run: Run,
     depth: int = 100,
     show_progress: bool = True,
+    keep_rest: bool = False,
 ) -> tuple[Run, dict[str, Any]]:
-    """Rerank each query's top ``depth`` candidates of ``run``; the reranked run holds only those."""
+    """Rerank each query's top ``depth`` candidates of ``run``. The reranked run holds only those, or with
+    ``keep_rest`` those followed by the rest of the first-stage list in its order (so measures deeper than
+    ``depth``, such as Recall@100 after ``depth=20``, still see the whole first-stage list)."""
     out: Run = {}
     pairs = 0
     tokens = 0
@@ -138,12 +170,16 @@ def rerank_run(
         known = [d for d in cands if d in documents]
         missing += len(cands) - len(known)
         if not known:
-            out[qid] = {}
+            out[qid] = {d: -float(i) for i, (d, _) in enumerate(sorted_docs(run[qid]))} if keep_rest else {}
             continue
         with quiet_truncation():  # truncation is expected on long passages; counted in info
             ranked = reranker.rerank(queries[qid], [documents[d] for d in known], top_n=None,
                                      return_documents=False)
         out[qid] = {known[r.index]: float(r.relevance_score) for r in ranked.results}
+        if keep_rest:
+            floor = min(out[qid].values()) - 1.0
+            rest = [d for d, _ in sorted_docs(run[qid])[depth:]]
+            out[qid].update({d: floor - i for i, d in enumerate(rest)})
         pairs += len(known)
         tokens += int(getattr(ranked, "total_tokens", 0) or 0)
         truncated += len(getattr(ranked, "truncated", []) or [])
@@ -177,6 +213,9 @@ def evaluate(
     dtype: str = "auto",
     show_progress: bool = True,
     compile: bool | str = "auto",
+    max_queries: int | None = None,
+    corpus_sample: int | None = None,
+    seed: int = 0,
 ) -> EvalReport:
     """Run a first stage (and optionally a reranker over its top ``depth``) on a data set and score it.
 
@@ -185,11 +224,17 @@ def evaluate(
     ``cache_dir``: where corpus embeddings are kept (None: ``$TAMIS_CACHE`` or ~/.cache/tamis; False: off).
     ``lang``: BM25 stemmer language (None: from the data directory name, else English).
     ``compile``: for models loaded here (True, False, ``"auto"``: see :class:`tamis.Embedder`).
+    ``max_queries``: evaluate a seeded random sample of this many queries (a quick run). ``corpus_sample``: search
+    only this many documents, every document judged for the kept queries plus a seeded random sample of the
+    others (a quick dense run; scores are then higher than on the whole corpus, and the report says so).
+    The reranked stage keeps the first stage's list below ``depth`` (Recall@100 after ``depth=20`` counts the
+    whole first-stage list).
     """
     options: dict[str, Any] = {} if compile == "auto" else {"compile": compile}
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     dataset = data if isinstance(data, Dataset) else load_dataset(data, split, queries_dir)
+    dataset = sample_dataset(dataset, max_queries, corpus_sample, seed)
     timings["load"] = time.perf_counter() - t0
     kind, run_file = parse_first_stage(first_stage)
     level = default_relevance_level(dataset) if relevance_level is None else int(relevance_level)
@@ -207,6 +252,8 @@ def evaluate(
         "relevance_level": level,
         "with_title": with_title,
     }
+    if max_queries is not None or corpus_sample is not None:
+        config["sample"] = {"max_queries": max_queries, "corpus_sample": corpus_sample, "seed": seed}
     stages: list[StageResult] = []
     embedder = None
 
@@ -256,7 +303,7 @@ def evaluate(
         timings["reranker_load"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         doc_text = dict(zip(ids, texts))
-        reranked, rinfo = rerank_run(rr, dataset.queries, doc_text, first, depth, show_progress)
+        reranked, rinfo = rerank_run(rr, dataset.queries, doc_text, first, depth, show_progress, keep_rest=True)
         secs = time.perf_counter() - t0
         timings["rerank"] = secs
         rinfo["pairs_per_second"] = rinfo["pairs"] / secs if secs > 0 else 0.0
