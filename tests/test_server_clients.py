@@ -401,3 +401,30 @@ def test_tamis_serve_command(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(20)
     assert "authentication: on (2 API keys)" in log.read_text()
+
+
+# ---------------------------------------------------------------------------- README's framework block (issue 36, 14)
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_readme_framework_block_runs_against_a_real_server(models: dict[str, Any],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The README's "Use it from your framework" block, run as it stands with only the port changed: the
+    OpenAI, Cohere, LangChain, LlamaIndex and Haystack clients each get the bundled model's vectors."""
+    for module in ("langchain_openai", "llama_index.embeddings.openai_like", "haystack"):
+        pytest.importorskip(module)
+    monkeypatch.setenv("HAYSTACK_TELEMETRY_ENABLED", "False")
+    text = README.read_text(encoding="utf-8")
+    block = text.split("<!-- framework-block -->", 1)[1].split("<!-- /framework-block -->", 1)[0]
+    code = block.split("```python\n", 1)[1].rsplit("```", 1)[0]
+    assert 'BASE = "http://127.0.0.1:8080"' in code
+    app = create_app({MINI: models["mini"]}, {MINI: models["rr_default"]}, ServerSettings())  # no --api-key
+    with LiveServer(app) as srv:
+        scope: dict[str, Any] = {}
+        exec(compile(code.replace("http://127.0.0.1:8080", srv.url), str(README), "exec"), scope)
+    ref = models["mini"].embed(["a text"])[0]
+    for name in ("v_openai", "v_cohere", "v_langchain", "v_llamaindex", "v_haystack"):
+        got = np.asarray(scope[name], np.float64)
+        assert got.shape == (384,) and cos(got, ref) >= 0.99999, name
+    exp = models["rr_default"].rerank("a question", ["a text", "another text"])
+    assert [r.index for r in scope["ranked"]] == exp.indices
