@@ -236,3 +236,28 @@ def test_eval_report_name_recall_on_the_full_list_and_max_queries(tmp_path: Path
     assert sample["sizes"]["queries"] == 2 and sample["stages"][0]["n_queries"] == 2
     assert sample["sizes"]["documents"] == 4 and sample["config"]["sample"]["max_queries"] == 2
     assert "sample: 2 queries, 4 documents (seed 0)" in printed
+
+
+# ---------------------------------------------------------------------------- item 3: Cohere embed bounds
+def test_cohere_embed_bounds_texts_and_inputs_alike() -> None:
+    from test_server import client, make_app, run
+
+    async def go() -> list[Any]:
+        async with client(make_app(max_inputs=2)) as c:
+            texts = await c.post("/v2/embed", json={"texts": ["a", "b", "c"], "input_type": "search_query"})
+            inputs = await c.post("/v2/embed", json={"inputs": [{"content": [{"type": "text", "text": t}]}
+                                                                for t in "abc"], "input_type": "search_query"})
+            ok = await c.post("/v2/embed", json={"texts": ["a b", "c d"], "input_type": "search_query",
+                                                 "embedding_types": ["int8", "ubinary"]})
+            images = await c.post("/v2/embed", json={"images": ["data:image/png;base64,AAAA"],
+                                                     "input_type": "image"})
+            return [texts, inputs, ok, images]
+
+    texts, inputs, ok, images = run(go())
+    for r, field in ((texts, "texts"), (inputs, "inputs")):
+        assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_inputs", (field, r.text)
+        assert r.json()["error"]["param"] == field
+    body = ok.json()
+    assert ok.status_code == 200 and body["response_type"] == "embeddings_by_type"
+    assert set(body["embeddings"]) == {"int8", "ubinary"} and len(body["embeddings"]["int8"]) == 2
+    assert images.status_code == 400 and "text only" in images.json()["detail"]

@@ -571,7 +571,8 @@ def create_app(
     # ------------------------------------------------------------------ Cohere embed
     async def cohere_embed(request: Request, version: int) -> Response:
         state.ensure_ready()
-        body = await parse(request, CohereEmbedRequest, "texts")
+        body = await read_body(request, CohereEmbedRequest, settings.json_value_limit,
+                               {"texts": settings.max_inputs, "inputs": settings.max_inputs})
         name, emb, worker = state.lookup("embedding", body.model)
         texts = _cohere_texts(body)
         task = _cohere_task(emb, body.input_type)
