@@ -296,3 +296,28 @@ def test_livez_is_public_and_documented():
         assert httpx.get(srv.url + "/livez").status_code == 200
         assert httpx.get(srv.url + "/v1/models").status_code == 401
         assert "/livez" in json.loads(httpx.get(srv.url + "/openapi.json").text)["paths"]
+
+
+def test_offline_flag_on_every_command_that_loads_models(hub, capsys, tmp_path):
+    """eval, bench, batch and train take --offline as embed, rerank, serve and pull do: the cache only, not one
+    request, a one-line error for an id not cached, and the process's setting as it was afterwards."""
+    from tamis.cli import parse_args
+
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "a"}\n')
+    noveleval = FIX.parent / "data" / "noveleval"
+    for argv in (["eval", "--data", str(noveleval), "--first-stage", "pool", "--depth", "5", "--max-queries", "1",
+                  "--reranker", "tiny/bert", "--out", str(tmp_path / "reports")],
+                 ["batch", "embed", str(rows), str(tmp_path / "out"), "--model", "tiny/bert"]):
+        assert main([*argv, "--offline"]) != 0, argv
+        err = capsys.readouterr().err.strip()
+        last = err.splitlines()[-1]  # progress bars may come before it
+        assert last.startswith("tamis") and ": error: " in last and "tiny/bert" in last and "Traceback" not in err, err
+        assert hub.requests == [] and os.environ["HF_HUB_OFFLINE"] == "0"
+    for argv in (["bench", "--offline"], ["train", "reranker", "--data", "x", "--out", "o", "--offline"],
+                 ["train", "embedder", "--data", "x", "--out", "o", "--offline"],
+                 ["train", "listwise", "--data", "x", "--out", "o", "--offline"]):
+        assert parse_args(argv).offline, argv
+    # without the flag the same id downloads
+    assert main(["batch", "embed", str(rows), str(tmp_path / "out2"), "--model", "tiny/bert", "-q"]) == 0
+    assert hub.requests

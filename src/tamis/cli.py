@@ -336,6 +336,13 @@ def _embedding_types(text: str) -> list[str]:
 COMPILE_CHOICES = ("auto", "on", "off")
 
 
+def add_offline_argument(p: argparse.ArgumentParser) -> None:
+    """``--offline`` for every command that loads models: Hub ids come from the Hugging Face cache only (the
+    process runs as with ``HF_HUB_OFFLINE=1``, set by :func:`main`)."""
+    p.add_argument("--offline", action="store_true",
+                   help="never use the network: Hub ids only from the Hugging Face cache (as HF_HUB_OFFLINE=1)")
+
+
 def add_compile_argument(p: argparse.ArgumentParser) -> None:
     """``--compile auto|on|off`` for every command that loads models (read with :func:`compile_kwargs`)."""
     p.add_argument("--compile", default="auto", choices=COMPILE_CHOICES,
@@ -534,7 +541,17 @@ def _main(argv: list[str]) -> int:
         verbose = args.verbose
         logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                             format="%(levelname)s %(name)s: %(message)s")
-        return int(args.func(args) or 0)
+        if not getattr(args, "offline", False):
+            return int(args.func(args) or 0)
+        before = os.environ.get("HF_HUB_OFFLINE")
+        os.environ["HF_HUB_OFFLINE"] = "1"  # every model this command resolves: the cache only
+        try:
+            return int(args.func(args) or 0)
+        finally:
+            if before is None:
+                os.environ.pop("HF_HUB_OFFLINE", None)
+            else:
+                os.environ["HF_HUB_OFFLINE"] = before
     except KeyboardInterrupt:
         print("tamis: interrupted", file=sys.stderr)
         return 130

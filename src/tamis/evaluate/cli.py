@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tamis.cli import add_compile_argument, compile_kwargs
+from tamis.cli import add_compile_argument, add_offline_argument, compile_kwargs
 from tamis.errors import TamisError
 
 
@@ -78,6 +78,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of --max-queries / --corpus-sample (default 0)")
     p.add_argument("--per-query", action="store_true", help="include per-query metrics in the JSON report")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_offline_argument(p)
     p.set_defaults(func=eval_command)
 
     b = subparsers.add_parser(
@@ -123,6 +124,7 @@ def register(subparsers: Any) -> None:
                    help="with --vs, skip ONNX Runtime fp32 / int8 of the embedding model (run when onnxruntime "
                         "and onnx are installed)")
     b.add_argument("--quiet", action="store_true")
+    add_offline_argument(b)
     b.set_defaults(func=bench_command)
 
 

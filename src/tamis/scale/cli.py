@@ -12,7 +12,7 @@ import logging
 import sys
 from typing import Any
 
-from tamis.cli import add_compile_argument, compile_kwargs
+from tamis.cli import add_compile_argument, add_offline_argument, compile_kwargs
 
 HELP = "embed or rerank Parquet/JSONL files into Parquet shards (resumable; --ray for Ray Data)"
 
@@ -53,6 +53,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _io(p: argparse.ArgumentParser) -> None:
+    add_offline_argument(p)
     p.add_argument("input", help="a .parquet or .jsonl/.json/.ndjson(.gz) file, or a directory of them")
     p.add_argument("output", help="output directory of Parquet shards")
     p.add_argument("--model", default=None, help="local directory or Hugging Face id org/name[@revision] (cache, else download; default: bundled)")

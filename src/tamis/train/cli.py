@@ -209,6 +209,10 @@ def register(subparsers: Any) -> None:
                                     "tamis.Reranker(dir) loads it.")
     _listwise_args(lw)
     lw.set_defaults(func=listwise_command)
+    from tamis.cli import add_offline_argument
+
+    for parser in (r, d, e, a, lw):
+        add_offline_argument(parser)
 
 
 def _smollm2_gguf() -> str | None:
