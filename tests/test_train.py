@@ -546,3 +546,31 @@ def test_train_reranker_with_label_free_lists(pairs_with_unlabelled, tiny_encode
         train_reranker([str(pairs_with_unlabelled)], tmp_path / "bad", model=str(tiny_encoder),
                        lists=ListConfig(loss="infonce"), mining=MiningConfig(methods=("bm25",), label_free=True),
                        show_progress=False)
+
+
+def test_train_mines_with_the_fast_dtype_and_names_the_quick_option(pairs_dir, tmp_path, monkeypatch, capsys):
+    """`tamis train` mines with the fast dtype tamis eval uses (so eval's cached embeddings serve it) and says
+    what mining costs and that --mine bm25 is quicker; a recipe's MiningConfig keeps float32 and its caches."""
+    import tamis.embed
+    from tamis.cli import parse_args
+    from tamis.train.rerankers import prepare_data
+
+    for command in (["reranker"], ["distill", "--teacher", "t"], ["embedder"], ["adapter", "--task", "t"]):
+        assert parse_args(["train", *command, "--data", "x", "--out", "o"]).mine_dtype == "auto"
+    seen = []
+
+    class Spy(tamis.embed.Embedder):
+        def __init__(self, *args, **kwargs):
+            seen.append(kwargs.get("dtype"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(tamis.embed, "Embedder", Spy)
+    cfg = MiningConfig(methods=("bm25", "dense"), n_negatives=2, skip_top=0, depth=10, dev=1, dtype="auto")
+    prepare_data([str(pairs_dir)], tmp_path / "auto", cfg, show_progress=True)
+    err = capsys.readouterr().err
+    assert seen == ["auto"] and "--mine bm25 is the quick option" in err and "documents and" in err
+    prepare_data([str(pairs_dir)], tmp_path / "f32", MiningConfig(methods=("bm25", "dense"), n_negatives=2,
+                                                                  skip_top=0, depth=10, dev=1), show_progress=False)
+    assert seen == ["auto", "float32"]
+    meta = json.loads(next((tmp_path / "f32").glob("mining-*.json")).read_text())
+    assert "dtype" not in meta  # float32, the old default: lists mined before stay valid

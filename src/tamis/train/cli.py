@@ -138,6 +138,7 @@ def _data_and_mining(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("hard-negative mining")
     m.add_argument("--mine", default="bm25,dense", help="first stages to mine with: bm25, dense or both")
     m.add_argument("--mine-model", default=None, help="embedding model of the dense first stage (default: bundled)")
+    m.add_argument("--mine-dtype", default="auto", help=MINE_DTYPE_HELP)
     m.add_argument("--skip-top", type=int, default=3, help="top ranks skipped as likely unlabelled positives")
     m.add_argument("--mine-depth", type=int, default=50, help="ranks considered per first stage")
     m.add_argument("--mine-negatives", type=int, default=15, help="negatives kept per query")
@@ -172,6 +173,11 @@ def _output(p: argparse.ArgumentParser) -> None:
     x.add_argument("--save-dtype", choices=["float32", "float16", "bfloat16"], default="float32")
     x.add_argument("--cache-dir", default=None, help="embedding cache (default $TAMIS_CACHE or ~/.cache/tamis)")
     x.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+MINE_DTYPE_HELP = ("dtype of the dense first stage: auto (default: the fast one, bf16 where the CPU has it; the "
+                   "same as tamis eval, whose cached embeddings are then reused) or float32 (mined lists that do "
+                   "not depend on the CPU)")
 
 
 def register(subparsers: Any) -> None:
@@ -279,6 +285,7 @@ def _embedding_args(p: argparse.ArgumentParser, adapter: bool) -> None:
     m = p.add_argument_group("hard-negative mining")
     m.add_argument("--mine", default="bm25,dense", help="first stages to mine with: bm25, dense, both, or none")
     m.add_argument("--mine-model", default=None, help="embedding model of the dense first stage (default: --model)")
+    m.add_argument("--mine-dtype", default="auto", help=MINE_DTYPE_HELP)
     m.add_argument("--skip-top", type=int, default=3, help="top ranks skipped as likely unlabelled positives")
     m.add_argument("--mine-depth", type=int, default=50, help="ranks considered per first stage")
     m.add_argument("--mine-negatives", type=int, default=10, help="negatives kept per query (a step samples "
@@ -372,7 +379,8 @@ def _train_and_mining_configs(args: argparse.Namespace, default_lr: float) -> tu
     mining = MiningConfig(methods=tuple(m.strip() for m in args.mine.split(",") if m.strip()),
                           n_negatives=args.mine_negatives, skip_top=args.skip_top, depth=args.mine_depth,
                           strategy=args.mine_strategy, dev=args.dev, max_dev_per_source=args.max_dev_per_source,
-                          dev_depth=args.dev_depth, embedder=args.mine_model, label_free=args.label_free_lists)
+                          dev_depth=args.dev_depth, embedder=args.mine_model, label_free=args.label_free_lists,
+                          dtype=args.mine_dtype)
     return config, mining
 
 
@@ -470,7 +478,8 @@ def embed_command(args: argparse.Namespace) -> int:
         freeze=None if args.adapter else args.freeze_embeddings)
     mining = MiningConfig(methods=methods, n_negatives=args.mine_negatives, skip_top=args.skip_top,
                           depth=args.mine_depth, strategy=args.mine_strategy, dev=args.dev,
-                          max_dev_per_source=args.max_dev_per_source, embedder=args.mine_model)
+                          max_dev_per_source=args.max_dev_per_source, embedder=args.mine_model,
+                          dtype=args.mine_dtype)
     adapter = None
     if args.adapter:
         targets = tuple(t.strip() for t in args.target_modules.split(",") if t.strip()) if args.target_modules else None

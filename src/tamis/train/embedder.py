@@ -150,7 +150,7 @@ def prepare_pairs(
                 lists = load_lists(lists_path)
             else:
                 if "dense" in mining.methods and embedder is None:
-                    embedder = Embedder(mining.embedder or mine_model, dtype="float32")  # mined lists must not depend on the CPU
+                    embedder = Embedder(mining.embedder or mine_model, dtype=mining.dtype)
                 runs = first_stage_runs(data, train_q, mining.methods, mining.depth, embedder, cache, show_progress)
                 lists = mine_lists(data, train_q, runs, mining.n_negatives, mining.skip_top, mining.depth,
                                    mining.strategy, seed)

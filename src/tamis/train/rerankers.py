@@ -15,6 +15,7 @@ import json
 import logging
 import platform
 import random
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -69,6 +70,9 @@ class MiningConfig:
     max_dev_per_source: int | None = 100
     dev_depth: int = 30  # dev candidates per query (RRF of the first stages)
     embedder: str | None = None  # dense first stage (default: the bundled MiniLM)
+    # its dtype: float32 keeps mined lists the same on every CPU (recipes); "auto" is the fast one, as
+    # `tamis eval` uses, so its cached corpus embeddings are reused (the `tamis train` default)
+    dtype: str = "float32"
     # Also a list of mined candidates for every judged query without a relevant document (see
     # RerankData.unlabelled_queries): teacher losses learn from its teacher scores, label losses skip it.
     label_free: bool = False
@@ -116,7 +120,8 @@ def prepare_data(specs: Sequence[str], work_dir: str | Path, mining: MiningConfi
         meta_path = work / f"mining-{data.name}.json"
         meta = {"spec": str(spec), "seed": seed, **{k: list(v) if isinstance(v, tuple) else v
                                                    for k, v in mining.__dict__.items()
-                                                   if not (k == "label_free" and not v)}}  # old caches stay valid
+                                                   if not (k == "label_free" and not v)
+                                                   and not (k == "dtype" and v == "float32")}}  # old caches stay valid
         if lists_path.is_file() and dev_path.is_file() and meta_path.is_file() and json.loads(meta_path.read_text()) == meta:
             lists, dev_run = load_lists(lists_path), load_run(dev_path)
         else:
@@ -126,7 +131,12 @@ def prepare_data(specs: Sequence[str], work_dir: str | Path, mining: MiningConfi
             if "dense" in mining.methods and embedder is None:
                 from tamis.embed import Embedder
 
-                embedder = Embedder(mining.embedder, dtype="float32")  # mined lists must not depend on the CPU
+                embedder = Embedder(mining.embedder, dtype=mining.dtype)
+            if "dense" in mining.methods and show_progress:
+                print(f"mining {data.name}: the dense first stage embeds {len(data.corpus):,} documents and "
+                      f"{len(train_q) + len(dev_q) + len(free_q):,} queries with {embedder.name} "
+                      f"({str(embedder.dtype).removeprefix('torch.')}; embeddings cached, so tamis eval's are "
+                      "reused); --mine bm25 is the quick option", file=sys.stderr, flush=True)
             runs = first_stage_runs(data, train_q + dev_q + free_q, mining.methods, mining.depth, embedder, cache,
                                     show_progress)
             lists = mine_lists(data, train_q, runs, mining.n_negatives, mining.skip_top, mining.depth,
