@@ -22,6 +22,8 @@ def _tiny_qwen2_gguf(path: Path) -> dict[str, torch.Tensor]:
     gguf = pytest.importorskip("gguf")
     from tokenizers.pre_tokenizers import ByteLevel
 
+    from tamis.models.gguf import gguf_tensor_name
+
     tokens = sorted(ByteLevel.alphabet()) + ["ab", "abc", "Ġab", "<|im_start|>", "<|im_end|>", "<|endoftext|>"]
     merges = ["a b", "ab c", "Ġ ab"]
     types = [1] * (len(tokens) - 3) + [3, 3, 3]
@@ -57,19 +59,8 @@ def _tiny_qwen2_gguf(path: Path) -> dict[str, torch.Tensor]:
     w.add_token_merges(merges)
     w.add_eos_token_id(vocab - 2)
     w.add_pad_token_id(vocab - 1)
-    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
     for key, t in state.items():
-        if key == "model.embed_tokens.weight":
-            name = "token_embd.weight"
-        elif key == "model.norm.weight":
-            name = "output_norm.weight"
-        else:
-            _, _, layer, rest = key.split(".", 3)
-            mod, kind = rest.rsplit(".", 1)
-            name = f"blk.{layer}.{names[mod]}.{kind}"
-        w.add_tensor(name, t.numpy().astype(np.float32))
+        w.add_tensor(gguf_tensor_name(key), t.numpy().astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

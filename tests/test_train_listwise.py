@@ -124,7 +124,7 @@ def _tiny_llama_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     # byte-level vocabulary: the 256 byte symbols, a few merges, two control tokens
     from tokenizers.pre_tokenizers import ByteLevel
 
-    from tamis.models.gguf import permute_rope
+    from tamis.models.gguf import gguf_tensor_name, permute_rope
 
     alphabet = ByteLevel.alphabet()
     tokens = sorted(alphabet) + ["ab", "abc", "<|im_start|>", "<|im_end|>"]
@@ -163,23 +163,12 @@ def _tiny_llama_gguf(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     w.add_token_merges(merges)
     w.add_bos_token_id(vocab - 2)
     w.add_eos_token_id(vocab - 1)
-    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
-             "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
-             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
     for key, t in state.items():
-        if key == "model.embed_tokens.weight":
-            name = "token_embd.weight"
-        elif key == "model.norm.weight":
-            name = "output_norm.weight"
-        else:
-            _, _, layer, rest = key.split(".", 3)
-            mod = rest.removesuffix(".weight")
-            name = f"blk.{layer}.{names[mod]}.weight"
-            if mod == "self_attn.q_proj":
-                t = permute_rope(t, heads)
-            elif mod == "self_attn.k_proj":
-                t = permute_rope(t, kv)
-        w.add_tensor(name, t.numpy().astype(np.float32))
+        if key.endswith("self_attn.q_proj.weight"):
+            t = permute_rope(t, heads)
+        elif key.endswith("self_attn.k_proj.weight"):
+            t = permute_rope(t, kv)
+        w.add_tensor(gguf_tensor_name(key), t.numpy().astype(np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

@@ -51,6 +51,7 @@ _PRE_TOKENIZERS = {"smollm": True, "gpt2": False, "default": False, "qwen2": Fal
 _QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
                 r"\s*[\r\n]+|\s+(?!\S)|\s+")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+_GGUF_NAMES = {hf: gguf for gguf, hf in _LAYER_NAMES.items()}
 
 
 def _reader(path: str | os.PathLike[str]) -> Any:
@@ -92,6 +93,18 @@ def permute_rope(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     out, inp = w.shape
     head_dim = out // n_heads
     return w.reshape(n_heads, 2, head_dim // 2, inp).transpose(1, 2).reshape(out, inp)
+
+
+def gguf_tensor_name(key: str) -> str:
+    """The GGUF name of a Hugging Face decoder tensor name (the inverse of :func:`read_gguf`'s mapping), for
+    writing GGUF files, e.g. small test models."""
+    fixed = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    if key in fixed:
+        return fixed[key]
+    _, _, layer, rest = key.split(".", 3)
+    module, kind = rest.rsplit(".", 1)
+    return f"blk.{layer}.{_GGUF_NAMES[module]}.{kind}"
 
 
 def read_gguf(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, Any]]:
@@ -231,4 +244,4 @@ def gguf_to_hf(path: str | os.PathLike[str], out_dir: str | os.PathLike[str]) ->
     return out
 
 
-__all__ = ["build_tokenizer", "gguf_to_hf", "permute_rope", "read_gguf", "unpermute_rope"]
+__all__ = ["build_tokenizer", "gguf_tensor_name", "gguf_to_hf", "permute_rope", "read_gguf", "unpermute_rope"]
