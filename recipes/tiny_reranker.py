@@ -482,7 +482,7 @@ def seed_records(records: Path, snapshot: Path) -> int:
     how many. ``snapshot_records`` writes the snapshot back from a run's records."""
     import gzip
 
-    from tamis.train.querygen import read_records
+    from tamis.train.querygen import append_records, read_records
 
     if not snapshot.is_file():
         return 0
@@ -491,10 +491,7 @@ def seed_records(records: Path, snapshot: Path) -> int:
         rows = [json.loads(line) for line in f if line.strip()]
     new = [r for r in rows if r["doc"] not in have]
     if new:
-        cut = records.is_file() and records.stat().st_size > 0 and not records.read_bytes().endswith(b"\n")
-        with open(records, "a", encoding="utf-8") as f:
-            f.write("\n" if cut else "")
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in new)
+        append_records(records, new)
         log(f"queries: {len(new)} records from {snapshot.name}")
     return len(new)
 

@@ -137,6 +137,23 @@ def read_records(path: str | os.PathLike[str]) -> dict[str, dict]:
     return done
 
 
+def cut_short(path: Path) -> bool:
+    """Whether the file's last record line was cut short (by a kill): the next record starts a fresh line."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) != b"\n"
+
+
+def append_records(path: str | os.PathLike[str], rows: Sequence[dict]) -> None:
+    """Append records to a JSONL file, on a fresh line when its last one was cut short."""
+    path = Path(path)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write("\n" if cut_short(path) else "")
+        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
 def _batches(items: Sequence[tuple[str, str]], size: int) -> Iterator[list[tuple[str, str]]]:
     for i in range(0, len(items), size):
         yield list(items[i:i + size])
@@ -158,8 +175,7 @@ def generate_queries(generator: QueryGenerator, docs: Sequence[tuple[str, str]],
         return done
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    # a record line cut short by a kill: start the next record on a fresh line
-    needs_newline = out_path.is_file() and out_path.stat().st_size > 0 and not out_path.read_bytes().endswith(b"\n")
+    needs_newline = cut_short(out_path)
     bar = tqdm(total=remaining, desc="queries", unit="passage", disable=not show_progress)
     t0, written = time.perf_counter(), 0
     with open(out_path, "a", encoding="utf-8") as f:
@@ -185,4 +201,5 @@ def generate_queries(generator: QueryGenerator, docs: Sequence[tuple[str, str]],
     return done
 
 
-__all__ = ["QueryGenConfig", "QueryGenerator", "clean_query", "generate_queries", "pick_examples", "read_records"]
+__all__ = ["QueryGenConfig", "QueryGenerator", "append_records", "clean_query", "cut_short", "generate_queries",
+           "pick_examples", "read_records"]
