@@ -23,6 +23,8 @@ _LAZY = {
     "EmbedResult": "tamis.embed",
     "Embedder": "tamis.embed",
     "TruncationWarning": "tamis.embed",
+    "SparseEmbedder": "tamis.embed_sparse",
+    "SparseEmbedding": "tamis.embed_sparse",
     "RankResult": "tamis.rerank",
     "RankedResults": "tamis.rerank",
     "Reranker": "tamis.rerank",
@@ -35,6 +37,8 @@ __all__ = [
     "RankResult",
     "RankedResults",
     "Reranker",
+    "SparseEmbedder",
+    "SparseEmbedding",
     "TruncationWarning",
     "errors",
     "__version__",
@@ -42,6 +46,7 @@ __all__ = [
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on first use
     from tamis.embed import Chunk, Embedder, EmbedResult, TruncationWarning
+    from tamis.embed_sparse import SparseEmbedder, SparseEmbedding
     from tamis.rerank import RankedResults, RankResult, Reranker
 
 
