@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import tamis  # noqa: E402
 from tamis.hardware import cpu_info  # noqa: E402
-from tamis.models import bert  # noqa: E402
+from tamis.models import packed  # noqa: E402
 from tamis.models.kernels import attention_bf16  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "scifact"
@@ -72,12 +72,12 @@ class TorchAttention:
         self.emb = emb
 
     def embed(self, texts: list[str], **kwargs: Any) -> np.ndarray:
-        saved = bert.attention_bf16
-        bert.attention_bf16 = lambda: None
+        saved = packed.attention_bf16
+        packed.attention_bf16 = lambda: None
         try:
             return self.emb.embed(texts, **kwargs)
         finally:
-            bert.attention_bf16 = saved
+            packed.attention_bf16 = saved
 
 
 def make_variants(args: argparse.Namespace) -> dict[str, Any]:

@@ -11,7 +11,7 @@ import torch
 
 import tamis
 from tamis.hardware import CPUInfo, cpu_info
-from tamis.models import bert, kernels
+from tamis.models import bert, kernels, packed
 
 AVAILABLE = kernels.attention_bf16() is not None
 needs_kernel = pytest.mark.skipif(
@@ -45,12 +45,12 @@ def test_fused_attention_matches_float32_sdpa(heads, d, monkeypatch):
     q, k, v, runs = _packed_qkv(lengths, heads, d)
     h = heads * d
     with torch.inference_mode():
-        ref = bert._attend_runs(q, k, v, runs, heads, False, matmul=False)
+        ref = packed._attend_runs(q, k, v, runs, heads, False, matmul=False)
         qkv = torch.cat([q, k, v], dim=1).bfloat16()
         qs, ks, vs = qkv[:, :h], qkv[:, h:2 * h], qkv[:, 2 * h:]
         got = kernels.attention_bf16()(qs, ks, vs, runs, heads, d**-0.5)
-        monkeypatch.setattr(bert, "attention_bf16", lambda: None)  # torch's bf16 path, the one the kernel replaces
-        torch_bf16 = bert._attend_runs(qs, ks, vs, runs, heads, False, matmul=True)
+        monkeypatch.setattr(packed, "attention_bf16", lambda: None)  # torch's bf16 path, the one the kernel replaces
+        torch_bf16 = packed._attend_runs(qs, ks, vs, runs, heads, False, matmul=True)
     assert got.dtype == torch.bfloat16 and got.shape == ref.shape and got.is_contiguous()
     err = (got.float() - ref).abs().max().item()
     assert err < 0.05
@@ -64,13 +64,13 @@ def test_fused_attention_is_what_packed_bf16_attention_runs(monkeypatch):
     q, k, v, runs = _packed_qkv([40, 40, 7], 12, 32)
     calls = []
     real = kernels.attention_bf16()
-    monkeypatch.setattr(bert, "attention_bf16", lambda: lambda *a: calls.append(a) or real(*a))
-    monkeypatch.setattr(bert, "cpu_info", lambda: CPUInfo("test", "x86_64", "AVX512", frozenset({"avx512_bf16"})))
+    monkeypatch.setattr(packed, "attention_bf16", lambda: lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(packed, "cpu_info", lambda: CPUInfo("test", "x86_64", "AVX512", frozenset({"avx512_bf16"})))
     with torch.inference_mode():
-        bert._attend_runs(*(t.bfloat16() for t in (q, k, v)), runs, 12, False)  # matmul path: the kernel, once
+        packed._attend_runs(*(t.bfloat16() for t in (q, k, v)), runs, 12, False)  # matmul path: the kernel, once
         assert len(calls) == 1
-        bert._attend_runs(*(t.bfloat16() for t in (q, k, v)), runs, 12, True)  # ALiBi: torch's path
-        bert._attend_runs(q, k, v, runs, 12, False)  # float32: SDPA
+        packed._attend_runs(*(t.bfloat16() for t in (q, k, v)), runs, 12, True)  # ALiBi: torch's path
+        packed._attend_runs(q, k, v, runs, 12, False)  # float32: SDPA
     assert len(calls) == 1
 
 
@@ -99,10 +99,10 @@ def test_packed_bf16_embeddings_with_the_kernel_match_torch_attention(monkeypatc
     emb = tamis.Embedder(dtype="bfloat16", compile=False)
     calls = []
     real = kernels.attention_bf16()
-    monkeypatch.setattr(bert, "attention_bf16", lambda: lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(packed, "attention_bf16", lambda: lambda *a: calls.append(a) or real(*a))
     with_kernel = emb.embed(texts)
     assert len(calls) == emb.config["num_hidden_layers"]  # the model did run it: once per layer of one forward
-    monkeypatch.setattr(bert, "attention_bf16", lambda: None)
+    monkeypatch.setattr(packed, "attention_bf16", lambda: None)
     without = emb.embed(texts)
     assert (with_kernel * without).sum(-1).min() > 0.9999
 

@@ -12,7 +12,7 @@ import torch
 import tamis
 from tamis.embed import pool, pool_packed
 from tamis.hardware import CPUInfo, auto_dtype, cpu_info, resolve_precision
-from tamis.models import bert
+from tamis.models import bert, packed, runtime
 from tamis.models.loading import resolve_dtype
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -211,13 +211,13 @@ def test_matmul_attention_matches_sdpa(bias, monkeypatch):
     runs = bert.Packing(lengths).runs
     rel = torch.randn(32, heads) if bias == "mpnet" else None
     q, k, v = (torch.randn(sum(lengths), 3 * heads * d)[:, : heads * d] for _ in range(3))  # strided, as fused
-    monkeypatch.setattr(bert, "_SCORES_PER_CHUNK", heads * 9 * 9 * 2)  # the 3 sequences of length 9: 2 chunks
+    monkeypatch.setattr(packed, "_SCORES_PER_CHUNK", heads * 9 * 9 * 2)  # the 3 sequences of length 9: 2 chunks
     with torch.inference_mode():
-        ref = bert._attend_runs(q, k, v, runs, heads, bias == "alibi", rel, matmul=False)
-        got = bert._attend_runs(q, k, v, runs, heads, bias == "alibi", rel, matmul=True)
+        ref = packed._attend_runs(q, k, v, runs, heads, bias == "alibi", rel, matmul=False)
+        got = packed._attend_runs(q, k, v, runs, heads, bias == "alibi", rel, matmul=True)
         torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
         qb, kb, vb = (t.bfloat16() for t in (q, k, v))
-        got16 = bert._attend_runs(qb, kb, vb, runs, heads, bias == "alibi", rel, matmul=True)
+        got16 = packed._attend_runs(qb, kb, vb, runs, heads, bias == "alibi", rel, matmul=True)
     assert got16.dtype == torch.bfloat16
     torch.testing.assert_close(got16.float(), ref, rtol=0, atol=0.05)
 
@@ -225,13 +225,13 @@ def test_matmul_attention_matches_sdpa(bias, monkeypatch):
 def test_matmul_attention_only_for_bf16_inference_on_native_bf16(monkeypatch):
     x = torch.zeros(2, 8, dtype=torch.bfloat16)
     for native in (True, False):
-        monkeypatch.setattr(bert, "cpu_info", lambda native=native: CPUInfo(
+        monkeypatch.setattr(packed, "cpu_info", lambda native=native: CPUInfo(
             "test", "x86_64", "AVX512", frozenset({"avx512_bf16"} if native else set())))
         with torch.inference_mode():
-            assert bert.use_matmul_attention(x) is native
-            assert not bert.use_matmul_attention(x.float())
+            assert packed.use_matmul_attention(x) is native
+            assert not packed.use_matmul_attention(x.float())
         with torch.enable_grad():  # training keeps SDPA
-            assert not bert.use_matmul_attention(x)
+            assert not packed.use_matmul_attention(x)
 
 
 @needs_shared
@@ -268,50 +268,39 @@ def test_repr_shows_the_dtype_choice():
 
 
 # ------------------------------------------------------------------------------------------- fused QKV
-def test_fused_qkv_keeps_gradients_and_follows_weight_changes():
-    """The fused [3H, H] copy serves inference only: with autograd on, gradients reach query/key/value; after
-    an optimizer step, load_state_dict or .to(), inference fuses again instead of using stale weights."""
+def test_fused_qkv_serves_the_packed_forward_only():
+    """runtime.fuse_qkv: a non-persistent [3H, H] copy that the packed (inference) forward runs, equal to the three
+    projections; the padded forward, which training runs, keeps query/key/value, so gradients reach them. Models
+    loaded for inference have the copy; a trainable Embedder (what tamis.train trains) has none to go stale."""
     import copy
 
     torch.manual_seed(2)
     cfg = _tiny_config()
     model = bert.BertModel(cfg).eval()
     ref = copy.deepcopy(model)
-    bert.fuse_qkv(model)
+    runtime.fuse_qkv(model)
+    assert model.encoder.layer[0].attention.self.qkv_weight.shape == (3 * cfg.hidden_size, cfg.hidden_size)
+    assert set(model.state_dict()) == set(ref.state_dict())  # checkpoints keep query/key/value
     ids = torch.randint(3, 100, (3, 7))
     mask = torch.ones_like(ids)
     mask[1, 4:] = 0
-
-    def same() -> None:
-        with torch.inference_mode():
-            torch.testing.assert_close(model(ids, mask), ref(ids, mask), rtol=0, atol=1e-5)
-            p = bert.Packing([7, 4])
-            flat, types = torch.cat([ids[0], ids[1, :4]]), torch.zeros(11, dtype=torch.long)
-            torch.testing.assert_close(model.forward_packed(flat, types, p), ref.forward_packed(flat, types, p),
-                                       rtol=0, atol=1e-5)
-
-    same()
-    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(ids, mask), ref(ids, mask), rtol=0, atol=1e-5)
+        p = bert.Packing([7, 4])
+        flat, types = torch.cat([ids[0], ids[1, :4]]), torch.zeros(11, dtype=torch.long)
+        torch.testing.assert_close(model.forward_packed(flat, types, p), ref.forward_packed(flat, types, p),
+                                   rtol=0, atol=1e-5)
     model(ids, mask).pow(2).mean().backward()
     q = model.encoder.layer[0].attention.self.query
     assert q.weight.grad is not None and q.weight.grad.abs().sum() > 0
-    before = model.encoder.layer[0].attention.self.qkv_weight.clone()
-    opt.step()
-    ref.load_state_dict(model.state_dict())
-    same()
-    assert not torch.equal(model.encoder.layer[0].attention.self.qkv_weight, before)  # re-fused
-    other = bert.BertModel(cfg).eval()
-    model.load_state_dict(other.state_dict())
-    ref.load_state_dict(other.state_dict())
-    same()
-    model.to(torch.float64)
-    ref.to(torch.float64)
-    same()
+    assert tamis.Embedder(dtype="float32").model.encoder.layer[0].attention.self.qkv_weight is not None
+    trainable = tamis.Embedder(dtype="float32", trainable=True)
+    assert trainable.model.encoder.layer[0].attention.self.qkv_weight is None and trainable.compile_seconds is None
 
 
 def test_adapter_rows_run_their_lora_deltas_with_fused_qkv():
-    """A task adapter on query/value: rows with that task get the LoRA deltas (the fused projection is
-    skipped under a LoRA route), rows without it run the packed fast path on the base weights."""
+    """A task adapter on query/value: rows with that task get the LoRA deltas (they run padded, through the
+    query/key/value modules), rows without it run the packed fast path on the fused base weights."""
     emb = tamis.Embedder(dtype="float32")
     emb.add_adapter("t", target_modules=["query", "value"], r=4, alpha=8)
     assert emb.runs_packed([None, None]) and not emb.runs_packed([None, "t"])  # what the server plans on
@@ -396,8 +385,8 @@ def test_a_failed_auto_compile_runs_eager_and_an_explicit_one_raises(monkeypatch
         model.encode_packed = lambda *a: None  # what a half-done compile might leave behind
         raise RuntimeError("InductorError: no working C++ compiler found\nmore detail")
 
-    monkeypatch.setattr(bert, "compile_packed", broken)
-    monkeypatch.setattr("tamis.models.bert.resolve_compile", lambda *a, **k: (True, "test"))
+    monkeypatch.setattr(runtime, "compile_packed", broken)
+    monkeypatch.setattr("tamis.models.runtime.resolve_compile", lambda *a, **k: (True, "test"))
     emb = tamis.Embedder(dtype="float32")
     assert emb.compile_seconds is None and "compile failed" in emb.compile_reason and "compiled=False" in repr(emb)
     assert emb.embed(["still works"]).shape == (1, emb.dimension)
@@ -424,9 +413,9 @@ def test_compiled_frozen_forward_matches_eager():
                             type_vocab_size=0, relative_attention_num_buckets=32, model_type="mpnet")
                if classification else _tiny_config())
         model = (bert.BertForSequenceClassification(cfg) if classification else bert.BertModel(cfg)).eval()
-        bert.fuse_qkv(model)
+        runtime.fuse_qkv(model)
         eager = copy.deepcopy(model)
-        seconds = bert.compile_packed(model, "cpu")
+        seconds = runtime.compile_packed(model, "cpu")
         assert seconds > 0
         for lengths in ([5], [9, 9, 3], [12, 7, 7, 7, 2]):
             packing = bert.Packing(lengths)
@@ -435,4 +424,4 @@ def test_compiled_frozen_forward_matches_eager():
                 got = model.forward_packed(ids, torch.zeros_like(ids), packing)
                 want = eager.forward_packed(ids, torch.zeros_like(ids), packing)
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
-        assert bert.compile_packed(model, "cpu") == 0.0  # compiled once per model
+        assert runtime.compile_packed(model, "cpu") == 0.0  # compiled once per model

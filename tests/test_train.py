@@ -333,15 +333,17 @@ def test_distill_cli_from_a_scores_file_into_layers_of_another_checkpoint(pairs_
 
 def test_layer_states_match_the_forward_and_hidden_mse_by_hand(pairs_dir, tiny_encoder):
     from tamis.rerank.cross_encoder import relevance_logits
-    from tamis.train.cross_encoder import default_layer_map, layer_states
+    from tamis.train.cross_encoder import default_layer_map
     from tamis.train.losses import cls_distance, hidden_mse
 
     ce = init_cross_encoder(tiny_encoder, seed=0)
     docs = list(from_pairs(pairs_dir).corpus.values())[:4]
     padded = ce.tokenizer.pad(ce.tokenizer.encode_pairs(["why do cats purr"] * 4, docs, 64, truncate=True), "cpu")
-    logits, states = layer_states(ce.model, padded)
+    logits, states = relevance_logits(ce.model, padded, return_states=True)
     torch.testing.assert_close(logits, relevance_logits(ce.model, padded))  # the same modules as forward
     assert len(states) == 3 and states[-1].shape == (4, padded.input_ids.shape[1], 32)
+    torch.testing.assert_close(states[-1], ce.model.encoder_model(padded.input_ids, padded.attention_mask,
+                                                                  padded.token_type_ids))
     assert default_layer_map([0, 5], 2, 6) == [0, 1, 6] and default_layer_map(None, 2, 6) == [0, 3, 6]
     a = [torch.zeros(1, 3, 2), torch.ones(1, 3, 2)]
     b = [torch.zeros(1, 3, 2), torch.full((1, 3, 2), 5.0), torch.full((1, 3, 2), 3.0)]

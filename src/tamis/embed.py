@@ -5,7 +5,7 @@
 (2, 384)
 
 Layers: ``tokenize`` (task prefix, truncation policy) -> ``forward`` (one batch through the model,
-pooled, float32; BERT-family models run it packed, without padding: see :class:`tamis.models.bert.Packing`) -> ``finalize`` (Matryoshka cut, L2, output encoding). ``embed`` plans
+pooled, float32; BERT-family models run it packed, without padding: see :class:`tamis.models.packed.Packing`) -> ``finalize`` (Matryoshka cut, L2, output encoding). ``embed`` plans
 length-sorted token-budget batches over them; the server calls the three layers itself to batch
 across requests.
 """
@@ -196,6 +196,9 @@ class Embedder:
         revision: branch, tag or commit of a Hub id (or ``org/name@revision``).
         local_files_only: True: the Hugging Face cache only, never the network (default: ``HF_HUB_OFFLINE``).
         show_progress: download progress bars on stderr.
+        trainable: the model's weights will be trained in place (``tamis.train``): no inference-only copies of
+            them (the fused query/key/value projections, a compiled forward), so inference after a training
+            step sees the new weights.
     """
 
     def __init__(
@@ -212,6 +215,7 @@ class Embedder:
         revision: str | None = None,
         local_files_only: bool | None = None,
         show_progress: bool = True,
+        trainable: bool = False,
     ):
         self.model_dir = resolve_model_dir(model, revision, local_files_only=local_files_only,
                                            show_progress=show_progress)
@@ -249,18 +253,13 @@ class Embedder:
             self._prefixes = {t: instructions.get(t, "") or "" for t in names}
             arch_limit = None
         elif self.family == "bert":
-            from tamis.models import bert
+            from tamis.models.runtime import load_for_inference
 
-            self.model = bert.from_pretrained(self.model_dir, device=self.device, dtype=self.dtype, classification=False)
-            if self.precision.int8:
-                from tamis.models.quantize import quantize_int8
-
-                self.model = quantize_int8(self.model)
-            else:
-                bert.fuse_qkv(self.model)
+            if trainable and self.precision.int8:
+                raise InvalidInputError("trainable=True needs a float dtype, not 'int8'")
+            self.model, self.compile_seconds, self.compile_reason = load_for_inference(
+                self.model_dir, self.device, self.precision, classification=False, compile=compile, frozen=not trainable)
             self.packed = True
-            self.compile_seconds, self.compile_reason = bert.compile_if_wanted(
-                self.model, self.device, compile, self.precision)
             arch_limit = self.model.cfg.max_length
             st = read_json(self.model_dir / "config_sentence_transformers.json") or {}
             self._prefixes = {k: v or "" for k, v in (st.get("prompts") or {}).items()}
@@ -461,7 +460,7 @@ class Embedder:
 
     @torch.inference_mode()
     def _forward_packed(self, encodings: Sequence[Encoded], tasks: Sequence[str | None]) -> torch.Tensor:
-        from tamis.models.bert import Packing
+        from tamis.models.packed import Packing
 
         for t in tasks:
             self.check_task(t)

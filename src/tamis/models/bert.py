@@ -19,17 +19,13 @@ Two layouts run through the same modules:
   attention is ``scaled_dot_product_attention`` with an additive mask (ALiBi or relative bias + padding);
 - packed ``forward_packed(input_ids, token_type_ids, packing)`` on ``[T]`` tokens laid end to end
   (inference): every Linear, GELU and LayerNorm runs on ``[T, H]`` real tokens only, and attention runs
-  per run of equal-length sequences (one SDPA call per distinct length, no padding mask; ALiBi or MPNet's
-  relative bias per length). See :class:`Packing` for why this layout and not block-diagonal masks or
-  nested tensors.
+  per run of equal-length sequences (:mod:`tamis.models.packed`).
+Loading for inference (int8 or fused query/key/value, ``torch.compile``) is :mod:`tamis.models.runtime`.
 """
 
 from __future__ import annotations
 
-import logging
-import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,13 +34,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from tamis.errors import UnsupportedModelError
-from tamis.hardware import Precision, cpu_info, resolve_compile
-from tamis.models import lora
 from tamis.models.activations import ACTIVATIONS
-from tamis.models.kernels import ATTENTION_HEAD_SIZES, attention_bf16
 from tamis.models.loading import apply_key_map, load_config, load_state_dict
+from tamis.models.packed import PackedRuns, Packing
+from tamis.models.positions import alibi_bias, alibi_slopes, relative_position_buckets
 
-logger = logging.getLogger("tamis")
+__all__ = ["BertConfig", "BertForMaskedLM", "BertForSequenceClassification", "BertModel", "Packing", "alibi_bias",
+           "alibi_slopes", "from_pretrained", "fuse_qkv", "hf_state_dict", "module_path", "official_module_path",
+           "relative_position_buckets", "select_layers"]
 
 
 @dataclass
@@ -111,195 +108,6 @@ class BertConfig:
         return self.max_position_embeddings - self.position_offset
 
 
-def alibi_slopes(n_heads: int) -> torch.Tensor:
-    """Press et al. slopes, as in the JinaBERT reference (and TEI)."""
-
-    def power_of_2(n: int) -> list[float]:
-        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
-        return [start ** (i + 1) for i in range(n)]
-
-    if math.log2(n_heads).is_integer():
-        slopes = power_of_2(n_heads)
-    else:
-        p = 2 ** math.floor(math.log2(n_heads))
-        slopes = power_of_2(p) + power_of_2(2 * p)[0::2][: n_heads - p]
-    return torch.tensor(slopes, dtype=torch.float32)
-
-
-def alibi_bias(n_heads: int, length: int, device: torch.device | None = None) -> torch.Tensor:
-    """Symmetric ALiBi bias [1, H, L, L]: -slope_h * |i - j| (zero on the diagonal, never positive)."""
-    pos = torch.arange(length, device=device, dtype=torch.float32)
-    dist = (pos[None, :] - pos[:, None]).abs()
-    return (-alibi_slopes(n_heads).to(device)[:, None, None] * dist[None]).unsqueeze(0)
-
-
-class Packing:
-    """Sequences laid end to end in one ``[T, ...]`` tensor, in the order given (callers sort by length).
-
-    Sequence ``s`` holds rows ``starts[s] : starts[s] + lengths[s]``. Attention runs once per *run* of
-    consecutive sequences of equal length, as a ``[g, heads, n, d]`` SDPA call with no mask: no padded
-    token is ever computed, and a length-sorted batch of short inputs (queries, rerank pairs) has only a
-    handful of distinct lengths, so the number of calls stays small. The alternatives cost more by
-    construction: re-padding around attention adds a scatter/gather per layer, a block-diagonal ``[T, T]``
-    mask is quadratic in the whole batch; against the padded layout the packed one is measured in
-    ``benchmarks/fast_path.py`` (README "Speed").
-
-    The model sees only tensors (:meth:`BertModel.encode_packed`), so one compiled graph with a dynamic
-    token count serves every batch: ``runs`` [R, 3] = (first row, sequences, length) per run.
-    """
-
-    def __init__(self, lengths: Sequence[int], device: str | torch.device = "cpu"):
-        if not lengths or min(lengths) <= 0:
-            raise ValueError("every packed sequence needs at least one token")
-        self.lengths = [int(n) for n in lengths]
-        self.device = torch.device(device)
-        self.starts = [0]
-        for n in self.lengths[:-1]:
-            self.starts.append(self.starts[-1] + n)
-        self.total = self.starts[-1] + self.lengths[-1]
-        runs: list[list[int]] = []
-        for start, n in zip(self.starts, self.lengths):
-            if runs and runs[-1][2] == n:
-                runs[-1][1] += 1
-            else:
-                runs.append([start, 1, n])
-        self.runs = torch.tensor(runs, dtype=torch.long)  # host tensor: read by the attention loop
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def _tensor(self, values: Sequence[int]) -> torch.Tensor:
-        return torch.tensor(values, dtype=torch.long).to(self.device)
-
-    def position_ids(self) -> torch.Tensor:
-        """[T]: 0, 1, ... within each sequence."""
-        starts = torch.tensor(self.starts, dtype=torch.long).repeat_interleave(torch.tensor(self.lengths))
-        return (torch.arange(self.total) - starts).to(self.device)
-
-    def segment_ids(self) -> torch.Tensor:
-        """[T]: the sequence each row belongs to."""
-        return torch.arange(len(self)).repeat_interleave(torch.tensor(self.lengths)).to(self.device)
-
-    def first_rows(self) -> torch.Tensor:
-        return self._tensor(self.starts)
-
-    def last_rows(self) -> torch.Tensor:
-        return self._tensor([s + n - 1 for s, n in zip(self.starts, self.lengths)])
-
-
-def _run_bias(n: int, n_heads: int, dtype: torch.dtype, device: torch.device, alibi: bool,
-              rel: torch.Tensor | None) -> torch.Tensor | None:
-    """The additive attention bias [1, heads, n, n] of one sequence length: ALiBi, MPNet's relative
-    position bias (``rel``: its ``[buckets, heads]`` table), or None."""
-    if alibi:
-        return alibi_bias(n_heads, n, device).to(dtype)
-    if rel is not None:
-        buckets = relative_position_buckets(n, rel.shape[0], device=device)
-        return F.embedding(buckets, rel).permute(2, 0, 1).unsqueeze(0).to(dtype)
-    return None
-
-
-# Score elements per chunk of the CPU bf16 attention (2 MiB in bf16, 4 MiB upcast for a bias): stays in cache.
-_SCORES_PER_CHUNK = 1 << 20
-
-
-def use_matmul_attention(q: torch.Tensor) -> bool:
-    """Whether packed attention computes ``softmax(q k^T) v`` with two bf16 matmuls instead of SDPA: bf16
-    inference on a CPU with native bf16, where torch's flash SDPA kernel for CPU measured 1.37-1.6x slower than
-    this for 32-256 tokens at head size 32 (README "Speed").
-    Elsewhere (float32: flash is as fast or faster; GPUs; training) SDPA."""
-    return (q.dtype == torch.bfloat16 and q.device.type == "cpu" and not torch.is_grad_enabled()
-            and cpu_info().bf16_native)
-
-
-def _matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``[g, heads, n, d]`` -> ``[g * n, heads * d]``: ``softmax(q k^T / sqrt(d) + bias) v``, a chunk of
-    sequences at a time. The matmuls accumulate in float32 and round their results to the input dtype; softmax
-    computes in float32 whatever its input (torch's CPU kernel upcasts bf16), so without a bias the scale is
-    folded into ``q`` and the scores never take a float32 copy; with a bias the scores are upcast to add it."""
-    g, n_heads, n, d = q.shape
-    per = max(1, _SCORES_PER_CHUNK // (n_heads * n * n))
-    scale = d**-0.5
-    q = q * scale if bias is None else q.contiguous()  # one copy of each per run, not per chunk
-    k, v = k.transpose(-1, -2).contiguous(), v.contiguous()
-    outs = []
-    for s0 in range(0, g, per):
-        sl = slice(s0, s0 + per)
-        scores = torch.matmul(q[sl], k[sl])
-        if bias is None:
-            probs = torch.softmax(scores, dim=-1)
-        else:
-            probs = torch.softmax(scores.float().mul_(scale) + bias.float(), dim=-1).to(v.dtype)
-        o = torch.matmul(probs, v[sl])
-        outs.append(o.transpose(1, 2).reshape(o.shape[0] * n, n_heads * d))
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-
-def _attend_runs(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: torch.Tensor, n_heads: int, alibi: bool,
-    rel: torch.Tensor | None = None, biases: dict[int, torch.Tensor | None] | None = None,
-    matmul: bool | None = None,
-) -> torch.Tensor:
-    """``biases``: length -> bias, filled on the way (shared by the layers of one forward, then dropped).
-    ``matmul``: force (True) or forbid (False) :func:`_matmul_attention`; None decides by
-    :func:`use_matmul_attention`."""
-    h = q.shape[-1]
-    d = h // n_heads
-    biases = {} if biases is None else biases
-    matmul = use_matmul_attention(q) if matmul is None else matmul
-    if matmul and not alibi and rel is None and d in ATTENTION_HEAD_SIZES:
-        fused = attention_bf16()
-        if fused is not None:  # one call for every run: tamis's fused bf16 kernel (README "Speed")
-            return fused(*(t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v)), runs, n_heads, d**-0.5)
-    outs = []
-    for row, g, n in runs.tolist():
-        rows = slice(row, row + g * n)
-
-        def heads(t: torch.Tensor, rows: slice = rows, g: int = g, n: int = n) -> torch.Tensor:
-            return t[rows].view(g, n, n_heads, d).transpose(1, 2)
-
-        if n not in biases:
-            biases[n] = _run_bias(n, n_heads, q.dtype, q.device, alibi, rel)
-        if matmul:
-            outs.append(_matmul_attention(heads(q), heads(k), heads(v), biases[n]))
-            continue
-        o = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), biases[n])
-        outs.append(o.transpose(1, 2).reshape(g * n, h))
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
-
-
-@torch.library.custom_op("tamis::packed_attention", mutates_args=())
-def _packed_attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: torch.Tensor, n_heads: int, alibi: bool,
-    rel: torch.Tensor | None,
-) -> torch.Tensor:
-    """The run-wise attention loop as one opaque op, so ``torch.compile`` keeps one graph for any batch."""
-    return _attend_runs(q, k, v, runs, n_heads, alibi, rel)
-
-
-@_packed_attention_op.register_fake
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: torch.Tensor, n_heads: int, alibi: bool,
-      rel: torch.Tensor | None) -> torch.Tensor:
-    return q.new_empty(q.shape)
-
-
-@dataclass
-class PackedRuns:
-    """What attention needs of a :class:`Packing` inside the model: the runs tensor, ALiBi or not, MPNet's
-    relative position table (``rel``) or None; the per-length biases are computed once per forward."""
-
-    runs: torch.Tensor
-    alibi: bool = False
-    rel: torch.Tensor | None = None
-    biases: dict[int, torch.Tensor | None] = field(default_factory=dict)
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, n_heads: int) -> torch.Tensor:
-        """``q``/``k``/``v`` [T, H] (any row stride) -> [T, H]."""
-        if torch.compiler.is_compiling():
-            return _packed_attention_op(q, k, v, self.runs, n_heads, self.alibi, self.rel)
-        return _attend_runs(q, k, v, self.runs, n_heads, self.alibi, self.rel, self.biases)  # eager: differentiable
-
-
 class Embeddings(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
@@ -340,38 +148,16 @@ class SelfAttention(nn.Module):
         self.query = nn.Linear(h, h)
         self.key = nn.Linear(h, h)
         self.value = nn.Linear(h, h)
-
-    def fuse_qkv(self) -> None:
-        """Inference: one [3H, H] projection instead of three (a non-persistent copy: checkpoints and
-        training keep ``query``/``key``/``value``, and gradients reach them: the fused copy is used only
-        where no gradient is recorded). Fused again by itself when those weights change afterwards
-        (training, ``load_state_dict``, ``.to()``), so it is never stale."""
-        with torch.no_grad():
-            w = torch.cat([self.query.weight, self.key.weight, self.value.weight])
-            b = torch.cat([self.query.bias, self.key.bias, self.value.bias])
-        self.register_buffer("qkv_weight", w, persistent=False)
-        self.register_buffer("qkv_bias", b, persistent=False)
-        self._qkv_stamp = self._qkv_sources()
-
-    def _qkv_sources(self) -> tuple[tuple[int, int], ...]:
-        """Storage and in-place version of the six tensors the fused projection copies."""
-        ts = (self.query.weight, self.key.weight, self.value.weight, self.query.bias, self.key.bias, self.value.bias)
-        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in ts)
-
-    def _qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if getattr(self, "qkv_weight", None) is not None:
-            if torch.compiler.is_compiling():  # the compiled packed forward (inference only)
-                return F.linear(x, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)
-            # fused only where no gradient is recorded and no LoRA route is set (an adapted layer adds its delta)
-            if not torch.is_grad_enabled() and lora.active_route() is None:
-                if self._qkv_stamp != self._qkv_sources():
-                    self.fuse_qkv()
-                return F.linear(x, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)
-        return self.query(x), self.key(x), self.value(x)
+        # [3H, H] copies of query/key/value for the packed inference forward, set by tamis.models.runtime.fuse_qkv
+        # (non-persistent: checkpoints and training keep the three Linears)
+        self.register_buffer("qkv_weight", None, persistent=False)
+        self.register_buffer("qkv_bias", None, persistent=False)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | PackedRuns) -> torch.Tensor:
         """Padded ``x`` [B, L, H] with an additive ``bias``, or packed ``x`` [T, H] with :class:`PackedRuns`."""
-        q, k, v = self._qkv(x)
+        if isinstance(bias, PackedRuns) and self.qkv_weight is not None:
+            return bias.attend(*F.linear(x, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1), self.n_heads)
+        q, k, v = self.query(x), self.key(x), self.value(x)
         if isinstance(bias, PackedRuns):
             return bias.attend(q, k, v, self.n_heads)
         b, n, h = x.shape
@@ -444,21 +230,6 @@ class Layer(nn.Module):
         return self.output.LayerNorm(x + self.output.dense(self.act(self.intermediate.dense(x))))
 
 
-def relative_position_buckets(length: int, num_buckets: int, max_distance: int = 128,
-                              device: torch.device | None = None) -> torch.Tensor:
-    """MPNet's (T5's bidirectional) bucket of every key-minus-query offset, [L, L]: exact below
-    ``num_buckets // 4``, log-spaced up to ``max_distance``, the sign in the upper half."""
-    pos = torch.arange(length, device=device)
-    n = pos[:, None] - pos[None, :]  # query - key = -(key - query)
-    half = num_buckets // 2
-    out = (n < 0).long() * half
-    n = n.abs()
-    exact = half // 2
-    large = exact + (
-        torch.log(n.float().clamp_min(1) / exact) / math.log(max_distance / exact) * (half - exact)
-    ).long()
-    return out + torch.where(n < exact, n, large.clamp_max(half - 1))
-
 
 class Encoder(nn.Module):
     def __init__(self, cfg: BertConfig):
@@ -501,14 +272,20 @@ class BertModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        return_states: bool = False,
+    ) -> torch.Tensor | list[torch.Tensor]:
+        """The last hidden state [B, L, H]; ``return_states=True``: every state on the way (index 0: the
+        embeddings, i: the output of layer i; hidden-state distillation)."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
         x = self.embeddings(input_ids, token_type_ids, attention_mask)
         bias = self.attention_bias(attention_mask, x.dtype)
+        states = [x]
         for layer in self.encoder.layer:
             x = layer(x, bias)
-        return x
+            if return_states:
+                states.append(x)
+        return states if return_states else x
 
     def forward_packed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, packing: Packing) -> torch.Tensor:
         """Last hidden states [T, H] of packed sequences (``input_ids`` / ``token_type_ids`` [T])."""
@@ -560,9 +337,13 @@ class BertForSequenceClassification(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        hidden = self.encoder_model(input_ids, attention_mask, token_type_ids)
-        return self.head(hidden[:, 0])
+        return_states: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits [B, num_labels]; ``return_states=True``: (logits, the encoder's states, see :class:`BertModel`)."""
+        if not return_states:
+            return self.head(self.encoder_model(input_ids, attention_mask, token_type_ids)[:, 0])
+        states = self.encoder_model(input_ids, attention_mask, token_type_ids, return_states=True)
+        return self.head(states[-1][:, 0]), states
 
     def forward_packed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, packing: Packing) -> torch.Tensor:
         """Logits [B, num_labels] of packed (query, document) sequences."""
@@ -593,72 +374,6 @@ class BertForSequenceClassification(nn.Module):
         first = first.to(self.classifier.weight.dtype)
         return self.classifier(torch.tanh(self.encoder_model.pooler.dense(first)))
 
-
-# ---------------------------------------------------------------------------- inference fast path
-def fuse_qkv(model: BertModel | BertForSequenceClassification) -> None:
-    """One [3H, H] query/key/value projection per layer (inference only; see :meth:`SelfAttention.fuse_qkv`)."""
-    encoder = model.encoder_model if isinstance(model, BertForSequenceClassification) else model
-    for layer in encoder.encoder.layer:
-        layer.attention.self.fuse_qkv()
-
-
-def compile_packed(model: BertModel | BertForSequenceClassification, device: str | torch.device = "cpu") -> float:
-    """``torch.compile`` (inductor, dynamic shapes) of the packed forward, warmed up now so no request pays
-    for compilation. Returns the warm-up seconds (inductor's on-disk cache makes later start-ups faster).
-    Every input's first dimension (tokens, runs, sequences) is marked unbacked, so one graph serves any batch:
-    no recompilation when one of them is 1 (measured: one compile instead of three).
-
-    On CPU the graph is compiled with inductor's *freezing*: the weights become constants, prepacked once
-    for oneDNN, and each Linear carries its GELU or residual add as a fused post-op; that is what makes
-    compiling pay on CPU (README "Speed"). The compiled forward therefore keeps the weights it was compiled
-    with: it serves inference only, and a model whose weights change must be compiled again."""
-    import time
-
-    from torch._inductor import config as inductor_config
-
-    if "encode_packed" in vars(model):  # compiled already: one compiled forward per model
-        return 0.0
-    compiled = torch.compile(model.encode_packed, dynamic=True)
-    # Freezing is set around every call, not passed as torch.compile(options=...): measured, that option does
-    # not reach the inference compiler (no oneDNN post-ops in the output code); the patched config does, and
-    # it is read only when a (re)compilation happens.
-    freezing = torch.device(device).type == "cpu"
-
-    def run(*args: torch.Tensor) -> torch.Tensor:
-        for t in args:
-            torch._dynamo.decorators.mark_unbacked(t, 0)
-        if not freezing:
-            return compiled(*args)
-        with inductor_config.patch(freezing=True):
-            return compiled(*args)
-
-    model.encode_packed = run  # type: ignore[method-assign]
-    t0 = time.perf_counter()
-    with torch.inference_mode():
-        packing = Packing([7, 7, 5, 2], device)
-        ids = torch.zeros(packing.total, dtype=torch.long, device=device)
-        model.forward_packed(ids, torch.zeros_like(ids), packing)
-    return time.perf_counter() - t0
-
-
-def compile_if_wanted(model: BertModel | BertForSequenceClassification, device: str | torch.device,
-                      compile: bool | str, precision: Precision) -> tuple[float | None, str]:
-    """The models' ``compile`` argument (True, False or ``"auto"``, see :func:`tamis.hardware.resolve_compile`)
-    applied to a packed model: returns (warm-up seconds or None when it runs eager, why). Under ``"auto"`` a
-    failed compilation (no C++ compiler, an inductor error) is logged and the model stays eager; an explicit
-    ``compile=True`` raises it."""
-    wanted, why = resolve_compile(compile, device, precision)
-    if not wanted:
-        return None, why
-    try:
-        return compile_packed(model, device), why
-    except Exception as exc:
-        model.__dict__.pop("encode_packed", None)  # back to the eager method
-        if compile is True:
-            raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        logger.warning("torch.compile failed, running eager (%s: %s)", type(exc).__name__, first[:200])
-        return None, f"compile failed ({type(exc).__name__}), eager"
 
 
 class PredictionHeadTransform(nn.Module):
@@ -703,6 +418,13 @@ class BertForMaskedLM(nn.Module):
         t = self.cls.predictions.transform
         hidden = t.LayerNorm(self.act(t.dense(hidden)))
         return F.linear(hidden, self.bert.embeddings.word_embeddings.weight, self.cls.predictions.bias)
+
+
+def fuse_qkv(model: BertModel | BertForSequenceClassification) -> None:
+    """:func:`tamis.models.runtime.fuse_qkv`, under the name callers of this module used before it moved."""
+    from tamis.models.runtime import fuse_qkv as fuse
+
+    fuse(model)
 
 
 def select_layers(module: BertModel | BertForSequenceClassification, layers: list[int]) -> None:
@@ -817,11 +539,8 @@ def from_pretrained(
     module.load_state_dict(state, strict=True)
     module = module.to(device=device, dtype=dtype).eval()
     if isinstance(module, BertForSequenceClassification) and dtype != torch.float32:
-        # A cross-encoder's logit is its score: in bf16 it would keep 3 significant digits (steps of 0.03-0.06
-        # for logits of 4-16), enough to tie documents whose float32 scores differ (measured on DL21 BM25
-        # top-100 with a 3 x 384 student: 30 tied pairs per query in bf16 against 14.5 in float32, where the
-        # candidates repeat 15 passage texts per query). The pooler and classifier are a few [H, H] products per pair, so they stay float32, with
-        # the checkpoint's own values.
+        # A cross-encoder's logit is its score, and bf16 keeps 3 significant digits of it (ties between documents
+        # whose float32 scores differ): the pooler and classifier, a few [H, H] products a pair, stay float32.
         for prefix, head in module.head_modules().items():
             head.float().load_state_dict({k[len(prefix) + 1:]: v for k, v in state.items()
                                           if k.startswith(prefix + ".")})

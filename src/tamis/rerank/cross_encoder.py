@@ -14,6 +14,8 @@ from tamis.errors import InputTooLongError
 from tamis.hardware import Precision, configure_threads, resolve_precision
 from tamis.models import bert
 from tamis.models.loading import load_config, resolve_device
+from tamis.models.packed import Packing
+from tamis.models.runtime import load_for_inference
 from tamis.rerank.base import SentenceTransformersCompat, document_texts, query_text
 from tamis.rerank.results import RankedResults, rank
 from tamis.tokenize import Batch, Tokenizer, pack
@@ -27,10 +29,14 @@ def relevance_column(logits: torch.Tensor) -> torch.Tensor:
     return logits[:, 0] if logits.shape[1] == 1 else logits[:, -1] - logits[:, 0]
 
 
-def relevance_logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+def relevance_logits(model: torch.nn.Module, batch: Batch, return_states: bool = False) -> Any:
     """:func:`relevance_column` of a padded batch. Training calls this; inference runs the same module and
-    head packed (:meth:`CrossEncoderReranker.logits`, equal to float rounding) or padded through it."""
-    return relevance_column(model(batch.input_ids, batch.attention_mask, batch.token_type_ids))
+    head packed (:meth:`CrossEncoderReranker.logits`, equal to float rounding) or padded through it.
+    ``return_states=True``: (logits, every hidden state on the way; see :class:`tamis.models.bert.BertModel`)."""
+    if not return_states:
+        return relevance_column(model(batch.input_ids, batch.attention_mask, batch.token_type_ids))
+    logits, states = model(batch.input_ids, batch.attention_mask, batch.token_type_ids, return_states=True)
+    return relevance_column(logits), states
 
 
 class CrossEncoderReranker(SentenceTransformersCompat):
@@ -39,7 +45,7 @@ class CrossEncoderReranker(SentenceTransformersCompat):
     The pair goes through the tokenizer's own pair template (``[CLS] q [SEP] d [SEP]`` with token
     types, or ``<s> q </s></s> d </s>``); over-long pairs lose the end of the document first.
     ``relevance_score`` is sigmoid(logit) by default (``activation="none"`` for raw logits).
-    Pairs run packed (no padding, see :class:`tamis.models.bert.Packing`); ``self.packed = False`` runs
+    Pairs run packed (no padding, see :class:`tamis.models.packed.Packing`); ``self.packed = False`` runs
     padded batches instead. ``dtype="auto"`` and ``compile`` as in :class:`tamis.Embedder`.
     """
 
@@ -64,17 +70,11 @@ class CrossEncoderReranker(SentenceTransformersCompat):
         precision = resolve_precision(dtype, dev)
         if dev.type == "cpu":
             configure_threads()
-        model = bert.from_pretrained(self.model_dir, dev, precision.dtype, classification=True)
-        if precision.int8:
-            from tamis.models.quantize import quantize_int8
-
-            model = quantize_int8(model)
-        else:
-            bert.fuse_qkv(model)
+        model, seconds, why = load_for_inference(self.model_dir, dev, precision, classification=True, compile=compile)
         tokenizer = Tokenizer.from_dir(self.model_dir, self.config)
         self._setup(model, tokenizer, name or self.model_dir.name, max_length, activation, max_tokens_per_batch,
                     max_batch_size, precision)
-        self.compile_seconds, self.compile_reason = bert.compile_if_wanted(self.model, self.device, compile, precision)
+        self.compile_seconds, self.compile_reason = seconds, why
 
     def _setup(self, model: bert.BertForSequenceClassification, tokenizer: Tokenizer, name: str,
                max_length: int | None, activation: str, max_tokens_per_batch: int | None, max_batch_size: int,
@@ -144,7 +144,7 @@ class CrossEncoderReranker(SentenceTransformersCompat):
         for idx in plan_batches([len(e) for e in encodings], self.max_tokens_per_batch, self.max_batch_size):
             if self.packed:  # plan_batches gives rows longest first: few distinct lengths per run
                 packed = pack([encodings[i] for i in idx], self.device)
-                packing = bert.Packing(packed.lengths, self.device)
+                packing = Packing(packed.lengths, self.device)
                 col = relevance_column(self.model.forward_packed(packed.input_ids, packed.token_type_ids, packing))
             else:
                 col = relevance_logits(self.model, self.tokenizer.pad([encodings[i] for i in idx], self.device))

@@ -33,7 +33,7 @@ from tamis.evaluate.datasets import Qrels, Run
 from tamis.evaluate.metrics import compute_metrics
 from tamis.models import bert, detect_family, is_cross_encoder
 from tamis.models.loading import load_config, load_state_dict, resolve_model_dir
-from tamis.rerank.cross_encoder import CrossEncoderReranker, relevance_column, relevance_logits
+from tamis.rerank.cross_encoder import CrossEncoderReranker, relevance_logits
 from tamis.tokenize import Tokenizer
 from tamis.train.data import RerankData, TrainList, make_groups
 from tamis.train.losses import STATE_LOSSES, cls_distance, compute, hidden_mse, parse_loss_spec
@@ -201,20 +201,6 @@ class ListBatcher:
         return batches
 
 
-def layer_states(model: bert.BertForSequenceClassification, batch: Any) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """:func:`relevance_logits` of a padded batch and every hidden state on the way (index 0: the
-    embeddings, i: the output of layer i), through the same modules as ``model.forward``."""
-    enc = model.encoder_model
-    token_types = batch.token_type_ids if batch.token_type_ids is not None else torch.zeros_like(batch.input_ids)
-    x = enc.embeddings(batch.input_ids, token_types, batch.attention_mask)
-    bias = enc.attention_bias(batch.attention_mask, x.dtype)
-    states = [x]
-    for layer in enc.encoder.layer:
-        x = layer(x, bias)
-        states.append(x)
-    return relevance_column(model.head(x[:, 0])), states
-
-
 def default_layer_map(kept: Sequence[int] | None, student_layers: int, teacher_layers: int) -> list[int]:
     """The teacher state each student state learns (see :func:`tamis.train.losses.hidden_mse`): for a
     student made of the teacher's layers ``kept``, its layer i matches the output of teacher layer
@@ -275,7 +261,7 @@ class ListStep:
         padded = self.ce.tokenizer.pad(enc, device)
         b, n = len(batch.docs), len(batch.docs[0])
         if self.uses_states:
-            logits, states = layer_states(self.ce.model, padded)
+            logits, states = relevance_logits(self.ce.model, padded, return_states=True)
         else:
             logits, states = relevance_logits(self.ce.model, padded), []
         scores = logits.float().view(b, n)
@@ -288,7 +274,7 @@ class ListStep:
         t_states: list[torch.Tensor] = []
         if self.teacher_model is not None:
             with torch.no_grad():
-                t_logits, t_states = layer_states(self.teacher_model.model, padded)
+                t_logits, t_states = relevance_logits(self.teacher_model.model, padded, return_states=True)
             if teacher is None:
                 teacher = t_logits.float().view(b, n)
         total = scores.new_zeros(())

@@ -621,8 +621,8 @@ def train_embedder(
     emb_cache = EmbeddingCache(cache_dir) if cache_dir is not None else EmbeddingCache()
     t0 = time.perf_counter()
     torch.manual_seed(config.seed)
-    # float32 master weights (bf16: autocast); never compiled: a compiled forward keeps the weights it froze
-    emb = Embedder(model, device=config.device, dtype="float32", compile=False)
+    # float32 master weights (bf16: autocast); trainable: no fused or compiled copies of the weights it trains
+    emb = Embedder(model, device=config.device, dtype="float32", trainable=True)
     v3 = emb.family == "xlmr-lora"
     trained_tasks: list[str] = []
     if adapter is not None:
