@@ -33,8 +33,8 @@ from tamis.errors import InvalidInputError, UnknownTaskError
 from tamis.hardware import configure_threads, resolve_precision, tokenize_beside_model
 from tamis.models import detect_family
 from tamis.models.loading import (
-    DEFAULT_MODEL_ALIASES,
     load_config,
+    model_name,
     read_json,
     resolve_device,
     resolve_model_dir,
@@ -73,15 +73,6 @@ class Chunk:
     end: int
     embedding: Any
     n_tokens: int = 0
-
-
-def _model_name(model: str | Path | None, model_dir: Path) -> str:
-    if model is None or str(model).lower() in DEFAULT_MODEL_ALIASES:
-        return "all-MiniLM-L6-v2"
-    text = str(model)
-    if Path(text).expanduser().is_dir():
-        return Path(text).expanduser().resolve().name
-    return text
 
 
 def _st_normalizes(model_dir: Path) -> bool:
@@ -229,7 +220,7 @@ class Embedder:
         self.packed = False  # set below for the BERT family: forward() runs unpadded token sequences
         self.compile_seconds: float | None = None
         self.compile_reason = "not a packed model"
-        self.name = _model_name(model, self.model_dir)
+        self.name = model_name(model)
         self.max_tokens_per_batch = max_tokens_per_batch or default_token_budget(self.device)
         self.max_batch_size = max_batch_size
         self.tokenizer = Tokenizer.from_dir(self.model_dir, self.config)

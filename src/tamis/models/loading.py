@@ -345,6 +345,16 @@ def resolve_model_dir(
         raise
 
 
+def model_name(model: str | os.PathLike[str] | None) -> str:
+    """The name a model is shown under: the default model's, a directory's own name, else what was given."""
+    if model is None or str(model).lower() in DEFAULT_MODEL_ALIASES:
+        return "all-MiniLM-L6-v2"
+    text = str(model)
+    if Path(text).expanduser().is_dir():
+        return Path(text).expanduser().resolve().name
+    return text
+
+
 def model_size(directory: Path) -> int:
     """Bytes of the files in a model directory (cache symlinks followed)."""
     return sum(p.stat().st_size for p in Path(directory).rglob("*") if p.is_file())

@@ -24,7 +24,7 @@ import torch
 
 from tamis.errors import InvalidInputError, ModelNotFoundError
 from tamis.models import detect_family, is_cross_encoder
-from tamis.models.loading import load_config, resolve_model_dir
+from tamis.models.loading import load_config, model_name, resolve_model_dir
 from tamis.rerank.base import RerankerLike, document_texts
 from tamis.rerank.cross_encoder import CrossEncoderReranker
 from tamis.rerank.embedding import EmbeddingReranker
@@ -67,7 +67,7 @@ def Reranker(  # noqa: N802 - a factory with the name of the thing it makes, as 
     ``dtype="auto"`` (default) is bfloat16 on CPUs with native bf16 and on GPUs, float32 elsewhere (see
     :mod:`tamis.hardware`); an explicit dtype wins. ``compile`` (True, False, ``"auto"``: BERT-family models,
     see :class:`tamis.Embedder`) passes on; the listwise decoder runs eager."""
-    from tamis.embed import Embedder, _model_name
+    from tamis.embed import Embedder
 
     hub = {"revision": kwargs.pop("revision", None), "local_files_only": kwargs.pop("local_files_only", None),
            "show_progress": kwargs.pop("show_progress", True)}
@@ -82,7 +82,7 @@ def Reranker(  # noqa: N802 - a factory with the name of the thing it makes, as 
         embedder = Embedder(None, device=device, dtype=dtype, **kwargs)
         return EmbeddingReranker(embedder, name=embedder.name)
     model_dir = resolve_model_dir(name_or_path, **hub)
-    name = _model_name(name_or_path, model_dir)
+    name = model_name(name_or_path)
     config = load_config(model_dir)
     if config.get("model_type") == ENSEMBLE_MODEL_TYPE:
         return EnsembleReranker.from_dir(model_dir, device=device, dtype=dtype, name=name)

@@ -32,7 +32,7 @@ from tamis.errors import CheckpointError
 from tamis.evaluate.datasets import Qrels, Run
 from tamis.evaluate.metrics import compute_metrics
 from tamis.models import bert, detect_family, is_cross_encoder
-from tamis.models.loading import load_config, load_state_dict, resolve_model_dir
+from tamis.models.loading import load_config, load_state_dict, model_name, resolve_model_dir
 from tamis.rerank.cross_encoder import CrossEncoderReranker, relevance_logits
 from tamis.tokenize import Tokenizer
 from tamis.train.data import RerankData, TrainList, make_groups
@@ -101,8 +101,6 @@ def init_cross_encoder(
 ) -> CrossEncoder:
     """A cross-encoder from ``source``: a cross-encoder checkpoint (kept as is, or reduced to ``layers``)
     or any BERT-family encoder (``None``: the bundled all-MiniLM-L6-v2) with a fresh 1-logit head."""
-    from tamis.embed import _model_name
-
     source_dir = resolve_model_dir(source)
     config = load_config(source_dir)
     family = detect_family(config)
@@ -121,7 +119,7 @@ def init_cross_encoder(
         model.encoder_model.load_state_dict(encoder_state(state, model.encoder_model), strict=False)
         _fresh_head(model, seed, reset_pooler=not has_pooler)
         model = model.to(device).eval()
-        init = f"encoder {_model_name(source, source_dir)} + fresh 1-logit head (seed {seed})"
+        init = f"encoder {model_name(source)} + fresh 1-logit head (seed {seed})"
     if layers is not None:
         layers = list(layers)
         bert.select_layers(model, layers)
