@@ -25,7 +25,7 @@ import torch
 from tamis.errors import InvalidInputError, ModelNotFoundError
 from tamis.models import detect_family, is_cross_encoder
 from tamis.models.loading import load_config, model_name, resolve_model_dir
-from tamis.rerank.base import RerankerLike, document_texts
+from tamis.rerank.base import BaseReranker, RerankerLike, document_texts
 from tamis.rerank.cross_encoder import CrossEncoderReranker
 from tamis.rerank.embedding import EmbeddingReranker
 from tamis.rerank.ensemble import MODEL_TYPE as ENSEMBLE_MODEL_TYPE
@@ -36,6 +36,7 @@ SHIPPED_RERANKER = "tamis-reranker-tiny"
 EMBEDDING_RERANKER_ALIASES = {"embedding", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2"}
 
 __all__ = [
+    "BaseReranker",
     "CrossEncoderReranker",
     "EmbeddingReranker",
     "EnsembleReranker",
@@ -58,7 +59,7 @@ def Reranker(  # noqa: N802 - a factory with the name of the thing it makes, as 
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "auto",
     **kwargs: Any,
-) -> RerankerLike:
+) -> BaseReranker:
     """Load a reranker by name, path or Hub id, choosing the implementation from its config.
 
     A Hub id (``org/name[@revision]``) comes from the Hugging Face cache, else is downloaded unless offline;

@@ -1,14 +1,19 @@
-"""What every reranker backend shares: document normalisation and the call signature."""
+"""What every reranker backend shares: document normalisation, the ``rerank`` pipeline, one scoring method."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
-from tamis.errors import InvalidInputError
-from tamis.rerank.results import RankedResults
+from tamis.batching import DEFAULT_MAX_BATCH_SIZE, plan_batches
+from tamis.errors import InputTooLongError, InvalidInputError
+from tamis.rerank.results import RankedResults, rank
+
+Progress = Callable[[int, int], None]
 
 
 def document_texts(documents: Sequence[Any]) -> list[str]:
@@ -36,28 +41,40 @@ def query_text(query: Any) -> str:
     return query
 
 
-@runtime_checkable
-class RerankerLike(Protocol):
-    """What every backend offers (the server relies on exactly this).
+def encode_texts(encode: Callable[[list[str]], list[Any]], texts: list[str], what: str) -> list[Any]:
+    """``encode(texts)`` with :class:`InputTooLongError` naming ``what`` ("query": the single query, no index;
+    "document"; "query + document")."""
+    try:
+        return encode(texts)
+    except InputTooLongError as exc:
+        raise InputTooLongError(None if what == "query" else exc.index, exc.n_tokens, exc.limit, what=what) from None
 
-    ``truncate=False``: a text over the model's limit raises :class:`~tamis.errors.InputTooLongError`
-    (``what`` "query", "document" or "query + document") instead of being cut. ``progress(done, total)``
-    is called between model batches (or listwise blocks); an exception raised there stops the rerank.
-    """
 
-    name: str
-    kind: str
+def batches(lengths: Sequence[int], max_tokens: int, max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+            progress: Progress | None = None) -> Iterator[list[int]]:
+    """:func:`tamis.batching.plan_batches`' batches of rows, ``progress(done, total)`` after each is processed."""
+    done = 0
+    for idx in plan_batches(lengths, max_tokens, max_batch_size):
+        yield idx
+        done += len(idx)
+        if progress is not None:
+            progress(done, len(lengths))
 
-    def rerank(
-        self,
-        query: str,
-        documents: Sequence[Any],
-        top_n: int | None = None,
-        return_documents: bool = True,
-        *,
-        truncate: bool = True,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> RankedResults: ...
+
+@dataclass
+class Usage:
+    """What one :meth:`BaseReranker.score` call reports beside the scores (it fills the object it is given)."""
+
+    total_tokens: int = 0
+    truncated: list[int] = field(default_factory=list)  # indices of the documents that were cut
+    extras: dict[str, Any] = field(default_factory=dict)  # e.g. {"query_truncated": True}
+
+    def count(self, documents: Sequence[Any], query: Any = None) -> None:
+        """Tokens and cut texts of encoded ``documents`` (and of the encoded ``query``)."""
+        self.total_tokens += sum(len(e) for e in documents) + (len(query) if query is not None else 0)
+        self.truncated = [i for i, e in enumerate(documents) if e.truncated]
+        if query is not None and query.truncated:
+            self.extras["query_truncated"] = True
 
 
 class SentenceTransformersCompat:
@@ -69,7 +86,7 @@ class SentenceTransformersCompat:
     and a pair's score does not depend on the batch it ran in. ``predict`` groups pairs by query, so a listwise
     reranker scores each query's documents together."""
 
-    rerank: Callable[..., RankedResults]  # each backend's own
+    rerank: Callable[..., RankedResults]
 
     def predict(
         self,
@@ -137,3 +154,45 @@ class SentenceTransformersCompat:
 def _check_batch_size(batch_size: int) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InvalidInputError(f"batch_size must be a positive integer (got {batch_size!r})")
+
+
+class BaseReranker(SentenceTransformersCompat, ABC):
+    """Every backend: ``rerank`` reads the query and documents (strings or ``{"text": ...}``), returns an empty
+    result for no documents, else ranks what :meth:`score` gives. A backend is its ``score`` method.
+
+    ``truncate=False``: a text over the model's limit raises :class:`~tamis.errors.InputTooLongError`
+    (``what`` "query", "document" or "query + document") instead of being cut. ``progress(done, total)``
+    is called between model batches (or listwise blocks); an exception raised there stops the rerank.
+    """
+
+    name: str
+    kind: str
+
+    @abstractmethod
+    def score(self, query: str, documents: Sequence[str], *, truncate: bool = True, progress: Progress | None = None,
+              usage: Usage | None = None) -> np.ndarray:
+        """``relevance_score`` of each of the (non-empty list of) ``documents`` for ``query``, float32 [n]; the
+        tokens used and the texts cut go into ``usage``. Backends may take more keyword options."""
+
+    def rerank(
+        self,
+        query: Any,
+        documents: Sequence[Any],
+        top_n: int | None = None,
+        return_documents: bool = True,
+        *,
+        truncate: bool = True,
+        progress: Progress | None = None,
+        **options: Any,
+    ) -> RankedResults:
+        """Documents sorted by ``relevance_score`` (ties by index), the first ``top_n``; ``options`` go to
+        :meth:`score`."""
+        q = query_text(query)
+        docs = document_texts(documents)
+        usage = Usage()
+        scores = self.score(q, docs, truncate=truncate, progress=progress, usage=usage, **options) if docs else []
+        return rank(q, [float(s) for s in scores], list(documents), top_n, return_documents, model=self.name,
+                    total_tokens=usage.total_tokens, truncated=usage.truncated, extras=usage.extras)
+
+
+RerankerLike = BaseReranker  # the name the server and ``tamis.Reranker`` used before the base class

@@ -2,20 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-from tamis.batching import plan_batches
 from tamis.embed import Embedder
-from tamis.errors import InputTooLongError
-from tamis.rerank.base import SentenceTransformersCompat, document_texts, query_text
-from tamis.rerank.results import RankedResults, rank
+from tamis.rerank.base import BaseReranker, Progress, Usage, batches, encode_texts
 
 
-class EmbeddingReranker(SentenceTransformersCompat):
+class EmbeddingReranker(BaseReranker):
     """Query embedded with the model's query task, documents with its passage task, cosine scores.
 
     Scores lie in [-1, 1]. This is what ``tamis.Reranker()`` uses until the project ships a trained
@@ -35,45 +31,21 @@ class EmbeddingReranker(SentenceTransformersCompat):
             f"query task {self.embedder.query_task!r}, passage task {self.embedder.passage_task!r})"
         )
 
-    def rerank(
-        self,
-        query: Any,
-        documents: Sequence[Any],
-        top_n: int | None = None,
-        return_documents: bool = True,
-        *,
-        truncate: bool = True,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> RankedResults:
-        """Rank documents by cosine similarity to the query.
+    def score(self, query: str, documents: Sequence[str], *, truncate: bool = True, progress: Progress | None = None,
+              usage: Usage | None = None) -> np.ndarray:
+        """Cosine similarity of each document to the query.
 
         Texts longer than the model's ``max_length`` are cut (reported in ``truncated`` and, for the
         query, ``extras["query_truncated"]``), or with ``truncate=False`` raise :class:`InputTooLongError`.
         ``progress(done, total)`` runs after every batch of documents (raising there stops the work).
         """
-        q = query_text(query)
-        docs = document_texts(documents)
-        if not docs:
-            return rank(q, [], [], top_n, return_documents, model=self.name)
         emb = self.embedder
-        try:
-            (q_enc,) = emb.tokenize([q], emb.query_task, truncate)
-        except InputTooLongError as exc:
-            raise InputTooLongError(None, exc.n_tokens, exc.limit, what="query") from None
-        try:
-            d_enc = emb.tokenize(docs, emb.passage_task, truncate)
-        except InputTooLongError as exc:
-            raise InputTooLongError(exc.index, exc.n_tokens, exc.limit, what="document") from None
-        pooled = torch.empty(len(docs), emb.dimension, dtype=torch.float32)
-        done = 0
-        for idx in plan_batches([len(e) for e in d_enc], emb.max_tokens_per_batch, emb.max_batch_size):
+        (q_enc,) = encode_texts(lambda t: emb.tokenize(t, emb.query_task, truncate), [query], "query")
+        d_enc = encode_texts(lambda t: emb.tokenize(t, emb.passage_task, truncate), list(documents), "document")
+        pooled = torch.empty(len(d_enc), emb.dimension, dtype=torch.float32)
+        for idx in batches([len(e) for e in d_enc], emb.max_tokens_per_batch, emb.max_batch_size, progress):
             pooled[idx] = emb.forward([d_enc[i] for i in idx], emb.passage_task)
-            done += len(idx)
-            if progress is not None:
-                progress(done, len(docs))
         q_vec = emb.finalize(emb.forward([q_enc], emb.query_task))[0]
-        scores = (emb.finalize(pooled) @ q_vec).astype(np.float32)
-        return rank(q, scores.tolist(), list(documents), top_n, return_documents, model=self.name,
-                    total_tokens=len(q_enc) + sum(len(e) for e in d_enc),
-                    truncated=[i for i, e in enumerate(d_enc) if e.truncated],
-                    extras={"query_truncated": True} if q_enc.truncated else {})
+        if usage is not None:
+            usage.count(d_enc, q_enc)
+        return (emb.finalize(pooled) @ q_vec).astype(np.float32)

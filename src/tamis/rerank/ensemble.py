@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,7 @@ import numpy as np
 import torch
 
 from tamis.errors import CheckpointError
-from tamis.rerank.base import RerankerLike, SentenceTransformersCompat, document_texts, query_text
-from tamis.rerank.results import RankedResults, rank
+from tamis.rerank.base import BaseReranker, Progress, Usage
 
 MODEL_TYPE = "tamis-ensemble"
 
@@ -43,12 +42,12 @@ def standardize(scores: Sequence[float] | np.ndarray) -> np.ndarray:
     return (scores - scores.mean()) / std if std > 1e-8 else np.zeros_like(scores)
 
 
-class EnsembleReranker(SentenceTransformersCompat):
+class EnsembleReranker(BaseReranker):
     """``scale · Σ_m w_m · standardize(scores_m)`` over member rerankers."""
 
     kind = "ensemble"
 
-    def __init__(self, members: Sequence[RerankerLike], weights: Sequence[float], scale: float = 1.0,
+    def __init__(self, members: Sequence[BaseReranker], weights: Sequence[float], scale: float = 1.0,
                  name: str | None = None, specs: Sequence[dict[str, Any]] | None = None):
         if not members or len(members) != len(weights):
             raise ValueError("an ensemble needs one weight per member, and at least one member")
@@ -96,42 +95,27 @@ class EnsembleReranker(SentenceTransformersCompat):
             raise ValueError("this ensemble was built from loaded members: give specs=[{'model': ...}, ...] to save it")
         return save_ensemble(path, self.specs, self.weights, self.scale, card)
 
-    def rerank(
-        self,
-        query: Any,
-        documents: Sequence[Any],
-        top_n: int | None = None,
-        return_documents: bool = True,
-        *,
-        truncate: bool = True,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> RankedResults:
+    def score(self, query: str, documents: Sequence[str], *, truncate: bool = True, progress: Progress | None = None,
+              usage: Usage | None = None) -> np.ndarray:
         """Every member scores all documents; the fused scores rank them. ``progress`` counts member
         passes over the documents (``done`` of ``members × documents``)."""
-        q = query_text(query)
-        docs = document_texts(documents)
-        if not docs:
-            return rank(q, [], [], top_n, return_documents, model=self.name)
-        total = np.zeros(len(docs), dtype=np.float64)
-        tokens, truncated, query_cut = 0, set(), False
-        passes = len(self.members) * len(docs)
+        total = np.zeros(len(documents), dtype=np.float64)
+        usage = usage if usage is not None else Usage()
+        cut: set[int] = set()
+        passes = len(self.members) * len(documents)
         for m, (member, weight) in enumerate(zip(self.members, self.weights)):
             step = None
             if progress is not None:
-                def step(done: int, n: int, base: int = m * len(docs)) -> None:
+                def step(done: int, n: int, base: int = m * len(documents)) -> None:
                     progress(base + done, passes)
-            res = member.rerank(q, docs, top_n=None, return_documents=False, truncate=truncate, progress=step)
-            scores = np.empty(len(docs), dtype=np.float32)
-            for r in res.results:
-                scores[r.index] = r.relevance_score
-            total += weight * standardize(scores)
-            tokens += res.total_tokens
-            truncated.update(res.truncated)
-            query_cut = query_cut or bool(res.extras.get("query_truncated"))
-        scores = (self.scale * total).astype(np.float32)
-        return rank(q, scores.tolist(), list(documents), top_n, return_documents, model=self.name,
-                    total_tokens=tokens, truncated=sorted(truncated),
-                    extras={"query_truncated": True} if query_cut else {})
+            part = Usage()
+            total += weight * standardize(member.score(query, documents, truncate=truncate, progress=step, usage=part))
+            usage.total_tokens += part.total_tokens
+            cut.update(part.truncated)
+            if part.extras.get("query_truncated"):
+                usage.extras["query_truncated"] = True
+        usage.truncated = sorted(cut)
+        return (self.scale * total).astype(np.float32)
 
 
 def save_ensemble(path: str | os.PathLike[str], specs: Sequence[dict[str, Any]], weights: Sequence[float],

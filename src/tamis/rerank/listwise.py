@@ -14,7 +14,7 @@ vector is still the one at the end.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,8 +27,7 @@ from tqdm.auto import tqdm
 from tamis.errors import CheckpointError, InputTooLongError, InvalidInputError
 from tamis.models.loading import load_config, resolve_device, resolve_dtype, resolve_model_dir
 from tamis.models.qwen3 import JinaListwiseModel
-from tamis.rerank.base import SentenceTransformersCompat, document_texts, query_text
-from tamis.rerank.results import RankedResults, rank
+from tamis.rerank.base import BaseReranker, Progress, Usage
 from tamis.tokenize import Tokenizer
 
 DOC_TOKEN = "<|embed_token|>"
@@ -119,7 +118,7 @@ def _display_name(given: str, model_dir: Path) -> str:
     return given
 
 
-class ListwiseReranker(SentenceTransformersCompat):
+class ListwiseReranker(BaseReranker):
     """jina-reranker-v3: ranks a whole list of documents in one (or a few) causal forward passes."""
 
     kind = "listwise"
@@ -248,32 +247,28 @@ class ListwiseReranker(SentenceTransformersCompat):
         )
 
     # ------------------------------------------------------------------ the front door
-    def rerank(
+    def score(
         self,
         query: str,
-        documents: list[Any],
-        top_n: int | None = None,
-        return_documents: bool = True,
-        return_embeddings: bool = False,
+        documents: Sequence[str],
         *,
+        truncate: bool = True,
+        progress: Progress | None = None,
+        usage: Usage | None = None,
+        return_embeddings: bool = False,
         instruction: str | None = None,
         show_progress: bool | None = None,
-        truncate: bool = True,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> RankedResults:
-        """Rank ``documents`` (str or {"text": ...}) for ``query``; scores are cosines in [-1, 1].
+    ) -> np.ndarray:
+        """Cosine of each document's vector with the query vector, in [-1, 1] (``rerank(query, documents,
+        return_embeddings=..., instruction=..., show_progress=...)`` passes these options here).
 
         ``show_progress=None`` shows a bar only when the list needs more than one block. A query over
         ``max_query_length`` tokens or a document over ``max_doc_length`` is cut (reported in
         ``extras["query_truncated"]`` / ``truncated``), or with ``truncate=False`` raises
         :class:`InputTooLongError`. ``progress(done, total)`` runs after every block (raising there stops
-        the work).
+        the work). ``return_embeddings``: ``extras["embeddings"]`` / ``extras["query_embedding"]``.
         """
-        query = query_text(query)
-        texts = document_texts(documents)
-        if not texts:
-            return RankedResults(query=query, results=[], model=self.name)
-
+        texts = list(documents)
         strict = not truncate
         (query_t,), (query_len,), (query_cut,) = self.truncate([query], self.max_query_length,
                                                                refuse="query" if strict else None)
@@ -300,21 +295,13 @@ class ListwiseReranker(SentenceTransformersCompat):
         query_embed = query_embed.astype(np.float32)
         norms = np.linalg.norm(query_embed) * np.linalg.norm(doc_embeds, axis=1)
         scores = (doc_embeds @ query_embed) / np.maximum(norms, np.float32(1e-12))
-
-        extras: dict[str, Any] = {"blocks": len(blocks)}
-        if query_cut:
-            extras["query_truncated"] = True
-        if return_embeddings:
-            extras["embeddings"] = doc_embeds
-            extras["query_embedding"] = query_embed
-        return rank(
-            query,
-            scores.tolist(),
-            list(documents),
-            top_n,
-            return_documents,
-            model=self.name,
-            total_tokens=total_tokens,
-            truncated=[i for i, c in enumerate(doc_cut) if c],
-            extras=extras,
-        )
+        if usage is not None:
+            usage.total_tokens = total_tokens
+            usage.truncated = [i for i, c in enumerate(doc_cut) if c]
+            usage.extras["blocks"] = len(blocks)
+            if query_cut:
+                usage.extras["query_truncated"] = True
+            if return_embeddings:
+                usage.extras["embeddings"] = doc_embeds
+                usage.extras["query_embedding"] = query_embed
+        return scores

@@ -10,7 +10,7 @@ does not say whether it was trained as SPLADE, so ``tamis.Reranker`` never guess
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,14 +18,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tamis.errors import InputTooLongError
-from tamis.rerank.base import SentenceTransformersCompat, document_texts, query_text
-from tamis.rerank.results import RankedResults, rank
+from tamis.rerank.base import BaseReranker, Progress, Usage, batches, encode_texts
 
 SparseVector = tuple[np.ndarray, np.ndarray]  # (term ids ascending, weights)
 
 
-class SpladeReranker(SentenceTransformersCompat):
+class SpladeReranker(BaseReranker):
     """Rerank by the dot product of SPLADE vectors of the query and each document (fp32)."""
 
     kind = "splade"
@@ -60,13 +58,10 @@ class SpladeReranker(SentenceTransformersCompat):
 
     @torch.inference_mode()
     def encode_tokens(self, encodings: Sequence[Any], show_progress: bool = False, desc: str = "splade",
-                      progress: Callable[[int, int], None] | None = None) -> list[SparseVector]:
-        from tamis.batching import plan_batches
-
+                      progress: Progress | None = None) -> list[SparseVector]:
         out: list[Any] = [None] * len(encodings)
-        done = 0
         with tqdm(total=len(encodings), desc=desc, unit="text", disable=not show_progress) as bar:
-            for idx in plan_batches([len(e) for e in encodings], self.max_tokens_per_batch):
+            for idx in batches([len(e) for e in encodings], self.max_tokens_per_batch, progress=progress):
                 batch = self.tokenizer.pad([encodings[i] for i in idx], self.device)
                 logits = self.model(batch.input_ids, batch.attention_mask, batch.token_type_ids)
                 # log(1 + relu(.)) is monotonic: max-pool the raw logits first (padding at -inf), then
@@ -77,40 +72,19 @@ class SpladeReranker(SentenceTransformersCompat):
                     nz = pooled[row].nonzero().flatten()
                     out[i] = (nz.numpy(), pooled[row, nz].numpy())
                 bar.update(len(idx))
-                done += len(idx)
-                if progress is not None:
-                    progress(done, len(encodings))
         return out
 
-    def rerank(
-        self,
-        query: Any,
-        documents: Sequence[Any],
-        top_n: int | None = None,
-        return_documents: bool = True,
-        *,
-        truncate: bool = True,
-        progress: Callable[[int, int], None] | None = None,
-    ) -> RankedResults:
-        q = query_text(query)
-        docs = document_texts(documents)
-        if not docs:
-            return rank(q, [], [], top_n, return_documents, model=self.name)
-        try:
-            (q_enc,) = self.tokenizer.encode([q], self.max_length, truncate=truncate)
-        except InputTooLongError as exc:
-            raise InputTooLongError(None, exc.n_tokens, exc.limit, what="query") from None
-        try:
-            d_enc = self.tokenizer.encode(docs, self.max_length, truncate=truncate)
-        except InputTooLongError as exc:
-            raise InputTooLongError(exc.index, exc.n_tokens, exc.limit, what="document") from None
+    def score(self, query: str, documents: Sequence[str], *, truncate: bool = True, progress: Progress | None = None,
+              usage: Usage | None = None) -> np.ndarray:
+        """``q · d`` of the SPLADE vectors of the query and each document."""
+        (q_enc,) = encode_texts(lambda t: self.tokenizer.encode(t, self.max_length, truncate=truncate), [query], "query")
+        d_enc = encode_texts(lambda t: self.tokenizer.encode(t, self.max_length, truncate=truncate), list(documents),
+                             "document")
         (q_vec,) = self.encode_tokens([q_enc])
         d_vecs = self.encode_tokens(d_enc, progress=progress)
-        scores = [sparse_dot(q_vec, d) for d in d_vecs]
-        return rank(q, scores, list(documents), top_n, return_documents, model=self.name,
-                    total_tokens=len(q_enc) + sum(len(e) for e in d_enc),
-                    truncated=[i for i, e in enumerate(d_enc) if e.truncated],
-                    extras={"query_truncated": True} if q_enc.truncated else {})
+        if usage is not None:
+            usage.count(d_enc, q_enc)
+        return np.array([sparse_dot(q_vec, d) for d in d_vecs])
 
 
 def sparse_dot(a: SparseVector, b: SparseVector) -> float:
