@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from tamis.errors import CheckpointError, UnknownTaskError, UnsupportedModelError
 from tamis.models.loading import load_config
 from tamis.models.xlmr import (
-    LoRALinear,
+    StackedLoRALinear,
     XLMRConfig,
     XLMRobertaLoRA,
     apply_rotary,
@@ -127,7 +127,7 @@ def test_route_plans() -> None:
 def test_lora_linear_equals_merged_weights() -> None:
     """Independent check of the LoRA algebra: per-row delta == x @ (W + s * B[t] @ A[t])^T + b."""
     torch.manual_seed(0)
-    lin = LoRALinear(12, 20, n_adapters=3, rank=4, scaling=0.25)
+    lin = StackedLoRALinear(12, 20, n_adapters=3, rank=4, scaling=0.25)
     for p in lin.parameters():
         torch.nn.init.normal_(p)
     x = torch.randn(4, 5, 12)

@@ -107,7 +107,7 @@ def _add_delta(y: torch.Tensor, delta: torch.Tensor, route: AdapterRoute, scalin
     return y.index_add_(0, route.rows, delta, alpha=scaling)
 
 
-class LoRALinear(nn.Module):
+class StackedLoRALinear(nn.Module):
     """``nn.Linear`` with stacked task adapters: W_eff[t] = W + s * B[t] @ A[t], applied per row."""
 
     def __init__(self, in_features: int, out_features: int, n_adapters: int, rank: int, scaling: float):
@@ -126,7 +126,7 @@ class LoRALinear(nn.Module):
         return linear_delta(y, x, self.lora_A, self.lora_B, route, self.scaling)
 
 
-class LoRAEmbedding(nn.Module):
+class StackedLoRAEmbedding(nn.Module):
     """``nn.Embedding`` with stacked task adapters: E_eff[t] = E + s * A[t] @ B[t], applied per row."""
 
     def __init__(self, num_embeddings: int, dim: int, n_adapters: int, rank: int, scaling: float):
@@ -174,8 +174,8 @@ class Embeddings(nn.Module):
     def __init__(self, c: XLMRConfig):
         super().__init__()
         args = (c.n_adapters, c.lora_rank, c.lora_scaling)
-        self.word_embeddings = LoRAEmbedding(c.vocab_size, c.hidden_size, *args)
-        self.token_type_embeddings = LoRAEmbedding(c.type_vocab_size, c.hidden_size, *args)
+        self.word_embeddings = StackedLoRAEmbedding(c.vocab_size, c.hidden_size, *args)
+        self.token_type_embeddings = StackedLoRAEmbedding(c.type_vocab_size, c.hidden_size, *args)
 
     def forward(
         self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, route: AdapterRoute | None
@@ -188,8 +188,8 @@ class Attention(nn.Module):
         super().__init__()
         args = (c.n_adapters, c.lora_rank, c.lora_scaling)
         self.n_heads, self.head_dim = c.num_attention_heads, c.head_dim
-        self.Wqkv = LoRALinear(c.hidden_size, 3 * c.hidden_size, *args)  # rows: [Q | K | V], head-major
-        self.out_proj = LoRALinear(c.hidden_size, c.hidden_size, *args)
+        self.Wqkv = StackedLoRALinear(c.hidden_size, 3 * c.hidden_size, *args)  # rows: [Q | K | V], head-major
+        self.out_proj = StackedLoRALinear(c.hidden_size, c.hidden_size, *args)
 
     def forward(
         self,
@@ -211,8 +211,8 @@ class MLP(nn.Module):
     def __init__(self, c: XLMRConfig):
         super().__init__()
         args = (c.n_adapters, c.lora_rank, c.lora_scaling)
-        self.fc1 = LoRALinear(c.hidden_size, c.intermediate_size, *args)
-        self.fc2 = LoRALinear(c.intermediate_size, c.hidden_size, *args)
+        self.fc1 = StackedLoRALinear(c.hidden_size, c.intermediate_size, *args)
+        self.fc2 = StackedLoRALinear(c.intermediate_size, c.hidden_size, *args)
         self.act = ACTIVATIONS[c.hidden_act]
 
     def forward(self, x: torch.Tensor, route: AdapterRoute | None) -> torch.Tensor:
@@ -244,7 +244,7 @@ class Block(nn.Module):
 class Pooler(nn.Module):
     def __init__(self, c: XLMRConfig):
         super().__init__()
-        self.dense = LoRALinear(c.hidden_size, c.hidden_size, c.n_adapters, c.lora_rank, c.lora_scaling)
+        self.dense = StackedLoRALinear(c.hidden_size, c.hidden_size, c.n_adapters, c.lora_rank, c.lora_scaling)
 
     def forward(self, hidden: torch.Tensor, route: AdapterRoute | None) -> torch.Tensor:
         return torch.tanh(self.dense(hidden[:, :1], route)[:, 0])
@@ -389,7 +389,7 @@ def hf_state_dict(model: XLMRobertaLoRA) -> dict[str, torch.Tensor]:
     ``roberta.`` prefix, ``encoder.layers.N``, adapted weights as ``parametrizations.weight.original`` and
     the stacked adapters as ``parametrizations.weight.0.lora_A`` / ``lora_B``."""
     adapted = {path for path, m in model.named_modules()
-               if isinstance(m, LoRALinear | LoRAEmbedding) and m.lora_A is not None}
+               if isinstance(m, StackedLoRALinear | StackedLoRAEmbedding) and m.lora_A is not None}
     out = {}
     for key, value in model.state_dict().items():
         path, _, leaf = key.rpartition(".")
