@@ -9,6 +9,7 @@ long they were, and keeps character offsets for late chunking.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +20,6 @@ from tokenizers import Encoding
 from tokenizers import Tokenizer as HFTokenizer
 
 from tamis.errors import InputTooLongError, ModelNotFoundError
-from tamis.models.loading import read_json
 
 # a text longer than this many characters per token of the model's limit is cut (or refused) by characters
 # before tokenizing; the server's max_chars_per_token defaults to the same 32
@@ -87,7 +87,9 @@ class Tokenizer:
                 str(model_dir),
                 [f"{path} (missing: tamis needs the fast-tokenizer file tokenizer.json beside config.json)"],
             )
-        return cls(HFTokenizer.from_file(str(path)), read_json(model_dir / "tokenizer_config.json"), model_config)
+        tc_path = model_dir / "tokenizer_config.json"
+        tc = json.loads(tc_path.read_text(encoding="utf-8")) if tc_path.is_file() else None
+        return cls(HFTokenizer.from_file(str(path)), tc, model_config)
 
     # ------------------------------------------------------------------ vocabulary
     def token_to_id(self, token: str) -> int | None:
