@@ -309,3 +309,49 @@ def load_pairs(directory: str | os.PathLike[str]) -> list[Pair]:
         label = float(row[label_key]) if label_key is not None else 1.0
         pairs.append(Pair(str(row["query"]), str(row[doc_key]), label, extras))
     return pairs
+
+
+@dataclass
+class RerankData:
+    """Documents and queries by id with their labels, of one (or several merged) sets: what training lists and list
+    scorers (:mod:`tamis.train`) read."""
+
+    name: str
+    corpus: dict[str, str]
+    queries: dict[str, str]
+    qrels: Qrels
+    sources: dict[str, str] = field(default_factory=dict)  # query id -> sub-set name (pair sets, merges)
+
+    def positives(self, qid: str) -> list[str]:
+        return [d for d, rel in self.qrels.get(qid, {}).items() if rel > 0]
+
+    def labelled_negatives(self, qid: str) -> list[str]:
+        return [d for d, rel in self.qrels.get(qid, {}).items() if rel <= 0]
+
+    def trainable_queries(self) -> list[str]:
+        """Queries with at least one relevant document, in file order."""
+        return [q for q in self.queries if self.positives(q)]
+
+    def unlabelled_queries(self) -> list[str]:
+        """Queries judged in this split with no relevant document (in a pair set: queries whose only pairs
+        are labelled not relevant), in file order: no positive for a label loss, but a teacher can still rank
+        their candidates (label-free distillation lists). Only the split's own judged queries qualify, so a
+        BEIR set's test queries (in its queries file, not in its train qrels) never do."""
+        return [q for q in self.queries if q in self.qrels and not self.positives(q)]
+
+    def sizes(self) -> dict[str, int]:
+        return {
+            "documents": len(self.corpus),
+            "queries": len(self.queries),
+            "trainable_queries": len(self.trainable_queries()),
+            "positives": sum(len(self.positives(q)) for q in self.queries),
+        }
+
+
+def from_beir(directory: str | os.PathLike[str], split: str = "train", with_title: bool = True) -> RerankData:
+    """A BEIR-layout set's corpus, the queries of ``split`` and their qrels."""
+    ds = load_dataset(directory, split=split)
+    docs = ds.corpus.documents(with_title=with_title)
+    corpus = dict(zip(ds.corpus.ids, docs))
+    name = f"{ds.name}-{split}"
+    return RerankData(name, corpus, dict(ds.queries), ds.qrels, {q: name for q in ds.queries})

@@ -79,13 +79,12 @@ def scorer_suite(
     show_progress: bool = True,
 ) -> list[dict[str, Any]]:
     """The same sets, candidates and metrics as :func:`rerank_suite`, scored by a list scorer of
-    :mod:`tamis.train.teachers` (e.g. a teacher ensemble) with its scores cached per (query, document): each
-    distinct text is encoded once, where a reranker re-encodes a document for every query that retrieves it."""
-    from tamis.evaluate.datasets import load_dataset, sorted_docs
+    :mod:`tamis.train.teachers` (e.g. a teacher ensemble) with its scores cached per (query, document)
+    (``scorer.cached``): each distinct text is encoded once, where a reranker re-encodes a document for every
+    query that retrieves it."""
+    from tamis.evaluate.datasets import from_beir, load_dataset, sorted_docs
     from tamis.evaluate.metrics import compute_metrics
     from tamis.evaluate.pipeline import default_relevance_level
-    from tamis.train.data import from_beir
-    from tamis.train.teachers import EnsembleScorer, score_cached
 
     rows = []
     for s in RERANK_SUITE:
@@ -102,10 +101,7 @@ def scorer_suite(
                 docs = [d for d, _ in sorted_docs(first.run[q])[: s.depth] if d in data.corpus]
                 if docs:
                     lists.append((q, docs))
-        if isinstance(scorer, EnsembleScorer):
-            scores = scorer.combine(scorer.components(data, lists, cache_dir))
-        else:
-            scores = score_cached(scorer, data, lists, cache_dir)
+        scores = scorer.cached(data, lists, cache_dir)
         run = {q: {d: float(x) for d, x in zip(docs, sc)} for (q, docs), sc in zip(lists, scores)}
         final = compute_metrics(dataset.qrels, run, (1, 3, 5, 10, 100), default_relevance_level(dataset)).mean
         row: dict[str, Any] = {"set": s.name, "first_stage": s.first_stage, "depth": s.depth,

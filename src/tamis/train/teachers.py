@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import json
 import os
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,13 +34,20 @@ from tamis.train.data import RerankData
 Lists = Sequence[tuple[str, Sequence[str]]]
 
 
-class ListScorer(Protocol):
+class ListScorer(ABC):
+    """A scorer: one score array per list; :meth:`cached` scores through a cache directory."""
+
     name: str
 
+    @abstractmethod
     def score(self, data: RerankData, lists: Lists) -> list[np.ndarray]: ...
 
+    def cached(self, data: RerankData, lists: Lists, cache_dir: str | os.PathLike[str]) -> list[np.ndarray]:
+        """:meth:`score` through :func:`score_cached`: each (query, document) pair scored once per cache."""
+        return score_cached(self, data, lists, cache_dir)
 
-class RerankerScorer:
+
+class RerankerScorer(ListScorer):
     """Scores with a ``tamis.Reranker``: raw logits for cross-encoders, relevance scores otherwise."""
 
     def __init__(self, reranker: Any, name: str | None = None, show_progress: bool = True):
@@ -63,7 +71,7 @@ class RerankerScorer:
         return out
 
 
-class DenseScorer:
+class DenseScorer(ListScorer):
     """Cosine similarity of an embedding model's query and document vectors."""
 
     def __init__(self, embedder: Any, cache: Any = None, show_progress: bool = True, whole_corpus: bool = True,
@@ -90,7 +98,7 @@ class DenseScorer:
         return [dv[[di[d] for d in docs]] @ qv[qi[q]] for q, docs in lists]
 
 
-class BM25Scorer:
+class BM25Scorer(ListScorer):
     """BM25 (Lucene variant, the project's first stage) with the statistics of the data set's corpus."""
 
     name = "bm25"
@@ -117,7 +125,7 @@ class BM25Scorer:
         return out
 
 
-class SpladeScorer:
+class SpladeScorer(ListScorer):
     """SPLADE: ``w_t = max_i log(1 + relu(logit_{i,t}))`` over the tokens of a text, score = ``q · d``.
 
     ``model_dir`` holds a BERT masked-LM checkpoint trained as a SPLADE encoder (e.g. SPLADE-tiny); the
@@ -151,7 +159,7 @@ class SpladeScorer:
         return out
 
 
-class ScoresFileScorer:
+class ScoresFileScorer(ListScorer):
     """Teacher scores computed elsewhere — on a GPU machine, by another tool or a model tamis cannot run —
     read from JSONL in the cache's own format: one line per query, ``{"qid": ..., "scores": {doc id: score}}``
     (later lines add to or override earlier ones). Ids are those of the training lists (for merged sets,
@@ -180,7 +188,7 @@ class ScoresFileScorer:
         return out
 
 
-class EnsembleScorer:
+class EnsembleScorer(ListScorer):
     """Weighted sum of standardised scores of several scorers: ``Σ_m w_m · z_m``, then ``· scale``.
 
     ``scale`` sets the spread of the combined scores (z-scores have unit spread per list), which
@@ -214,6 +222,10 @@ class EnsembleScorer:
 
     def score(self, data: RerankData, lists: Lists) -> list[np.ndarray]:
         return self.combine(self.components(data, lists))
+
+    def cached(self, data: RerankData, lists: Lists, cache_dir: str | os.PathLike[str]) -> list[np.ndarray]:
+        """Each member's scores through the cache (the combination is cheap and follows the current weights)."""
+        return self.combine(self.components(data, lists, cache_dir))
 
     def fit(self, components: list[list[np.ndarray]], labels: list[np.ndarray], l2: float = 1e-3,
             steps: int = 300) -> EnsembleScorer:
