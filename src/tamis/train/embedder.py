@@ -32,7 +32,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import platform
 import random
 import shutil
 import time
@@ -49,7 +48,7 @@ from tamis.embed import Embedder, pool
 from tamis.evaluate.datasets import Qrels
 from tamis.evaluate.first_stage import EmbeddingCache, exact_topk, quiet_truncation
 from tamis.evaluate.metrics import compute_metrics
-from tamis.models.loading import read_json
+from tamis.models.loading import read_json, resolve_dtype
 from tamis.tokenize import Encoded
 from tamis.train.card import cpu_model, data_licence
 from tamis.train.cross_encoder import copy_tokenizer, count_parameters
@@ -67,7 +66,7 @@ from tamis.train.data import (
 from tamis.train.losses import in_batch_infonce, matryoshka
 from tamis.train.mining import first_stage_runs, mine_lists
 from tamis.train.rerankers import MiningConfig
-from tamis.train.trainer import StepOutput, TrainConfig, Trainer
+from tamis.train.trainer import StepOutput, TrainConfig, Trainer, environment, save_summary
 
 logger = logging.getLogger("tamis.train")
 
@@ -573,12 +572,6 @@ def _train_only_lora(model: nn.Module, names: Sequence[str]) -> list[nn.Paramete
     return params
 
 
-def _dtype(name: str) -> torch.dtype:
-    from tamis.models.loading import resolve_dtype
-
-    return resolve_dtype(name)
-
-
 def train_embedder(
     data: Sequence[str],
     out_dir: str | Path,
@@ -670,9 +663,8 @@ def train_embedder(
         "loss": ("Matryoshka " + str(list(dims)) + " over " if dims else "") + f"InfoNCE, scale {embedding.scale}",
         "batch": f"{embedding.batch_size} queries + {embedding.hard_negatives} hard negative(s) each",
         "GradCache chunk": embedding.mini_batch or "off", "max length": step.max_length,
-        "tasks": f"queries {query_task!r}, documents {passage_task!r}", "lr": config.lr,
-        "schedule": f"{config.schedule}, warmup {config.warmup}", "weight decay": config.weight_decay,
-        "epochs / max steps": f"{config.epochs} / {config.max_steps}", "seed": config.seed, "device": config.device,
+        "tasks": f"queries {query_task!r}, documents {passage_task!r}", **config.schedule_rows(),
+        "seed": config.seed, "device": config.device,
         "negatives": ("+".join(mining.methods) + f" mined, top {mining.skip_top} skipped"
                       if embedding.hard_negatives and mining.methods else "in-batch only"),
         "dev": f"{len(prepared.dev_qids)} held-out queries over {len(corpus)} documents"
@@ -688,7 +680,7 @@ def train_embedder(
     usage_full = f'import tamis\nemb = tamis.Embedder("path/to/this/directory")\nemb.embed(["a text"]{", dimensions=64" if dims else ""})'
 
     def save(directory: Path) -> None:
-        dtype = _dtype(save_dtype)
+        dtype = resolve_dtype(save_dtype)
         extra = {"matryoshka_dimensions": sorted(dims)} if dims else None
         if adapter is not None and not v3:
             usage = (f'import tamis\nemb = tamis.Embedder("{base_name}", adapters={{"{adapter.task}": "path/to/adapter"}})\n'
@@ -710,17 +702,12 @@ def train_embedder(
             save_sentence_transformer(emb.model, emb, directory, dtype, card, extra)
 
     describe = {"title": f"{name}: {recipe['loss']}", "base": base_name, "data": [*data, *replay], "mode": recipe["mode"],
-                "sizes": prepared.sizes, "parameters": params, "cpu": cpu_model(), "torch": torch.__version__,
-                "python": platform.python_version()}
-    trainer = Trainer(emb.model, config, out, batcher, step, save, evaluate if prepared.dev_qids else None, describe)
-    if adapter is not None and not v3:
-        trainer.model_dir = out / "adapter"
+                "sizes": prepared.sizes, "parameters": params, **environment()}
+    trainer = Trainer(emb.model, config, out, batcher, step, save, evaluate if prepared.dev_qids else None, describe,
+                      model_dir=out / "adapter" if adapter is not None and not v3 else None)
     result = trainer.train(resume=resume)
     summary: dict[str, Any] = {
-        "output": str(result.model_dir), "mode": recipe["mode"], "steps": result.steps,
-        "train_seconds": round(result.seconds, 1), "prepare_seconds": round(prep_s, 1), "final_loss": result.final_loss,
-        "best_dev": result.best_metric, "best_step": result.best_step, "last_dev": result.last_eval,
-        "base": base_name, "query_task": query_task, "passage_task": passage_task, "sizes": prepared.sizes,
+        "output": str(result.model_dir), "mode": recipe["mode"], **result.summary(prep_s), "base": base_name, "query_task": query_task, "passage_task": passage_task, "sizes": prepared.sizes,
         "parameters": params, "recipe": recipe, "cpu": cpu_model(),
     }
     if merge_into is not None:
@@ -731,9 +718,8 @@ def train_embedder(
         merged_card = embedder_card(f"{name} (merged)", f"The {adapter.task!r} adapter folded into the base weights.",
                                     base_name, [*data, *replay], recipe, usage_full, command=command)
         summary["merged"] = str(export_merged(model, result.model_dir, merge_into, adapter.task,
-                                              _dtype(save_dtype), merged_card))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return summary
+                                              resolve_dtype(save_dtype), merged_card))
+    return save_summary(out, summary)
 
 
 __all__ = ["AdapterConfig", "ContrastiveStep", "EmbeddingConfig", "PairBatch", "PairBatcher", "PreparedPairs",

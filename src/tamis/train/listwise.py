@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import platform
 import random
 import time
 from collections.abc import Sequence
@@ -53,7 +52,7 @@ from tamis.train.cross_encoder import ListBatch, ListBatcher, count_parameters, 
 from tamis.train.data import RerankData
 from tamis.train.losses import ListwiseWeights, listwise_objective
 from tamis.train.rerankers import MiningConfig, prepare_data, subsample
-from tamis.train.trainer import StepOutput, TrainConfig, Trainer
+from tamis.train.trainer import StepOutput, TrainConfig, Trainer, environment, save_summary
 
 logger = logging.getLogger("tamis.train")
 
@@ -302,8 +301,7 @@ def train_listwise(
         "list": f"1 positive + {lists.n_negatives} negatives in one prompt, shuffled every step",
         "lists per batch": lists.lists_per_batch, "max query / doc tokens": f"{lists.max_query_length} / {lists.max_doc_length}",
         "LoRA": f"r {lists.lora_r}, alpha {lists.lora_alpha} on {', '.join(lists.targets)}; projector trained",
-        "lr": config.lr, "schedule": f"{config.schedule}, warmup {config.warmup}", "weight decay": config.weight_decay,
-        "epochs / max steps": f"{config.epochs} / {config.max_steps}", "grad accumulation": config.grad_accum,
+        **config.schedule_rows(), "grad accumulation": config.grad_accum,
         "negatives": f"{'+'.join(mining.methods)} mined, top {mining.skip_top} skipped, depth {mining.depth}",
         "seed": config.seed, "device": config.device,
         "lists used": f"{len(prepared.train)} (sampled)" if lists.max_lists else f"{len(prepared.train)} (all)",
@@ -327,17 +325,10 @@ def train_listwise(
     trainer = Trainer(lm.model, config, out, batcher, step, save, evaluate if prepared.dev_run else None,
                       describe={"title": f"{name}: listwise", "init": lm.init, "data": list(data),
                                 "sizes": prepared.sizes, "parameters": params, "listwise": lists.to_dict(),
-                                "cpu": cpu_model(), "torch": torch.__version__,
-                                "python": platform.python_version()})
+                                **environment()})
     result = trainer.train(resume=resume)
-    summary = {
-        "model_dir": str(result.model_dir), "steps": result.steps, "train_seconds": round(result.seconds, 1),
-        "prepare_seconds": round(prep_s, 1), "final_loss": result.final_loss, "best_dev": result.best_metric,
-        "best_step": result.best_step, "last_dev": result.last_eval, "init": lm.init, "sizes": prepared.sizes,
-        "parameters": params, "recipe": recipe, "cpu": cpu_model(),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return summary
+    return save_summary(out, {"model_dir": str(result.model_dir), **result.summary(prep_s), "init": lm.init,
+                              "sizes": prepared.sizes, "parameters": params, "recipe": recipe, "cpu": cpu_model()})
 
 
 __all__ = ["ADAPTER", "DEFAULT_TARGETS", "ListwiseConfig", "ListwiseModel", "ListwiseStep", "add_lora", "augment",

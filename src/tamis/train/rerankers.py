@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import platform
 import random
 import sys
 import time
@@ -28,6 +27,7 @@ import torch
 from tamis.errors import InvalidInputError
 from tamis.evaluate.datasets import Run, load_run, save_run
 from tamis.evaluate.first_stage import EmbeddingCache
+from tamis.models.loading import resolve_dtype
 from tamis.train.card import cpu_model, reranker_card
 from tamis.train.cross_encoder import (
     CrossEncoder,
@@ -54,7 +54,7 @@ from tamis.train.data import (
 from tamis.train.losses import STATE_LOSSES, parse_loss_spec
 from tamis.train.mining import candidate_run, first_stage_runs, mine_lists
 from tamis.train.teachers import EnsembleScorer, build_scorer, score_cached
-from tamis.train.trainer import TrainConfig, Trainer
+from tamis.train.trainer import TrainConfig, Trainer, environment, save_summary
 
 logger = logging.getLogger("tamis.train")
 
@@ -290,9 +290,8 @@ def train_reranker(
     name = name or out.name
     recipe = {
         "loss": lists.loss, "temperature": lists.temperature, "list": f"1 positive + {lists.n_negatives} negatives",
-        "lists per batch": lists.lists_per_batch, "max length": lists.max_length, "lr": config.lr,
-        "schedule": f"{config.schedule}, warmup {config.warmup}", "weight decay": config.weight_decay,
-        "epochs / max steps": f"{config.epochs} / {config.max_steps}", "grad accumulation": config.grad_accum,
+        "lists per batch": lists.lists_per_batch, "max length": lists.max_length, **config.schedule_rows(),
+        "grad accumulation": config.grad_accum,
         "negatives": f"{'+'.join(mining.methods)} mined, top {mining.skip_top} skipped, depth {mining.depth}"
                      + (" (+ label-free lists: candidates of judged queries without a positive, teacher losses only)"
                         if mining.label_free else ""),
@@ -308,7 +307,7 @@ def train_reranker(
                 "heads": ce.model.cfg.num_attention_heads, "parameters": f"{params['parameters'] / 1e6:.1f} M"}
         card = reranker_card(name, f"A cross-encoder reranker trained with `tamis train` ({ce.init}).", arch,
                              ce.init, list(data), recipe, command=command)
-        save_cross_encoder(ce, directory, lists.max_length, _dtype(save_dtype), card)
+        save_cross_encoder(ce, directory, lists.max_length, resolve_dtype(save_dtype), card)
 
     def evaluate() -> dict[str, float]:
         return rerank_metrics(ce.reranker(lists.max_length), prepared.data, prepared.dev_run)
@@ -316,18 +315,11 @@ def train_reranker(
     trainer = Trainer(ce.model, config, out, batcher, step, save, evaluate if prepared.dev_run else None,
                       describe={"title": f"{name}: {lists.loss}", "init": ce.init, "data": list(data),
                                 "teacher": teacher_name, "teacher_info": teacher_info, "sizes": prepared.sizes,
-                                "parameters": params, "frozen_parameters": frozen, "cpu": cpu_model(),
-                                "torch": torch.__version__, "python": platform.python_version()})
+                                "parameters": params, "frozen_parameters": frozen, **environment()})
     result = trainer.train(resume=resume)
-    summary = {
-        "model_dir": str(result.model_dir), "steps": result.steps, "train_seconds": round(result.seconds, 1),
-        "prepare_seconds": round(prep_s, 1), "final_loss": result.final_loss, "best_dev": result.best_metric,
-        "best_step": result.best_step, "last_dev": result.last_eval, "init": ce.init, "teacher": teacher_name,
-        "teacher_info": teacher_info, "sizes": prepared.sizes, "parameters": params, "recipe": recipe,
-        "cpu": cpu_model(),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return summary
+    return save_summary(out, {"model_dir": str(result.model_dir), **result.summary(prep_s), "init": ce.init,
+                              "teacher": teacher_name, "teacher_info": teacher_info, "sizes": prepared.sizes,
+                              "parameters": params, "recipe": recipe, "cpu": cpu_model()})
 
 
 def _live_teacher(teacher: Any, seed: int, device: str) -> CrossEncoder:
@@ -345,12 +337,6 @@ def _live_teacher(teacher: Any, seed: int, device: str) -> CrossEncoder:
     except TamisError as exc:
         raise ValueError(f"{why}; {exc}") from None
     return init_cross_encoder(teacher, None, seed, device)
-
-
-def _dtype(name: str) -> torch.dtype:
-    from tamis.models.loading import resolve_dtype
-
-    return resolve_dtype(name)
 
 
 __all__ = ["CrossEncoder", "ListConfig", "MiningConfig", "PreparedData", "prepare_data", "teacher_scores",

@@ -22,11 +22,12 @@ from __future__ import annotations
 import json
 import logging
 import math
+import platform
 import random
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,11 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def schedule_rows(self) -> dict[str, Any]:
+        """The optimizer and schedule as a recipe (model card, summary) lists them."""
+        return {"lr": self.lr, "schedule": f"{self.schedule}, warmup {self.warmup}", "weight decay": self.weight_decay,
+                "epochs / max steps": f"{self.epochs} / {self.max_steps}"}
+
 
 # What a resumed run must share with its checkpoint (TrainConfig fields; then the caller's description of the
 # model and loss): anything else about the run may change on resume (its length, evaluation cadence, device).
@@ -79,6 +85,24 @@ class StepOutput:
 
 
 @dataclass
+class TrainState:
+    """Where a run stands: what a checkpoint saves (``trainer_state.json``) and a resumed run continues from."""
+
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # the epoch and batch the run continues at
+    batch: int = 0
+    best: float | None = None  # best dev value of ``select_metric`` and its step
+    best_step: int | None = None
+    last_eval: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0  # training time so far
+    scheduler: dict[str, Any] | None = None  # the LR scheduler's state_dict
+
+    @classmethod
+    def from_dict(cls, saved: dict[str, Any]) -> TrainState:
+        return cls(**{f.name: saved[f.name] for f in fields(cls) if f.name in saved})
+
+
+@dataclass
 class TrainResult:
     steps: int
     epochs_done: float
@@ -89,6 +113,25 @@ class TrainResult:
     last_eval: dict[str, float]
     model_dir: Path
     log_path: Path
+
+    def summary(self, prepare_seconds: float) -> dict[str, Any]:
+        """The run's numbers as every recipe's ``summary.json`` reports them."""
+        return {"steps": self.steps, "train_seconds": round(self.seconds, 1),
+                "prepare_seconds": round(prepare_seconds, 1), "final_loss": self.final_loss,
+                "best_dev": self.best_metric, "best_step": self.best_step, "last_dev": self.last_eval}
+
+
+def environment() -> dict[str, str]:
+    """What a run's log records about where it ran: the CPU, torch and Python."""
+    from tamis.train.card import cpu_model
+
+    return {"cpu": cpu_model(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def save_summary(out_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+    """Write a recipe's ``summary.json`` under ``out_dir`` and return the summary."""
+    (Path(out_dir) / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
 
 
 def seed_everything(seed: int) -> None:
@@ -158,7 +201,9 @@ class Trainer:
         save_model: Callable[[Path], None],
         evaluate: Callable[[], dict[str, float]] | None = None,
         describe: dict[str, Any] | None = None,
+        model_dir: str | Path | None = None,
     ):
+        """``model_dir``: where the selected model is saved (default ``out_dir/model``)."""
         self.model = model
         self.cfg = config
         self.out_dir = Path(out_dir)
@@ -170,7 +215,7 @@ class Trainer:
         self.device = torch.device(config.device)
         self.log_path = self.out_dir / "train_log.jsonl"
         self.ckpt_dir = self.out_dir / "checkpoint"
-        self.model_dir = self.out_dir / "model"
+        self.model_dir = Path(model_dir) if model_dir is not None else self.out_dir / "model"
         params = _param_groups(model, config.weight_decay)
         if not any(g["params"] for g in params):
             raise ValueError("the model has no trainable parameters")
@@ -187,7 +232,7 @@ class Trainer:
         with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
 
-    def _save_checkpoint(self, state: dict[str, Any]) -> None:
+    def _save_checkpoint(self, state: TrainState) -> None:
         tmp = self.ckpt_dir.with_name(self.ckpt_dir.name + ".tmp")
         tmp.mkdir(parents=True, exist_ok=True)
         model_state = {k: v.detach().contiguous().cpu() for k, v in self.model.state_dict().items()}
@@ -201,7 +246,7 @@ class Trainer:
         py_state = random.getstate()
         np_state = np.random.get_state()
         full = {
-            **state,
+            **asdict(state),
             "optimizer": meta,
             "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
             "numpy_rng": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
@@ -235,7 +280,7 @@ class Trainer:
                 f"cannot resume {self.ckpt_dir}: it was made with other settings ({'; '.join(diffs)}); "
                 f"rerun with its settings, or start fresh in another output directory")
 
-    def _load_checkpoint(self) -> dict[str, Any]:
+    def _load_checkpoint(self) -> TrainState:
         state = json.loads((self.ckpt_dir / "trainer_state.json").read_text())
         self._check_resumable(state)
         weights = load_file(str(self.ckpt_dir / "model.safetensors"), device=str(self.device))
@@ -250,7 +295,7 @@ class Trainer:
         random.setstate((py[0], tuple(py[1]), py[2]))
         nps = state["numpy_rng"]
         np.random.set_state((nps[0], np.array(nps[1], dtype=np.uint32), nps[2], nps[3], nps[4]))
-        return state
+        return TrainState.from_dict(state)
 
     def _plot(self) -> None:
         try:
@@ -294,32 +339,29 @@ class Trainer:
         total = self._total_steps(len(batches))
         warmup = int(cfg.warmup) if cfg.warmup >= 1 else int(round(cfg.warmup * total))
         scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(cfg.schedule, warmup, total))
-        state: dict[str, Any] = {"step": 0, "epoch": 0, "batch": 0, "best": None, "best_step": None,
-                                 "last_eval": {}, "seconds": 0.0}
+        state = TrainState()
         if resume and (self.ckpt_dir / "trainer_state.json").is_file():
             state = self._load_checkpoint()
-            scheduler.load_state_dict(state["scheduler"])
+            scheduler.load_state_dict(state.scheduler)
             if self.log_path.is_file():
                 self._history = [json.loads(x) for x in self.log_path.read_text().splitlines() if x.strip()]
-                self._history = [r for r in self._history if r.get("step", 0) <= state["step"]]
+                self._history = [r for r in self._history if r.get("step", 0) <= state.step]
                 self.log_path.write_text("".join(json.dumps(r) + "\n" for r in self._history))
-            logger.info("resumed from step %d (epoch %d, batch %d)", state["step"], state["epoch"], state["batch"])
+            logger.info("resumed from step %d (epoch %d, batch %d)", state.step, state.epoch, state.batch)
         elif resume:
             logger.info("no checkpoint in %s: starting from scratch", self.ckpt_dir)
             self.log_path.unlink(missing_ok=True)
         else:
             self.log_path.unlink(missing_ok=True)
-        if state["step"] == 0 and not self._history:
+        if state.step == 0 and not self._history:
             self._log({"start": time.strftime("%Y-%m-%dT%H:%M:%S"), "config": cfg.to_dict(), **self.describe,
                        "total_steps": total, "warmup_steps": warmup, "batches_per_epoch": len(batches)})
-        step = state["step"]
-        epoch = state["epoch"]
-        skip = state["batch"]
+        step, epoch, skip = state.step, state.epoch, state.batch
         eval_every = cfg.eval_every or math.ceil(len(batches) / cfg.grad_accum)
         save_every = cfg.save_every or eval_every
         bar = tqdm(total=total, initial=step, desc="train", unit="step", disable=not cfg.show_progress,
                    file=sys.stderr, dynamic_ncols=True)
-        started = time.perf_counter() - float(state.get("seconds", 0.0))
+        started = time.perf_counter() - float(state.seconds)
         window_examples, window_start = 0, time.perf_counter()
         ema: float | None = None
         last_loss: float | None = None
@@ -371,8 +413,8 @@ class Trainer:
                     self._evaluate(state, step, epoch + (b_idx + 1) / len(batches))
                     self.model.train()
                 if step % save_every == 0 or finished:
-                    state.update(step=step, epoch=next_pos[0], batch=next_pos[1],
-                                 seconds=time.perf_counter() - started, scheduler=scheduler.state_dict())
+                    state.step, (state.epoch, state.batch) = step, next_pos
+                    state.seconds, state.scheduler = time.perf_counter() - started, scheduler.state_dict()
                     self._save_checkpoint(state)
                     self._plot()
                 if finished:
@@ -381,16 +423,16 @@ class Trainer:
             skip = 0
             epoch += 1
         bar.close()
-        if cfg.select_metric is None or state["best"] is None:
+        if cfg.select_metric is None or state.best is None:
             self.save_model(self.model_dir)
         self._plot()
         seconds = time.perf_counter() - started
         self._log({"end": time.strftime("%Y-%m-%dT%H:%M:%S"), "step": step, "seconds": round(seconds, 1),
-                   "best": state["best"], "best_step": state["best_step"]})
-        return TrainResult(step, epoch, seconds, last_loss, state["best"], state["best_step"],
-                           state["last_eval"], self.model_dir, self.log_path)
+                   "best": state.best, "best_step": state.best_step})
+        return TrainResult(step, epoch, seconds, last_loss, state.best, state.best_step, state.last_eval,
+                           self.model_dir, self.log_path)
 
-    def _evaluate(self, state: dict[str, Any], step: int, epoch: float) -> None:
+    def _evaluate(self, state: TrainState, step: int, epoch: float) -> None:
         assert self.evaluate_fn is not None
         self.model.eval()
         t0 = time.perf_counter()
@@ -398,14 +440,14 @@ class Trainer:
             metrics = self.evaluate_fn()
         row = {"step": step, "epoch": round(epoch, 4), "eval": metrics, "eval_s": round(time.perf_counter() - t0, 1)}
         self._log(row)
-        state["last_eval"] = metrics
+        state.last_eval = metrics
         tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), file=sys.stderr)
         metric = self.cfg.select_metric
         if metric is not None:
             if metric not in metrics:
                 raise KeyError(f"select_metric {metric!r} is not among the dev metrics {sorted(metrics)}")
-            if state["best"] is None or metrics[metric] > state["best"]:
-                state["best"], state["best_step"] = metrics[metric], step
+            if state.best is None or metrics[metric] > state.best:
+                state.best, state.best_step = metrics[metric], step
                 self.save_model(self.model_dir)
 
 
