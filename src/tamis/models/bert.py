@@ -170,29 +170,24 @@ class SelfAttention(nn.Module):
         return out.transpose(1, 2).reshape(b, n, h)
 
 
-class AttentionOutput(nn.Module):
-    def __init__(self, cfg: BertConfig):
+class Dense(nn.Module):
+    """A Linear (``dense``), with a ``LayerNorm`` after it when ``eps`` is given: the checkpoints' names."""
+
+    def __init__(self, d_in: int, d_out: int, eps: float | None = None):
         super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dense = nn.Linear(d_in, d_out)
+        if eps is not None:
+            self.LayerNorm = nn.LayerNorm(d_out, eps=eps)
 
 
 class Attention(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
         self.self = SelfAttention(cfg)
-        self.output = AttentionOutput(cfg)
+        self.output = Dense(cfg.hidden_size, cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor | PackedRuns) -> torch.Tensor:
         return self.output.LayerNorm(x + self.output.dense(self.self(x, bias)))
-
-
-class Dense(nn.Module):
-    def __init__(self, d_in: int, d_out: int, eps: float | None = None):
-        super().__init__()
-        self.dense = nn.Linear(d_in, d_out)
-        if eps is not None:
-            self.LayerNorm = nn.LayerNorm(d_out, eps=eps)
 
 
 class GatedMLP(nn.Module):
@@ -376,17 +371,10 @@ class BertForSequenceClassification(nn.Module):
 
 
 
-class PredictionHeadTransform(nn.Module):
-    def __init__(self, cfg: BertConfig):
-        super().__init__()
-        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
-        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-
-
 class LMPredictions(nn.Module):
     def __init__(self, cfg: BertConfig):
         super().__init__()
-        self.transform = PredictionHeadTransform(cfg)
+        self.transform = Dense(cfg.hidden_size, cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(cfg.vocab_size))
 
 
