@@ -2,7 +2,7 @@
 
 ``attention_bf16`` (``attention_bf16.cpp``): packed multi-head attention for bf16 inference, every run of a
 packed batch in one call, the scores of each (sequence, head) kept in cache (README "Speed"). Used by the packed
-bf16 attention on CPUs with AVX-512 BF16 (:func:`tamis.models.bert.use_matmul_attention`).
+bf16 attention on CPUs with AVX-512 BF16 (:func:`tamis.models.packed.use_matmul_attention`).
 
 The source is compiled once per (source, torch, compiler) into ``$TAMIS_CACHE/kernels`` (default
 ``~/.cache/tamis/kernels``) with the C++ compiler and OpenMP that ``torch.compile`` already needs, and loaded with
