@@ -171,7 +171,7 @@ class BaseReranker(SentenceTransformersCompat, ABC):
     @abstractmethod
     def score(self, query: str, documents: Sequence[str], *, truncate: bool = True, progress: Progress | None = None,
               usage: Usage | None = None) -> np.ndarray:
-        """``relevance_score`` of each of the (non-empty list of) ``documents`` for ``query``, float32 [n]; the
+        """``relevance_score`` of each of the (non-empty list of) ``documents`` for ``query``, an array [n]; the
         tokens used and the texts cut go into ``usage``. Backends may take more keyword options."""
 
     def rerank(
