@@ -707,8 +707,9 @@ def train_embedder(
                       model_dir=out / "adapter" if adapter is not None and not v3 else None)
     result = trainer.train(resume=resume)
     summary: dict[str, Any] = {
-        "output": str(result.model_dir), "mode": recipe["mode"], **result.summary(prep_s), "base": base_name, "query_task": query_task, "passage_task": passage_task, "sizes": prepared.sizes,
-        "parameters": params, "recipe": recipe, "cpu": cpu_model(),
+        "output": str(result.model_dir), "mode": recipe["mode"], **result.summary(prep_s), "base": base_name,
+        "query_task": query_task, "passage_task": passage_task, "sizes": prepared.sizes, "parameters": params,
+        "recipe": recipe, "cpu": cpu_model(),
     }
     if merge_into is not None:
         if adapter is None or v3:
