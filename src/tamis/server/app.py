@@ -25,6 +25,7 @@ import contextlib
 import logging
 import threading
 import time
+import unicodedata
 import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -39,10 +40,11 @@ from tamis.batching import default_token_budget
 from tamis.errors import InputTooLongError, UnknownModelError
 from tamis.models.loading import DEFAULT_MODEL_ALIASES
 from tamis.server import errors as err
+from tamis.server import memory
 from tamis.server.auth import DOCS_STATIC, KeyChecker
-from tamis.server.batcher import Job, ModelWorker, wait_for
+from tamis.server.batcher import Job, JobStopped, ModelWorker, wait_for
 from tamis.server.body import read_body
-from tamis.server.errors import ApiError, NotReady, ShuttingDown, echo
+from tamis.server.errors import ApiError, DeadlineExceeded, NotReady, ShuttingDown, echo
 from tamis.server.metrics import Metrics
 from tamis.server.middleware import ServerMiddleware
 from tamis.server.schemas import (
@@ -72,6 +74,7 @@ _IMAGE_KEYS = ("image", "url", "bytes", "pdf")
 WORKER_KIND = {"embedding": "embedding", "reranker": "rerank"}  # the ``kind`` label of queue metrics
 DRAIN_MARGIN_S = 1.0  # answer the last requests this long before the graceful-shutdown timeout
 MODEL_THREAD_CHARS = 32768  # requests up to this many characters may be tokenized on the model thread
+TOKENIZE_SLICE_CHARS = 262144  # a big request is tokenized this many characters at a time (a stop between)
 
 
 # ---------------------------------------------------------------------------- state
@@ -103,7 +106,8 @@ class ServerState:
                     max_batch_tokens=s.max_batch_tokens or default_token_budget(getattr(model, "device", "cpu")),
                     max_batch_size=s.max_batch_size,
                     gather_batches=s.gather_batches, max_queued_inputs=max(s.max_queued_inputs, 1),
-                    max_padding=s.max_padding,
+                    max_padding=s.max_padding, max_tokenizing_chars=s.max_tokenizing_chars,
+                    on_idle=memory.trim,
                 )
                 table = self.aliases[kind]
                 for alias in _aliases(name, model):
@@ -224,10 +228,20 @@ def _doc_text(item: Any, what: str, param: str) -> str:
     if not isinstance(item, str):
         raise ApiError(400, f"{what} must be a string or a {{\"text\": ...}} object", code="invalid_input",
                        param=param)
-    if not item.strip():
-        kind = "an empty string" if item == "" else "only whitespace"
+    if not item.strip() or _invisible(item):
+        kind = ("an empty string" if item == "" else "only whitespace" if not item.strip()
+                else "only invisible characters (control, format or zero-width characters such as NUL, U+200B, BOM)")
         raise ApiError(400, f"{what} is {kind}: every input must contain text", code="empty_input", param=param)
     return item
+
+
+_INVISIBLE = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp"})
+
+
+def _invisible(text: str) -> bool:
+    """Whether ``text`` holds only whitespace, control and format characters (NUL, zero-width spaces,
+    BOMs): the tokenizer drops them all, so it would be embedded as the empty text."""
+    return all(c.isspace() or unicodedata.category(c) in _INVISIBLE for c in text)
 
 
 def _input_texts(raw: Any) -> list[str]:
@@ -265,6 +279,20 @@ def clip_texts(texts: list[str], token_limit: int | None, per_token: int, trunca
     for i in cut:
         out[i] = texts[i][:cap] if side == "right" else texts[i][-cap:]
     return out, cut
+
+
+def _slices(texts: list[str], chars: int) -> list[tuple[int, int]]:
+    """(start, stop) ranges of ``texts`` of about ``chars`` characters each (at least one text each)."""
+    out: list[tuple[int, int]] = []
+    start, size = 0, 0
+    for i, t in enumerate(texts):
+        size += len(t)
+        if size >= chars:
+            out.append((start, i + 1))
+            start, size = i + 1, 0
+    if start < len(texts):
+        out.append((start, len(texts)))
+    return out
 
 
 def _tokenize(emb: Any, texts: list[str], task: str | None, truncate: bool, limit: int | None,
@@ -481,6 +509,29 @@ def create_app(
     common = error_responses(400, 401, 408, 413, 422, 429, 503)
     per_token = settings.max_chars_per_token
 
+    def arrival(request: Request) -> float:
+        """When the request's head arrived (set by the middleware): its deadline starts there."""
+        return float(request.scope.get("state", {}).get("tamis_arrival") or time.monotonic())
+
+    def time_left(request: Request, worker: ModelWorker) -> float:
+        """Seconds left of the request's timeout, counted from its arrival; 503 when none is left (reading,
+        parsing and checking the body count: work before admission is under the same deadline)."""
+        waited = time.monotonic() - arrival(request)
+        left = settings.request_timeout_s - waited
+        if left <= 0:
+            metrics.dropped.labels(*worker.labels, "deadline").inc()
+            raise DeadlineExceeded(waited, worker.retry_after())
+        return left
+
+    tasks: set[Any] = set()
+
+    def background(coro: Any) -> None:
+        import asyncio
+
+        task = asyncio.ensure_future(coro)
+        tasks.add(task)  # held until done (the loop keeps only weak references)
+        task.add_done_callback(tasks.discard)
+
     async def parse(request: Request, model: type[Any], list_field: str) -> Any:
         return await read_body(request, model, settings.json_value_limit, {list_field: settings.max_inputs})
 
@@ -527,7 +578,8 @@ def create_app(
                                         embedding_type=output_type, truncate=truncate, late_chunking=True,
                                         show_progress=False)
 
-            job = worker.submit_call(run_late, n, settings.request_timeout_s)
+            job = worker.submit_call(run_late, n, time_left(request, worker))
+            job.since = arrival(request)
             result = await wait_for(job, request.receive)
             values, tokens, truncated = result.embeddings, int(sum(result.token_counts)), []
         else:
@@ -554,13 +606,49 @@ def create_app(
         label = "input" if param == "input" else param[:-1]
         texts, cut = clip_texts(texts, getattr(emb, "max_length", None), per_token, truncate, label, param, side)
 
-        def tokenize() -> list[Any]:
-            return _tokenize(emb, texts, task, truncate, settings.max_input_tokens, side)
+        def check_tokens(total: int) -> None:
+            cap = settings.max_request_tokens
+            if cap is not None and total > cap:
+                raise ApiError(400, f"the request holds {total} tokens or more, beyond the server's limit of {cap} "
+                                    "tokens per request; send fewer or shorter inputs per request",
+                               code="request_too_large", param=param)
 
-        if state.tokenize_on_worker(name, sum(map(len, texts))):
-            job = worker.submit_texts(n, tokenize, [task] * n, settings.request_timeout_s)
+        def tokenize() -> list[Any]:
+            out = _tokenize(emb, texts, task, truncate, settings.max_input_tokens, side)
+            check_tokens(sum(len(e) for e in out))
+            return out
+
+        chars = sum(map(len, texts))
+        if state.tokenize_on_worker(name, chars):
+            job = worker.submit_texts(n, tokenize, [task] * n, time_left(request, worker))
         else:
-            job = worker.submit_rows(await run_in_threadpool(tokenize), [task] * n, settings.request_timeout_s)
+            # admitted now (queue bound, deadline, disconnect), tokenized in the thread pool in slices that
+            # stop once the request is given up on; its rows join the batches when they are ready
+            job = worker.submit_external(n, [task] * n, time_left(request, worker), chars)
+
+            def tokenize_slices() -> list[Any]:
+                out: list[Any] = []
+                for start, stop in _slices(texts, TOKENIZE_SLICE_CHARS):
+                    if job.dead:
+                        raise JobStopped()
+                    try:
+                        out += _tokenize(emb, texts[start:stop], task, truncate, settings.max_input_tokens, side)
+                    except InputTooLongError as exc:
+                        raise InputTooLongError(None if exc.index is None else exc.index + start, exc.n_tokens,
+                                                exc.limit, exc.what, exc.n_chars, exc.char_limit) from None
+                    check_tokens(sum(len(e) for e in out))
+                return out
+
+            async def feed() -> None:
+                try:
+                    encodings = await run_in_threadpool(tokenize_slices)
+                except BaseException as exc:  # an over-long input, an unknown task, or given up on
+                    worker.provide(job, None, exc)
+                else:
+                    worker.provide(job, encodings)
+
+            background(feed())
+        job.since = arrival(request)
         pooled = await wait_for(job, request.receive)
         encodings = job.encodings or []
         truncated = sorted(set(cut) | {i for i, e in enumerate(encodings) if getattr(e, "truncated", False)})
@@ -648,7 +736,8 @@ def create_app(
             return rr.rerank(query, texts, top_n=top_n, return_documents=False, truncate=truncate,
                              progress=job.progress)
 
-        job = worker.submit_call(call, len(texts), settings.request_timeout_s)
+        job = worker.submit_call(call, len(texts), time_left(request, worker))
+        job.since = arrival(request)
         ranked = await wait_for(job, request.receive)
         results = []
         for r in ranked.results:
@@ -727,8 +816,11 @@ def create_app(
 
     @app.get("/health", response_model=Health, responses={503: {"model": Health, "description": "not ready"}},
              tags=["info"])
-    async def health() -> Response:
-        body: dict[str, Any] = {"embedding_models": list(state.embedders), "reranker_models": list(state.rerankers)}
+    async def health(request: Request) -> Response:
+        # the served models' names only for key holders (or on an open server), as /v1/models and /metrics
+        authorized = request.scope.get("state", {}).get("tamis_authorized", not keys.enabled)
+        body: dict[str, Any] = ({"embedding_models": list(state.embedders), "reranker_models": list(state.rerankers)}
+                                if authorized else {})
         if state.draining:
             return _json({"status": "shutting_down", "detail": "the server is shutting down", **body}, 503,
                          headers={"Retry-After": "5"})

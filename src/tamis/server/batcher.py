@@ -42,6 +42,8 @@ logger = logging.getLogger("tamis.server")
 
 
 FREE_PADDING_TOKENS = 64  # padding this small costs less than one more model call
+RATE_WINDOW_S = 10.0  # Retry-After: the drain rate of the last this many seconds of work
+MAX_RETRY_AFTER_S = 60
 
 
 def grow_batch(
@@ -126,6 +128,7 @@ class Job:
         self.future.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.cost = cost
         self.admitted = time.monotonic()
+        self.since = self.admitted  # when the request arrived (its deadline counts from there)
         self.deadline = deadline
         self.started = False
         self.finished = False
@@ -133,6 +136,10 @@ class Job:
         self.error: BaseException | None = None
         self.owner: ModelWorker | None = None
         self.timer: asyncio.TimerHandle | None = None
+        self.seq = 0  # admission order (set by the worker)
+        self.turns = 0  # batches seeded from this job (round-robin across requests: fewest turns goes next)
+        self.seeded = False  # whether a batch was ever seeded from this job (among equal turns, new ones first)
+        self.fraction_done = 0.0  # of a running call, from its progress(done, total)
 
     def cancel(self) -> None:
         """Give up on this job because its client went away (call on the event loop)."""
@@ -146,6 +153,8 @@ class Job:
 
     def progress(self, done: int = 0, total: int = 0) -> None:
         """Called by running work between model batches: raises :class:`JobStopped` once given up on."""
+        if total > 0:
+            self.fraction_done = min(1.0, max(0.0, done / total))
         if self.dead:
             raise JobStopped()
 
@@ -154,12 +163,17 @@ class RowsJob(Job):
     """Rows of one embedding request: given tokenized, or tokenized on the model thread by ``prepare``."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, n: int, tasks: Sequence[str | None], deadline: float,
-                 encodings: Sequence[Any] | None = None, prepare: Callable[[], Sequence[Any]] | None = None):
+                 encodings: Sequence[Any] | None = None, prepare: Callable[[], Sequence[Any]] | None = None,
+                 external: bool = False):
         super().__init__(loop, n, deadline)
         if len(tasks) != n or (encodings is not None and len(encodings) != n):
             raise ValueError("one task and one encoding per row are required")
-        if (encodings is None) == (prepare is None):
+        if not external and (encodings is None) == (prepare is None):
             raise ValueError("give either encodings or prepare")
+        # external: admitted before its rows are tokenized elsewhere (the thread pool), which then calls
+        # ModelWorker.provide; until then the worker passes it by
+        self.external = external
+        self.chars = 0  # characters counted in ModelWorker.tokenizing_chars until provided
         self.encodings: list[Any] | None = list(encodings) if encodings is not None else None
         self.prepare = prepare
         self.tasks = list(tasks)
@@ -190,6 +204,8 @@ class ModelWorker:
         gather_batches: int = 4,
         max_queued_inputs: int = 16384,
         max_padding: float | None = 0.1,
+        max_tokenizing_chars: int = 16 * 1024 * 1024,
+        on_idle: Callable[[], Any] | None = None,
     ):
         self.name = name
         self.kind = kind
@@ -201,11 +217,19 @@ class ModelWorker:
         self.gather_batches = gather_batches
         self.max_queued_inputs = max_queued_inputs
         self.max_padding = max_padding
+        self.max_tokenizing_chars = max_tokenizing_chars
+        self.on_idle = on_idle  # called on the worker thread when its queue has run empty after work
         self._cond = threading.Condition()
         self._queue: deque[Job] = deque()
         self._pending_inputs = 0
         self._pending_jobs = 0
-        self._rate = 0.0  # inputs per second, moving average (for Retry-After)
+        self._rate = 0.0  # inputs per second of model time, moving average (Retry-After before any drain)
+        self.clock: Callable[[], float] = time.monotonic  # of the drain rate (a test may step it)
+        self._done_log: deque[tuple[float, int, float]] = deque()  # (end, inputs, busy seconds), recent
+        self._last_end = 0.0
+        self._busy_since = 0.0
+        self._seq = 0
+        self.tokenizing_chars = 0  # characters of admitted requests being tokenized in the thread pool
         self._live: set[Job] = set()  # admitted, not finished
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -260,11 +284,31 @@ class ModelWorker:
         return self._pending_jobs
 
     # ------------------------------------------------------------------ admission (event loop side)
+    def drain_rate(self) -> float:
+        """Inputs per second the queue has drained at lately: inputs finished over the worker's busy time
+        (idle gaps excluded) in the last :data:`RATE_WINDOW_S`; before that, the model-time average."""
+        with self._cond:
+            n = sum(x[1] for x in self._done_log)
+            busy = sum(x[2] for x in self._done_log)
+        return n / busy if n and busy > 0 else self._rate
+
+    def remaining_inputs(self) -> float:
+        """Admitted inputs not yet computed: rows still to run, and the unfinished part of calls."""
+        with self._cond:
+            total = 0.0
+            for job in self._live:
+                if isinstance(job, RowsJob):
+                    total += job.n - job.done
+                else:
+                    total += job.cost * (1.0 - job.fraction_done)
+            return total
+
     def retry_after(self) -> int:
-        rate = self._rate
+        """Seconds until the queue has drained, at the measured rate (1 to :data:`MAX_RETRY_AFTER_S`)."""
+        rate = self.drain_rate()
         if rate <= 0:
             return 1
-        return int(min(60, max(1, math.ceil(self._pending_inputs / rate))))
+        return int(min(MAX_RETRY_AFTER_S, max(1, math.ceil(self.remaining_inputs() / rate))))
 
     def check_capacity(self, cost: int) -> None:
         """Raise :class:`Overloaded` when ``cost`` more inputs would exceed the queue bound.
@@ -285,6 +329,10 @@ class ModelWorker:
                 raise ShuttingDown()
             self.check_capacity(job.cost)
             job.owner = self
+            self._seq += 1
+            job.seq = self._seq
+            # a new request joins the current round: it goes before jobs that have had more turns
+            job.turns = min((j.turns for j in self._queue if isinstance(j, RowsJob)), default=0)
             self._queue.append(job)
             self._live.add(job)
             self._pending_inputs += job.cost
@@ -304,7 +352,7 @@ class ModelWorker:
         job.timer = job.loop.call_later(max(0.0, delay), callback, job)
 
     def _on_deadline(self, job: Job) -> None:
-        waited = time.monotonic() - job.admitted
+        waited = time.monotonic() - job.since
         self.abandon(job, DeadlineExceeded(waited, self.retry_after(), started=job.started), "deadline")
 
     def _on_drained(self, job: Job) -> None:
@@ -351,6 +399,42 @@ class ModelWorker:
         """
         job = RowsJob(asyncio.get_running_loop(), n, tasks, time.monotonic() + timeout_s, prepare=prepare)
         return self._admit_rows(job)
+
+    def submit_external(self, n: int, tasks: Sequence[str | None], timeout_s: float, chars: int = 0) -> RowsJob:
+        """Admit ``n`` rows now, before they are tokenized (in the thread pool, then :meth:`provide`).
+
+        Admission at once puts the request under the queue bound (429), its deadline and its client's
+        disconnect while it is being tokenized; ``chars`` counts against :attr:`max_tokenizing_chars` (429
+        when other requests are already tokenizing that much), released by :meth:`provide`.
+        """
+        job = RowsJob(asyncio.get_running_loop(), n, tasks, time.monotonic() + timeout_s, external=True)
+        job.chars = chars
+        with self._cond:
+            if chars and self.tokenizing_chars and self.tokenizing_chars + chars > self.max_tokenizing_chars:
+                self.metrics.rejected.labels(*self.labels, "overload").inc()
+                raise Overloaded(
+                    f"model {self.name!r} is overloaded: requests of {self.tokenizing_chars} characters are being "
+                    f"tokenized, this one adds {chars}, the bound is {self.max_tokenizing_chars}; retry after the "
+                    "Retry-After delay", self.retry_after())
+            self._admit(job)
+            self.tokenizing_chars += chars
+        return job
+
+    def provide(self, job: RowsJob, encodings: Sequence[Any] | None, error: BaseException | None = None) -> None:
+        """The tokenized rows of an external job (or why it could not be tokenized): it may now run."""
+        with self._cond:
+            self.tokenizing_chars -= job.chars
+            job.chars = 0
+            if error is None and encodings is not None and len(encodings) != job.n:
+                error = RuntimeError(f"tokenize returned {len(encodings)} encodings for {job.n} inputs")
+            if error is not None:
+                job.error = job.error or error
+                job.done, job.pending = job.n, []
+                self._finish_locked(job)
+            else:
+                job.encodings = list(encodings or [])
+            job.external = False
+            self._cond.notify()
 
     def _admit_rows(self, job: RowsJob) -> RowsJob:
         if job.n == 0:
@@ -426,35 +510,57 @@ class ModelWorker:
         runs_packed = getattr(self.model, "runs_packed", None)
         return bool(runs_packed(tasks)) if callable(runs_packed) else False
 
-    def _next_batch_locked(self) -> list[tuple[RowsJob, int]]:
-        """One batch, planned over a window of the oldest queued rows.
+    def _ready_rows_locked(self) -> list[RowsJob]:
+        """Queued row jobs that can be batched now (tokenized; before the first queued call, which keeps its
+        place in line), in turn order: fewest turns first, then those never served, then arrival."""
+        jobs: list[RowsJob] = []
+        for job in self._queue:
+            if not isinstance(job, RowsJob):
+                break
+            if job.encodings is not None and job.pending and not job.dead:
+                jobs.append(job)
+        jobs.sort(key=lambda j: (j.turns, j.seeded, j.seq))
+        return jobs
 
-        The window holds queued rows in arrival order up to ``gather_batches`` batches' worth. The batch is
-        built around the oldest row from the rows of nearest length: for a model that runs packed
-        (:func:`grow_packed_batch`) up to the token budget in real tokens; otherwise (:func:`grow_batch`)
-        within the budget of :func:`plan_batches` plus a bound on padding, or, with ``max_padding=None``, it is the
-        :func:`plan_batches` batch that holds the oldest row. The rest stay queued and are planned again
-        with whatever arrives meanwhile, so the model never waits for a round to drain and requests finish
-        in arrival order.
+    def _next_batch_locked(self) -> list[tuple[RowsJob, int]]:
+        """One batch, planned over a window of queued rows, shared fairly between requests.
+
+        Requests take turns (round-robin): the batch is seeded by the oldest pending row of the request
+        with the fewest turns so far (a new request joins the current round), so a small request waits for
+        at most one batch per other active request, whatever the size of the others. The window holds
+        rows of the queued requests taken one by one from each in turn order, up to ``gather_batches``
+        batches' worth; the batch is built around the seed row from the window's rows of nearest length
+        (any request's): for a model that runs packed (:func:`grow_packed_batch`) up to the token budget in
+        real tokens; otherwise (:func:`grow_batch`) within the budget of :func:`plan_batches` plus a bound
+        on padding, or, with ``max_padding=None``, it is the :func:`plan_batches` batch that holds the seed.
+        The rest stay queued and are planned again with whatever arrives meanwhile.
         """
         token_budget = self.max_batch_tokens * self.gather_batches
         row_budget = self.max_batch_size * self.gather_batches
+        jobs = self._ready_rows_locked()
+        if not jobs:
+            return []
         window: list[tuple[RowsJob, int]] = []
         tokens = 0
-        for job in self._queue:
-            if not isinstance(job, RowsJob) or job.encodings is None:
-                break
-            full = False
-            for r in job.pending:
-                n_tok = len(job.encodings[r])
+        cursors = [0] * len(jobs)
+        full = False
+        while not full:
+            added = False
+            for k, job in enumerate(jobs):
+                if cursors[k] >= len(job.pending):
+                    continue
+                r = job.pending[cursors[k]]
+                n_tok = len(job.encodings[r])  # type: ignore[index]
                 if window and (tokens + n_tok > token_budget or len(window) >= row_budget):
                     full = True
                     break
                 window.append((job, r))
                 tokens += n_tok
-            if full:
+                cursors[k] += 1
+                added = True
+            if not added:
                 break
-        lengths = [len(j.encodings[r]) for j, r in window]
+        lengths = [len(j.encodings[r]) for j, r in window]  # type: ignore[index]
         if self._runs_packed([j.tasks[r] for j, r in window]):
             chosen = grow_packed_batch(lengths, 0, self.max_batch_tokens, self.max_batch_size)
         elif self.max_padding is None:
@@ -463,6 +569,8 @@ class ModelWorker:
         else:
             chosen = grow_batch(lengths, 0, self.max_batch_tokens, self.max_batch_size, self.max_padding)
         batch = [window[i] for i in chosen]
+        jobs[0].turns += 1
+        jobs[0].seeded = True
         taken: dict[int, set[int]] = {}
         now = time.monotonic()
         for job, r in batch:
@@ -474,17 +582,27 @@ class ModelWorker:
             rows = taken.pop(id(job), None)
             if rows:
                 job.pending = [r for r in job.pending if r not in rows]
-        self._queue = deque(j for j in self._queue if not (isinstance(j, RowsJob) and not j.pending))
+        self._queue = deque(j for j in self._queue
+                            if not (isinstance(j, RowsJob) and j.encodings is not None and not j.pending))
         return batch
 
     def _run(self) -> None:
+        worked = False
         while True:
             call: CallJob | None = None
             unprepared: list[RowsJob] = []
             batch: list[tuple[RowsJob, int]] = []
+            if worked and self.on_idle is not None and not self._queue:
+                worked = False
+                try:  # the queue ran empty: e.g. hand freed memory back (tamis.server.memory.trim)
+                    self.on_idle()
+                except Exception:  # pragma: no cover - a hook's failure must not stop the worker
+                    logger.exception("worker %s: idle hook failed", self.name)
             with self._cond:
-                while not self._queue and not self._stopping:
-                    self._cond.wait()
+                if not self._queue and not self._stopping:
+                    while not self._queue and not self._stopping:
+                        self._cond.wait()
+                    self._busy_since = self.clock()  # idle until now: not part of the drain rate
                 if self._stopping:
                     return
                 self._drop_dead_locked()
@@ -499,6 +617,11 @@ class ModelWorker:
                     unprepared = self._unprepared_locked()
                     if not unprepared:
                         batch = self._next_batch_locked()
+                        if not batch:  # what is queued is still being tokenized elsewhere: wait for it
+                            self._cond.wait(1.0)
+                            self._busy_since = self.clock()
+                            continue
+            worked = True
             try:
                 if call is not None:
                     self._run_call(call)
@@ -517,14 +640,15 @@ class ModelWorker:
                         self._finish_locked(job)
 
     def _unprepared_locked(self) -> list[RowsJob]:
-        """Queued row jobs still to tokenize, in order, up to the planning window's row budget."""
+        """Queued row jobs to tokenize on this thread, in order, up to the planning window's row budget
+        (counting only their rows: a big queued request does not keep a small one from its turn)."""
         out: list[RowsJob] = []
         rows = 0
         for job in self._queue:
             if not isinstance(job, RowsJob) or rows >= self.max_batch_size * self.gather_batches:
                 break
-            rows += job.n
-            if job.encodings is None:
+            if job.encodings is None and job.prepare is not None and not job.dead:
+                rows += job.n
                 out.append(job)
         return out
 
@@ -545,6 +669,13 @@ class ModelWorker:
         if seconds > 0:
             r = n / seconds
             self._rate = r if self._rate <= 0 else 0.8 * self._rate + 0.2 * r
+        end = self.clock()
+        busy = end - max(self._busy_since, self._last_end)
+        self._last_end = end
+        with self._cond:
+            self._done_log.append((end, n, max(0.0, busy)))
+            while len(self._done_log) > 1 and end - self._done_log[0][0] > RATE_WINDOW_S:
+                self._done_log.popleft()
 
     def _run_call(self, job: CallJob) -> None:
         if job.dead:

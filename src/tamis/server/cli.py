@@ -82,6 +82,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-inputs", type=int, default=d.max_inputs, help=f"inputs per request (default {d.max_inputs})")
     p.add_argument("--max-input-tokens", type=int, default=None,
                    help="tokens per input when truncate=false (default: the model's context)")
+    p.add_argument("--max-request-tokens", type=int, default=None,
+                   help="tokens per embedding request (after truncation); more is a 400 (default: no cap beyond "
+                        "--max-inputs x the model's context). Big requests share the model fairly either way: "
+                        "requests take turns batch by batch")
     p.add_argument("--max-request-bytes", type=int, default=d.max_request_bytes,
                    help=f"request body limit (default {d.max_request_bytes})")
     p.add_argument("--max-batch-tokens", type=int, default=d.max_batch_tokens,
@@ -95,8 +99,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-queued-inputs", type=int, default=d.max_queued_inputs,
                    help=f"per-model queue bound in inputs; beyond it requests get 429 (default {d.max_queued_inputs})")
     p.add_argument("--request-timeout", type=float, default=d.request_timeout_s,
-                   help="seconds from admission (queue wait plus model time) after which a request gets 503 and its "
-                        f"work is given up (default {d.request_timeout_s:g})")
+                   help="seconds from a request's arrival (body, tokenizing, queue wait and model time) after which "
+                        f"it gets 503 and its work is given up (default {d.request_timeout_s:g})")
     c = p.add_argument_group("connections")
     c.add_argument("--max-connections", type=int, default=d.max_connections,
                    help="at this many open connections a new one closes the oldest one still waiting for a request; "
@@ -126,6 +130,7 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
         max_inputs=args.max_inputs,
         max_input_tokens=args.max_input_tokens,
         max_request_bytes=args.max_request_bytes,
+        max_request_tokens=args.max_request_tokens,
         max_batch_tokens=args.max_batch_tokens,
         max_batch_size=args.max_batch_size,
         max_padding=args.max_padding,
@@ -208,6 +213,11 @@ def serve_command(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"tamis serve: {exc}", file=sys.stderr)
         return 2
+    from tamis.server.memory import tune_allocator
+
+    # before torch loads: native memory that stays flat whatever the variety of batch shapes (issue 34, E)
+    tuned = tune_allocator()
+    logger.debug("allocator settings: %s", ", ".join(f"{k}={v}" for k, v in tuned.items()) or "none (not glibc)")
     emb_specs = [] if args.no_embedding else (args.embedding_model or ["default"])
     rr_specs = [] if args.no_reranker else (args.reranker_model or ["default"])
     if not emb_specs and not rr_specs:

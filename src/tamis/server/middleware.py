@@ -55,23 +55,47 @@ class ServerMiddleware:
         path: str = scope.get("path", "")
         method: str = scope.get("method", "GET")
         started = time.perf_counter()
+        scope.setdefault("state", {})["tamis_arrival"] = time.monotonic()  # request deadlines start here
         status = [500]
+        raw = scope.get("headers", [])
+        declares_body = _declares_body(raw)
+        body_done = [not declares_body]
 
         async def send_wrapper(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
+                if not body_done[0]:
+                    # answered before the declared body arrived (401, 405, a GET with a body): the rest of
+                    # that body would be read as nothing (no timer watches it), so close after the response
+                    message = {**message, "headers": _with_close(message.get("headers", []))}
             await send(message)
+
+        upstream = receive
+
+        async def tracking_receive() -> dict[str, Any]:
+            message = await upstream()
+            if message.get("type") == "http.request" and not message.get("more_body", False):
+                body_done[0] = True
+            return message
 
         try:
             headers = _headers(scope)
-            if not (is_public(path) or (self.public_metrics and path == "/metrics")):
-                try:
-                    self.keys.check(headers.get("authorization"))
-                except ApiError as err:
-                    await err.response()(scope, receive, send_wrapper)
-                    return
+            framing = _framing_error(raw)
+            if framing is not None:
+                await framing.response()(scope, receive, send_wrapper)
+                return
+            try:
+                authorization = _authorization(raw)
+                if not (is_public(path) or (self.public_metrics and path == "/metrics")):
+                    self.keys.check(authorization)
+                    scope["state"]["tamis_authorized"] = True
+                else:  # public: served either way; /health names the models only to key holders
+                    scope["state"]["tamis_authorized"] = self.keys.allows(authorization)
+            except ApiError as err:
+                await err.response()(scope, receive, send_wrapper)
+                return
             if method in ("POST", "PUT", "PATCH"):
-                body = await self._read_body(headers, receive)
+                body = await self._read_body(headers, tracking_receive)
                 if isinstance(body, ApiError):
                     await body.response()(scope, receive, send_wrapper)
                     return
@@ -79,6 +103,8 @@ class ServerMiddleware:
                     status[0] = 499
                     return
                 receive = _replay(body, receive)
+            else:
+                receive = tracking_receive
             await self.app(scope, receive, send_wrapper)
         finally:
             route = route_label(path)
@@ -122,6 +148,41 @@ def _headers(scope: dict[str, Any]) -> dict[str, str]:
     for k, v in scope.get("headers", []):
         out[k.decode("latin-1").lower()] = v.decode("latin-1")
     return out
+
+
+def _declares_body(raw: list[tuple[bytes, bytes]]) -> bool:
+    """Whether the request head announces a body (a non-zero Content-Length, or Transfer-Encoding)."""
+    for k, v in raw:
+        name = k.lower()
+        if name == b"transfer-encoding":
+            return True
+        if name == b"content-length" and v.strip() not in (b"0", b""):
+            return True
+    return False
+
+
+def _framing_error(raw: list[tuple[bytes, bytes]]) -> ApiError | None:
+    """400 (and close) for a request framed two ways: Content-Length together with Transfer-Encoding is
+    request smuggling behind a proxy that frames by the other one (RFC 9112 section 6.1)."""
+    names = {k.lower() for k, _ in raw}
+    if b"transfer-encoding" in names and b"content-length" in names:
+        return ApiError(400, "the request has both Content-Length and Transfer-Encoding headers: send one "
+                             "(RFC 9112 section 6.1)", code="invalid_framing", headers={"Connection": "close"})
+    return None
+
+
+def _authorization(raw: list[tuple[bytes, bytes]]) -> str | None:
+    """The one Authorization header; several are a 400 (which one counts would depend on the proxy)."""
+    values = [v for k, v in raw if k.lower() == b"authorization"]
+    if len(values) > 1:
+        raise ApiError(400, f"the request has {len(values)} Authorization headers: send exactly one",
+                       code="invalid_auth_format", headers={"Connection": "close"})
+    return values[0].decode("latin-1") if values else None
+
+
+def _with_close(headers: Any) -> list[tuple[bytes, bytes]]:
+    out = [(k, v) for k, v in headers if k.lower() != b"connection"]
+    return [*out, (b"connection", b"close")]
 
 
 def _replay(body: bytes, receive: Any) -> Any:

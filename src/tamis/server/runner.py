@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import resource
+import signal
 import time
 from types import FrameType
 from typing import Any
@@ -37,6 +38,7 @@ from tamis.server.settings import ServerSettings
 logger = logging.getLogger("tamis.server")
 
 REPEAT_WINDOW_S = 10.0
+SHUTDOWN_NOTICE_S = 2.0  # after SIGTERM, /health answers 503 at least this long (within the grace period)
 _TIMEOUT_408 = b"HTTP/1.1 408 Request Timeout\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
 
 
@@ -131,6 +133,15 @@ class Protocol(H11Protocol):
                 self._book.waiting.pop(self, None)
 
     def on_response_complete(self) -> None:
+        if not self.transport.is_closing() and self.conn.their_state is h11.SEND_BODY:
+            # answered before the request's body arrived in full (a 401, a 405, a GET with a body): the rest
+            # of that body would be read by no one and watched by no timer; close (the middleware has said
+            # ``Connection: close`` in the response)
+            try:
+                self.conn.send(h11.ConnectionClosed())
+            except h11.LocalProtocolError:  # pragma: no cover - h11 refuses in this state: close anyway
+                pass
+            self.transport.close()
         super().on_response_complete()
         if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
             self._book.waiting[self] = None  # idle between kept-alive requests: evictable again, as the newest
@@ -190,11 +201,41 @@ class Server(uvicorn.Server):
         self.should_exit = True
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        first = not self.should_exit
-        super().handle_exit(sig, frame)
+        """The first stop request starts the app's drain and keeps serving while it runs: new connections
+        are still accepted, so ``/health`` answers 503 ``shutting_down`` (and new work 503) during the grace
+        period instead of the port being closed at once. uvicorn's own shutdown starts when the admitted
+        requests are answered (or the drain's deadline passes), after at least :data:`SHUTDOWN_NOTICE_S`
+        on SIGTERM (a load balancer polling ``/health`` sees the 503). A second request stops at once."""
         state = self.tamis_state
-        if first and state is not None and state.loop is not None:
-            state.loop.call_soon_threadsafe(state.drain, self.grace_s)
+        loop = getattr(state, "loop", None)
+        if self._draining or self.should_exit or state is None or loop is None or not getattr(state, "ready", False):
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        self._captured_signals.append(sig)  # re-raised by uvicorn once it has stopped, as its own handler does
+        notice = 0.0 if sig == signal.SIGINT else SHUTDOWN_NOTICE_S
+        loop.call_soon_threadsafe(self._start_drain, notice)
+
+    _draining = False
+
+    def _start_drain(self, notice_s: float) -> None:
+        state = self.tamis_state
+        state.drain(self.grace_s)
+        asyncio.ensure_future(self._exit_when_drained(time.monotonic(), notice_s))
+
+    async def _exit_when_drained(self, since: float, notice_s: float) -> None:
+        state = self.tamis_state
+        from tamis.server.app import DRAIN_MARGIN_S
+
+        until = since + max(0.0, self.grace_s - DRAIN_MARGIN_S) + 0.5  # the drain answers everything by then
+        notice_until = since + min(notice_s, max(0.0, self.grace_s - DRAIN_MARGIN_S))
+        while not self.should_exit:
+            now = time.monotonic()
+            idle = not any(w.pending_jobs for w in state.workers.values())
+            if now >= until or (idle and now >= notice_until):
+                break
+            await asyncio.sleep(0.05)
+        self.should_exit = True
 
 
 def make_config(app: Any, settings: ServerSettings, **kwargs: Any) -> uvicorn.Config:

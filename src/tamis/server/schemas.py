@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, WithJsonSchema
 
 EmbeddingType = Literal["float", "base64", "binary", "ubinary", "int8", "uint8"]
 
@@ -60,11 +60,11 @@ class EmbeddingRequest(BaseModel):
     )
     task: str | None = Field(None, description="task of multi-task models (e.g. retrieval.query); see GET /v1/models")
     dimensions: int | None = Field(None, description="Matryoshka truncation: 1..model dimension")
-    normalized: bool | None = Field(None, description="L2-normalise (default true)")
-    truncate: bool | None = Field(
+    normalized: StrictBool | None = Field(None, description="L2-normalise (default true)")
+    truncate: StrictBool | None = Field(
         None, description="cut inputs longer than the model's context instead of answering 400 (default false)"
     )
-    late_chunking: bool | None = Field(
+    late_chunking: StrictBool | None = Field(
         False, description="treat the inputs as consecutive chunks of one document: one sequence, one vector each"
     )
     embedding_type: OutputTypes = Field(
@@ -73,7 +73,7 @@ class EmbeddingRequest(BaseModel):
     )
     encoding_type: OutputTypes = Field(None, description="alias of embedding_type")
     encoding_format: OutputTypes = Field(None, description="OpenAI's name for embedding_type")
-    return_multivector: bool | None = Field(None, description="not supported: true is answered 400")
+    return_multivector: StrictBool | None = Field(None, description="not supported: true is answered 400")
     user: str | None = Field(None, description="OpenAI field, ignored")
 
     def output_type(self) -> str | list[str]:
@@ -119,11 +119,12 @@ class RerankRequest(BaseModel):
     documents: Annotated[list[str | TextDoc], WithJsonSchema(_DOCUMENTS_SCHEMA)] = Field(
         ..., description="strings or {text} objects (at most max_inputs)"
     )
-    top_n: int | None = Field(None, description="how many results (> 0); null = all")
-    return_documents: bool | None = Field(
+    top_n: Annotated[int | None, WithJsonSchema({"anyOf": [{"type": "integer", "minimum": 1}, {"type": "null"}]})] = Field(
+        None, description="how many results (at least 1); null = all")
+    return_documents: StrictBool | None = Field(
         None, description="echo each document in its result (default true on /v1, false on /v2)"
     )
-    truncate: bool | None = Field(
+    truncate: StrictBool | None = Field(
         None, description="cut a query or document longer than the model's context (default true, reported in the "
                           "X-Truncated-Inputs / X-Truncated-Query headers) instead of answering 400 (false)"
     )
@@ -234,8 +235,10 @@ class ModelList(BaseModel):
 
 class Health(BaseModel):
     status: Literal["ok", "loading", "failed", "shutting_down"]
-    embedding_models: list[str]
-    reranker_models: list[str]
+    embedding_models: list[str] | None = Field(
+        None, description="served embedding models (absent without a valid key when the server requires one)")
+    reranker_models: list[str] | None = Field(
+        None, description="served rerankers (absent without a valid key when the server requires one)")
     detail: str | None = None
 
 

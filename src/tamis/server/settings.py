@@ -31,6 +31,11 @@ class ServerSettings:
             truncated) or refused with 400 (``truncate=false``) without being tokenized.
         max_late_chunking_tokens: most tokens of a late-chunking request (all its inputs form one sequence,
             embedded in overlapping windows when longer than the model's context).
+        max_request_tokens: most tokens (after truncation) of one embedding request; more is a 400 naming
+            the count. None = no cap beyond max_inputs x the model's context.
+        max_tokenizing_chars: bound on the characters of admitted requests being tokenized in the thread
+            pool at once (per model); a request that would exceed it gets 429 with Retry-After unless
+            nothing else is being tokenized.
     Batching (per model):
         max_batch_tokens / max_batch_size: budget of one padded forward pass (rows x longest row).
         gather_batches: the planning window, in batches' worth of the oldest queued rows: before each model
@@ -46,9 +51,10 @@ class ServerSettings:
     Queueing (per model):
         max_queued_inputs: bound on admitted-but-unfinished inputs; a request that would exceed it gets
             429 with Retry-After (a request always fits an empty queue, so no valid request starves).
-        request_timeout_s: a request not answered within this many seconds of admission (queue wait plus
-            model time) gets 503 with Retry-After at that moment; its work is given up (a running rerank
-            stops at its next batch).
+        request_timeout_s: a request not answered within this many seconds of its arrival (reading and
+            parsing its body, tokenizing, queue wait and model time) gets 503 with Retry-After at that
+            moment; its work is given up (tokenizing stops at its next slice, a running rerank at its next
+            batch).
     Connections (``tamis serve``; see :mod:`tamis.server.runner`):
         max_connections: at this many open connections, a new one closes the oldest connection that is
             only waiting (no complete request head yet, or idle on keep-alive); when none is, the new
@@ -70,6 +76,8 @@ class ServerSettings:
     max_json_values: int | None = None
     max_chars_per_token: int = 32
     max_late_chunking_tokens: int = 32768
+    max_request_tokens: int | None = None
+    max_tokenizing_chars: int = 16 * 1024 * 1024
     max_batch_tokens: int | None = None  # None: the model device's default (tamis.batching.default_token_budget)
     max_batch_size: int = DEFAULT_MAX_BATCH_SIZE
     gather_batches: int = 4
@@ -90,7 +98,7 @@ class ServerSettings:
 
     def __post_init__(self) -> None:
         for name in ("max_inputs", "max_request_bytes", "max_json_values", "max_chars_per_token",
-                     "max_late_chunking_tokens", "max_batch_tokens", "max_batch_size", "gather_batches",
+                     "max_late_chunking_tokens", "max_request_tokens", "max_tokenizing_chars", "max_batch_tokens", "max_batch_size", "gather_batches",
                      "max_queued_inputs", "max_connections"):
             if getattr(self, name) is not None and int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be positive")
