@@ -20,7 +20,8 @@ _LAZY = {
         "tamis.evaluate.datasets",
     ),
     **dict.fromkeys(
-        ["BM25Index", "EmbeddingCache", "bm25_search", "dense_search", "encode", "exact_topk", "rrf"],
+        ["BM25Index", "EmbeddingCache", "bm25_search", "dense_search", "encode", "exact_topk", "fuse", "rrf",
+         "sparse_search", "zscore_fusion"],
         "tamis.evaluate.first_stage",
     ),
     **dict.fromkeys(["Metrics", "compute_metrics", "cut_run"], "tamis.evaluate.metrics"),
@@ -46,6 +47,7 @@ __all__ = [
     "encode",
     "evaluate",
     "exact_topk",
+    "fuse",
     "load_corpus",
     "load_dataset",
     "load_pairs",
@@ -55,6 +57,8 @@ __all__ = [
     "rerank_run",
     "rrf",
     "save_run",
+    "sparse_search",
+    "zscore_fusion",
 ]
 
 if TYPE_CHECKING:
@@ -80,7 +84,10 @@ if TYPE_CHECKING:
         dense_search,
         encode,
         exact_topk,
+        fuse,
         rrf,
+        sparse_search,
+        zscore_fusion,
     )
     from tamis.evaluate.metrics import Metrics, compute_metrics, cut_run
     from tamis.evaluate.pipeline import EvalReport, StageResult, evaluate, rerank_run

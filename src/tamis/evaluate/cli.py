@@ -37,10 +37,15 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--data", required=True, help="data set directory (corpus.jsonl.gz, queries.jsonl.gz, qrels/)")
     p.add_argument("--split", default="test", help="qrels split (qrels/<split>.tsv); default test")
-    p.add_argument("--first-stage", default="bm25", metavar="bm25|dense|hybrid|pool|run:FILE",
-                   help="first stage; run:FILE reads a run file (relative to --data unless absolute); pool: "
+    p.add_argument("--first-stage", default="bm25", metavar="bm25|dense|sparse|hybrid[:...]|pool|run:FILE",
+                   help="first stage; sparse: the --sparse-model's SPLADE vectors; hybrid: BM25 + dense by "
+                        "reciprocal rank fusion, or hybrid:[rrf|zscore:]PART[=WEIGHT]+... with parts bm25, dense, "
+                        "sparse (e.g. hybrid:zscore:bm25+dense+sparse; the parts are reported beside the fusion); "
+                        "run:FILE reads a run file (relative to --data unless absolute); pool: "
                         "each query's judged documents (fixed candidate lists, e.g. NovelEval)")
     p.add_argument("--model", default=None, help="embedding model for dense / hybrid (default: bundled MiniLM)")
+    p.add_argument("--sparse-model", default=None, metavar="MODEL",
+                   help="SPLADE model (a BertForMaskedLM directory or Hub id) for sparse / hybrid with sparse")
     p.add_argument("--reranker", default=None, help="rerank the first stage's top --depth ('default' or a model)")
     p.add_argument("--depth", type=int, default=100, help="candidates per query given to the reranker")
     p.add_argument("--queries", default=None, metavar="DIR",
@@ -184,6 +189,7 @@ def eval_command(args: argparse.Namespace) -> int:
             ann=args.ann,
             ignore_identical_ids=args.ignore_identical_ids,
             rrf_k=args.rrf_k,
+            sparse_model=args.sparse_model,
             device=args.device,
             dtype=args.dtype,
             show_progress=not args.quiet,

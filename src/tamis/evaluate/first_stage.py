@@ -1,4 +1,6 @@
-"""First-stage retrieval: BM25 (bm25s), dense (any Embedder, exact or ANN), hybrid (reciprocal rank fusion).
+"""First-stage retrieval: BM25 (bm25s), dense (any Embedder, exact or ANN), learned-sparse (a SPLADE
+:class:`~tamis.embed_sparse.SparseEmbedder`, exact sparse dot products), hybrid (reciprocal rank fusion or weighted
+z-scores of any of them).
 
 Every searcher returns a :data:`~tamis.evaluate.datasets.Run`: ``{query_id: {doc_id: score}}``.
 """
@@ -370,3 +372,132 @@ def rrf(runs: Sequence[Run], k: int = 60, depth: int | None = 1000, weights: Seq
 def exclude_identical_ids(run: Run) -> Run:
     """Drop documents whose id equals the query id (BEIR's ``ignore_identical_ids`` for some sets)."""
     return {qid: {d: s for d, s in docs.items() if d != qid} for qid, docs in run.items()}
+
+
+def zscore_fusion(runs: Sequence[Run], weights: Sequence[float] | None = None, depth: int | None = 1000) -> Run:
+    """Weighted z-score fusion: each run's scores standardised per query (mean 0, standard deviation 1 over its
+    list), ``score(d) = sum_i w_i * z_i(d)``; a document missing from a run gets that run's lowest z for the
+    query (it ranked below the run's list). Unlike RRF it keeps how far apart the scores are, so a retriever that
+    is sure of its first document counts for more there. Keeps the top ``depth``."""
+    if weights is not None and len(weights) != len(runs):
+        raise ValueError("one weight per run")
+    ws = list(weights) if weights is not None else [1.0] * len(runs)
+    qids: list[str] = []
+    for run in runs:
+        qids.extend(q for q in run if q not in qids)
+    fused: Run = {}
+    for qid in qids:
+        parts = []
+        for run in runs:
+            docs = run.get(qid) or {}
+            if not docs:
+                parts.append(({}, 0.0))
+                continue
+            vals = np.fromiter(docs.values(), dtype=np.float64, count=len(docs))
+            std = float(vals.std())
+            z = (vals - vals.mean()) / std if std > 0 else np.zeros_like(vals)
+            parts.append((dict(zip(docs, z.tolist())), float(z.min())))
+        acc = {did: 0.0 for zs, _ in parts for did in zs}
+        for (zs, floor), w in zip(parts, ws):
+            if not zs:
+                continue
+            for did in acc:
+                acc[did] += w * zs.get(did, floor)
+        fused[qid] = acc
+    if depth is not None:
+        fused = {qid: dict(sorted_docs(docs)[:depth]) for qid, docs in fused.items()}
+    return fused
+
+
+FUSIONS = ("rrf", "zscore")
+
+
+def fuse(runs: Sequence[Run], method: str = "rrf", weights: Sequence[float] | None = None, depth: int | None = 1000,
+         rrf_k: int = 60) -> Run:
+    """Fuse first-stage runs: ``"rrf"`` (:func:`rrf`) or ``"zscore"`` (:func:`zscore_fusion`)."""
+    if method == "rrf":
+        return rrf(runs, k=rrf_k, depth=depth, weights=weights)
+    if method == "zscore":
+        return zscore_fusion(runs, weights=weights, depth=depth)
+    raise ValueError(f"unknown fusion {method!r}; use one of {', '.join(FUSIONS)}")
+
+
+# ------------------------------------------------------------------------------------ sparse search
+
+
+def encode_sparse(
+    embedder: Any,
+    texts: Sequence[str],
+    task: str | None = None,
+    cache: EmbeddingCache | None = None,
+    show_progress: bool = True,
+    desc: str = "sparse",
+) -> Any:
+    """SPLADE vectors of ``texts`` as a ``scipy.sparse.csr_matrix`` [n, vocab] (float32), from ``cache`` when it
+    holds them (kept as ``.sparse.npz`` of plain arrays beside the dense ``.npy`` files, never pickle)."""
+    import scipy.sparse as sp
+
+    from tamis.embed_sparse import to_csr
+
+    texts = list(texts)
+    path = None
+    if cache is not None:
+        key = cache.key(embedder, texts, task, {"sparse": True})
+        path = cache.path(embedder, key).with_suffix(".sparse.npz")
+        if path.is_file():
+            try:
+                with np.load(path, allow_pickle=False) as z:
+                    m = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
+                if m.shape[0] == len(texts):
+                    cache.hits += 1
+                    return m
+            except (OSError, ValueError, KeyError):
+                pass
+        cache.misses += 1
+    if show_progress:
+        tqdm.write(f"{desc}: {len(texts)} texts with {getattr(embedder, 'name', 'model')}")
+    with quiet_truncation():
+        vectors = embedder.embed(texts, task, show_progress=show_progress)
+    m = to_csr(vectors, int(embedder.dimension))
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, data=m.data, indices=m.indices, indptr=m.indptr, shape=np.asarray(m.shape))
+        os.replace(tmp, path)
+    return m
+
+
+def sparse_topk(queries: Any, docs: Any, k: int, block: int = 256) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Exact top-k of sparse dot products: per query, (document indices, scores) by descending score; documents
+    sharing no term with the query (score 0) are left out."""
+    docs_t = docs.T.tocsr()
+    out_i: list[np.ndarray] = []
+    out_s: list[np.ndarray] = []
+    for start in range(0, queries.shape[0], block):
+        scores = (queries[start:start + block] @ docs_t).toarray()
+        for row in scores:
+            nz = np.flatnonzero(row > 0)
+            if len(nz) > k:
+                nz = nz[np.argpartition(-row[nz], k - 1)[:k]]
+            order = nz[np.lexsort((nz, -row[nz]))]
+            out_i.append(order)
+            out_s.append(row[order])
+    return out_i, out_s
+
+
+def sparse_search(
+    embedder: Any,
+    texts: Sequence[str],
+    ids: Sequence[str],
+    queries: Mapping[str, str],
+    k: int = 1000,
+    cache: EmbeddingCache | None = None,
+    show_progress: bool = True,
+) -> Run:
+    """Learned-sparse retrieval: documents (task ``"document"``) and queries (``"query"``) through a
+    :class:`~tamis.embed_sparse.SparseEmbedder`, each query's top ``k`` by exact sparse dot product."""
+    qids = list(queries)
+    doc_m = encode_sparse(embedder, texts, "document", cache, show_progress, "corpus (sparse)")
+    q_m = encode_sparse(embedder, [queries[q] for q in qids], "query", cache, show_progress, "queries (sparse)")
+    idx, scores = sparse_topk(q_m, doc_m, max(1, int(k)))
+    return {qid: {ids[int(i)]: float(s) for i, s in zip(idx[row], scores[row])} for row, qid in enumerate(qids)}

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from tamis.evaluate.datasets import Dataset, Run, load_dataset, load_run, sorted_docs
@@ -19,12 +20,64 @@ from tamis.evaluate.first_stage import (
     EmbeddingCache,
     dense_search,
     exclude_identical_ids,
+    fuse,
     quiet_truncation,
-    rrf,
+    sparse_search,
 )
 from tamis.evaluate.metrics import DEFAULT_K_VALUES, Metrics, compute_metrics
 
-FIRST_STAGES = ("bm25", "dense", "hybrid", "run", "pool")
+FIRST_STAGES = ("bm25", "dense", "sparse", "hybrid", "run", "pool")
+RETRIEVERS = ("bm25", "dense", "sparse")  # the parts a hybrid fuses ("splade" names "sparse")
+
+
+@dataclass
+class HybridSpec:
+    """What ``hybrid[:FUSION][:PART[=WEIGHT]+...]`` asks for: retrievers, their weights and the fusion."""
+
+    parts: list[str]
+    weights: list[float]
+    fusion: str = "rrf"
+
+    @property
+    def label(self) -> str:
+        ws = "" if all(w == 1.0 for w in self.weights) else "=" + ",".join(f"{w:g}" for w in self.weights)
+        return f"hybrid:{self.fusion}:{'+'.join(self.parts)}{ws}"
+
+
+def parse_hybrid(arg: str | None) -> HybridSpec:
+    """``None`` / ``""`` -> BM25 + dense by RRF (the plain ``hybrid``); ``"zscore:bm25+dense=0.5+sparse"``: the
+    fusion (``rrf`` or ``zscore``, default ``rrf``) then ``+``-joined parts from bm25 / dense / sparse (``splade``),
+    each with an optional ``=weight`` (default 1)."""
+    from tamis.evaluate.first_stage import FUSIONS
+
+    if not arg:
+        return HybridSpec(["bm25", "dense"], [1.0, 1.0])
+    fusion, _, rest = arg.partition(":")
+    if fusion.strip().lower() not in FUSIONS:
+        fusion, rest = "rrf", arg
+    fusion = fusion.strip().lower()
+    if not rest.strip():
+        return HybridSpec(["bm25", "dense"], [1.0, 1.0], fusion)
+    parts, weights = [], []
+    for item in rest.split("+"):
+        name, eq, w = item.partition("=")
+        name = name.strip().lower()
+        name = "sparse" if name == "splade" else name
+        if name not in RETRIEVERS:
+            raise ValueError(f"unknown hybrid part {item.strip()!r} in {arg!r}; parts: bm25, dense, sparse (splade)")
+        if name in parts:
+            raise ValueError(f"hybrid part {name!r} given twice in {arg!r}")
+        try:
+            weight = float(w) if eq else 1.0
+        except ValueError:
+            raise ValueError(f"hybrid weight {w!r} of {name!r} is not a number") from None
+        if not np.isfinite(weight) or weight < 0:
+            raise ValueError(f"hybrid weight of {name!r} must be a finite number >= 0, got {w!r}")
+        parts.append(name)
+        weights.append(weight)
+    if len(parts) < 2:
+        raise ValueError(f"a hybrid fuses at least two retrievers, got {arg!r}")
+    return HybridSpec(parts, weights, fusion)
 
 
 @dataclass
@@ -106,15 +159,21 @@ def sample_dataset(dataset: Dataset, max_queries: int | None = None, corpus_samp
 
 
 def parse_first_stage(spec: str) -> tuple[str, str | None]:
-    """``"bm25" | "dense" | "hybrid" | "pool" | "run" | "run:FILE"`` -> (kind, file).
+    """``"bm25" | "dense" | "sparse" | "hybrid[:...]" | "pool" | "run" | "run:FILE"`` -> (kind, argument).
 
+    ``sparse`` (also ``splade``): a SPLADE model's sparse vectors (``sparse_model``). ``hybrid``: BM25 + dense by
+    reciprocal rank fusion, or ``hybrid:[rrf|zscore:]PART[=W]+PART[=W]...`` (see :func:`parse_hybrid`).
     ``pool``: each query's judged documents are its candidates (the protocol of sets that come as
     fixed candidate lists, such as NovelEval's 20 passages per question)."""
     kind, _, arg = spec.partition(":")
     kind = kind.strip().lower()
+    kind = "sparse" if kind == "splade" else kind
     if kind not in FIRST_STAGES:
-        raise ValueError(f"unknown first stage {spec!r}; use bm25, dense, hybrid, pool or run:FILE")
+        raise ValueError(f"unknown first stage {spec!r}; use bm25, dense, sparse, hybrid[:...], pool or run:FILE")
     if kind == "run":
+        return kind, arg or None
+    if kind == "hybrid":
+        parse_hybrid(arg)  # fail early on a bad spec
         return kind, arg or None
     if arg:
         raise ValueError(f"first stage {kind!r} takes no argument (got {spec!r})")
@@ -134,6 +193,17 @@ def load_embedder(model: Any, device: str = "cpu", dtype: str = "auto", **option
     from tamis.embed import Embedder
 
     return Embedder(model, device=device, dtype=dtype, **options)
+
+
+def load_sparse_embedder(model: Any, device: str = "cpu") -> Any:
+    """A SparseEmbedder object as is, or ``tamis.SparseEmbedder(model)`` for a name / path."""
+    if model is not None and hasattr(model, "embed") and hasattr(model, "decode"):
+        return model
+    if model is None:
+        raise ValueError("a sparse first stage needs a SPLADE model: pass sparse_model= (tamis eval --sparse-model)")
+    from tamis.embed_sparse import SparseEmbedder
+
+    return SparseEmbedder(model, device=device)
 
 
 def load_reranker(reranker: Any, device: str = "cpu", dtype: str = "auto", **options: Any) -> Any:
@@ -216,6 +286,7 @@ def evaluate(
     max_queries: int | None = None,
     corpus_sample: int | None = None,
     seed: int = 0,
+    sparse_model: Any = None,
 ) -> EvalReport:
     """Run a first stage (and optionally a reranker over its top ``depth``) on a data set and score it.
 
@@ -224,6 +295,8 @@ def evaluate(
     ``cache_dir``: where corpus embeddings are kept (None: ``$TAMIS_CACHE`` or ~/.cache/tamis; False: off).
     ``lang``: BM25 stemmer language (None: from the data directory name, else English).
     ``compile``: for models loaded here (True, False, ``"auto"``: see :class:`tamis.Embedder`).
+    ``sparse_model``: SPLADE model name / path / SparseEmbedder for ``sparse`` and hybrids with a sparse part.
+    ``first_stage="hybrid:zscore:bm25+dense+sparse"``: the parts are reported beside their fusion.
     ``max_queries``: evaluate a seeded random sample of this many queries (a quick run). ``corpus_sample``: search
     only this many documents, every document judged for the kept queries plus a seeded random sample of the
     others (a quick dense run; scores are then higher than on the whole corpus, and the report says so).
@@ -237,6 +310,8 @@ def evaluate(
     dataset = sample_dataset(dataset, max_queries, corpus_sample, seed)
     timings["load"] = time.perf_counter() - t0
     kind, run_file = parse_first_stage(first_stage)
+    hybrid = parse_hybrid(run_file) if kind == "hybrid" else None
+    wanted = set(hybrid.parts) if hybrid else {kind}
     level = default_relevance_level(dataset) if relevance_level is None else int(relevance_level)
     bm25_lang = lang or dataset.lang or "english"
     texts = dataset.corpus.documents(with_title)
@@ -265,11 +340,11 @@ def evaluate(
     t0 = time.perf_counter()
     info: dict[str, Any] = {}
     runs: dict[str, Run] = {}
-    if kind in ("bm25", "hybrid"):
+    if "bm25" in wanted:
         index = BM25Index(texts, ids, lang=bm25_lang, stopwords=stopwords, k1=k1, b=b, show_progress=show_progress)
         runs["bm25"] = index.search(dataset.queries, k=top_k, show_progress=show_progress)
         config["bm25"] = index.params
-    if kind in ("dense", "hybrid"):
+    if "dense" in wanted:
         embedder = load_embedder(model, device, dtype, **options)
         hits0 = cache.hits if cache else 0
         runs["dense"] = dense_search(embedder, texts, ids, dataset.queries, k=top_k, cache=cache, ann=ann,
@@ -279,22 +354,37 @@ def evaluate(
         config["passage_task"] = getattr(embedder, "passage_task", None)
         if cache is not None:
             info["embedding_cache"] = {"dir": str(cache.directory), "hits": cache.hits - hits0}
+    if "sparse" in wanted:
+        sparse = load_sparse_embedder(sparse_model, device)
+        hits0 = cache.hits if cache else 0
+        t_sparse = time.perf_counter()
+        runs["sparse"] = sparse_search(sparse, texts, ids, dataset.queries, k=top_k, cache=cache,
+                                       show_progress=show_progress)
+        timings["sparse"] = time.perf_counter() - t_sparse
+        config["sparse_model"] = getattr(sparse, "name", str(sparse_model))
+        if cache is not None:
+            info["sparse_cache"] = {"dir": str(cache.directory), "hits": cache.hits - hits0}
     if kind == "run":
         path = dataset.run_file(run_file)
         config["run_file"] = str(path)
         runs["run"] = load_run(path)
     if kind == "pool":  # judged documents in file order, scores falling so the order is kept
         runs["pool"] = {q: {d: -float(i) for i, d in enumerate(dataset.qrels[q])} for q in dataset.queries}
-    if kind == "hybrid":
-        first = rrf([runs["bm25"], runs["dense"]], k=rrf_k, depth=top_k)
-        config["rrf_k"] = rrf_k
+    if hybrid is not None:
+        first = fuse([runs[p] for p in hybrid.parts], hybrid.fusion, hybrid.weights, depth=top_k, rrf_k=rrf_k)
+        config["fusion"] = {"method": hybrid.fusion, "parts": hybrid.parts, "weights": hybrid.weights,
+                            **({"rrf_k": rrf_k} if hybrid.fusion == "rrf" else {})}
+        if hybrid.fusion == "rrf":
+            config["rrf_k"] = rrf_k
     else:
         first = runs[kind]
     timings["first_stage"] = time.perf_counter() - t0
-    if kind == "hybrid":  # report the parts beside the fusion
-        for part in ("bm25", "dense"):
+    if hybrid is not None:  # report the parts beside the fusion
+        for part in hybrid.parts:
             stages.append(StageResult(part, score(runs[part]), 0.0, runs[part]))
     stage_name = f"run:{Path(config['run_file']).name}" if kind == "run" else kind
+    if hybrid is not None and run_file:
+        stage_name = hybrid.label
     stages.append(StageResult(stage_name, score(first), timings["first_stage"], first, info))
 
     if reranker is not None:
