@@ -114,6 +114,25 @@ def _find_static_query_module(model_dir: Path) -> tuple[Path, Path] | None:
     return None
 
 
+def _logit_blocks(lengths: Sequence[int], rows: int) -> Iterator[tuple[tuple[int, int], list[tuple[int, int, bool]]]]:
+    """Blocks of at most ``rows`` consecutive packed rows: ((first row, end row), [(sequence, its rows in the
+    block, whether this is the sequence's first piece)]); a sequence longer than ``rows`` spans blocks."""
+    block: list[tuple[int, int, bool]] = []
+    start = pos = 0
+    for seq, n in enumerate(lengths):
+        done = 0
+        while done < n:
+            take = min(n - done, rows - (pos - start))
+            block.append((seq, take, done == 0))
+            pos += take
+            done += take
+            if pos - start == rows:
+                yield (start, pos), block
+                block, start = [], pos
+    if block:
+        yield (start, pos), block
+
+
 class SparseEmbedder:
     """Sparse (SPLADE) embeddings of texts from a BertForMaskedLM checkpoint.
 
@@ -246,20 +265,25 @@ class SparseEmbedder:
         order = sorted(rows, key=lambda i: -len(encodings[i]))
         batch = pack([encodings[i] for i in order], self.device)
         hidden = self.model.bert.forward_packed(batch.input_ids, batch.token_type_ids, Packing(batch.lengths, self.device))
-        seq = torch.repeat_interleave(torch.arange(len(order), device=self.device),
-                                      torch.tensor(batch.lengths, device=self.device))
-        pooled = torch.zeros(len(order), self.dimension, dtype=torch.float32, device=self.device)
-        t = self.model.cls.predictions.transform
-        word = self.model.bert.embeddings.word_embeddings.weight
-        bias = self.model.cls.predictions.bias
-        for a in range(0, hidden.shape[0], LOGIT_ROWS):
-            h = t.LayerNorm(self.model.act(t.dense(hidden[a:a + LOGIT_ROWS])))
-            logits = torch.nn.functional.linear(h, word, bias).float()
-            # max over each sequence's tokens, starting from 0: relu folded into the maximum
-            pooled.scatter_reduce_(0, seq[a:a + LOGIT_ROWS, None].expand_as(logits), logits, "amax")
+        pooled = torch.empty(len(order), self.dimension, dtype=torch.float32, device=self.device)
+        for rows_at, pieces in _logit_blocks(batch.lengths, LOGIT_ROWS):
+            logits = self.logits(hidden[rows_at[0]:rows_at[1]])
+            # each piece of a sequence: the maximum over its contiguous rows (relu: the maximum starts from 0)
+            at = 0
+            for seq, n, first in pieces:
+                m = logits[at:at + n].amax(dim=0)
+                pooled[seq] = m.clamp_min(0) if first else torch.maximum(pooled[seq], m)
+                at += n
         # log1p is monotonic: saturating the [n, V] maximum equals the maximum of the saturated logits
         out[order] = torch.log1p(pooled).cpu()
         return out
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits [rows, V] (float32) of hidden states [rows, H]: the masked-LM head."""
+        t = self.model.cls.predictions.transform
+        h = t.LayerNorm(self.model.act(t.dense(hidden)))
+        return torch.nn.functional.linear(h, self.model.bert.embeddings.word_embeddings.weight,
+                                          self.model.cls.predictions.bias).float()
 
     def finalize(self, weights: torch.Tensor, top_k: int | None = None, threshold: float = 0.0
                  ) -> list[SparseEmbedding]:
