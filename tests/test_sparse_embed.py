@@ -216,3 +216,21 @@ def test_inference_free_checkpoint_matches_sentence_transformers(random_splade, 
     loaded = st.SparseEncoder(str(out), device="cpu")
     assert_same(sp.encode_query(queries), loaded.encode_query(queries, convert_to_tensor=True))
     assert_same(sp.encode_document(docs), loaded.encode_document(docs, convert_to_tensor=True))
+
+
+def test_cli_embed_sparse(random_splade, tmp_path, capsys):
+    from tamis.cli import main
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a", "text": "sparse retrieval with learned term weights"}\n\n{"id": "b", "text": "two"}\n')
+    out = tmp_path / "out.jsonl"
+    rc = main(["embed", str(src), "--model", str(random_splade), "--embedding-type", "sparse", "--top-k", "4",
+               "--decode", "2", "--task", "query", "-o", str(out), "-q"])
+    assert rc == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [(r["index"], r["line"], r["id"]) for r in rows] == [(0, 1, "a"), (1, 3, "b")]
+    ref = SparseEmbedder(random_splade).embed(["sparse retrieval with learned term weights", "two"], "query", top_k=4)
+    assert rows[0]["embedding"]["indices"] == ref[0].indices.tolist() and len(rows[0]["terms"]) == 2
+    assert main(["embed", str(src), "--model", str(random_splade), "--embedding-type", "sparse", "-o",
+                 str(tmp_path / "x.npy"), "-q"]) != 0
+    assert "sparse" in capsys.readouterr().err

@@ -18,6 +18,7 @@ import os
 import sys
 import traceback
 from collections.abc import Collection
+from pathlib import Path
 from typing import Any
 
 from tamis.errors import InvalidInputError, TamisError
@@ -102,6 +103,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from tamis.models.loading import resolve_model_dir
 
     types: list[str] = args.embedding_type
+    if types == ["sparse"]:
+        return cmd_embed_sparse(args)
+    if args.top_k is not None or args.threshold or args.decode:
+        raise InvalidInputError("--top-k, --threshold and --decode are for --embedding-type sparse")
     fmt = output_format(args.output)
     to_npy = fmt == "npy"
     if to_npy and (len(types) != 1 or types[0] not in NPY_TYPES):
@@ -197,6 +202,91 @@ def cmd_embed(args: argparse.Namespace) -> int:
                     f"were longer than {emb.max_length} tokens and were cut", "--no-truncate makes that an error")
     _note(args, f"wrote {_fmt(n)} embeddings to {output.where} ({_fmt(tokens)} tokens embedded by this run)")
     return 0
+
+
+def cmd_embed_sparse(args: argparse.Namespace) -> int:
+    """``tamis embed --embedding-type sparse --model SPLADE``: JSONL rows with ``{"indices", "values"}``."""
+    import json
+
+    from tamis.cli_io import read_records
+
+    fmt = "jsonl" if args.output in (None, "-") else Path(args.output).suffix.lower().lstrip(".")
+    if fmt != "jsonl":
+        raise InvalidInputError("--embedding-type sparse writes JSONL (-o FILE.jsonl or stdout)")
+    if args.resume or args.late_chunking or args.dimensions is not None:
+        raise InvalidInputError("--resume, --late-chunking and --dimensions are not available for sparse embeddings")
+    if args.task not in (None, "query", "document"):
+        raise InvalidInputError(f"--task for sparse embeddings is query or document, not {args.task!r}")
+    data = read_records(args.input, args.format)
+    records = data.records
+    if not records:
+        raise InvalidInputError(f"no input texts in {data.source}")
+    texts = [(r.title + " " + r.text).strip() if args.with_title else r.text for r in records]
+    _note_blank(args, data)
+    from tamis.embed_sparse import SparseEmbedder
+
+    sp = SparseEmbedder(args.model, device=args.device, **_hub_kwargs(args))
+    _note(args, f"{sp!r}: {_fmt(len(texts))} texts")
+    vectors = sp.embed(texts, args.task, top_k=args.top_k, threshold=args.threshold or 0.0,
+                       truncate=not args.no_truncate, show_progress=not args.quiet and len(texts) >= SHOW_PROGRESS_FROM)
+    out = sys.stdout if args.output in (None, "-") else open(args.output, "w", encoding="utf-8")  # noqa: SIM115
+    try:
+        for i, (r, v) in enumerate(zip(records, vectors)):
+            row: dict[str, Any] = {"index": i, "line": r.line}
+            if getattr(r, "id", None) is not None:
+                row["id"] = r.id
+            row["embedding"] = v.to_dict()
+            if args.decode:
+                row["terms"] = dict(sp.decode(v, top_k=args.decode))
+            out.write(json.dumps(row) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    _note(args, f"wrote {_fmt(len(texts))} sparse embeddings (mean {sum(map(len, vectors)) / len(vectors):.0f} terms)")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- segment
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    """``tamis segment``: one text in, its chunks out as JSONL (``index``, ``start``, ``end``, ``tokens``, ``text``)."""
+    import json
+
+    from tamis.segment import CL100K, HFTokenizer, load_tiktoken, segment
+
+    text = sys.stdin.read() if args.input in (None, "-") else Path(args.input).read_text(encoding="utf-8")
+    if args.model == CL100K:
+        tok: Any = load_tiktoken(CL100K)
+    else:
+        from tamis.models.loading import load_config, resolve_model_dir
+        from tamis.tokenize import Tokenizer
+
+        model_dir = resolve_model_dir(args.model, **_hub_kwargs(args))
+        tok = HFTokenizer(str(args.model or "default"), Tokenizer.from_dir(model_dir, load_config(model_dir)))
+    seg = segment(text, tok, max_chunk_length=args.max_chunk_length, return_chunks=True)
+    for i, ((s, e), chunk) in enumerate(zip(seg.chunk_positions, seg.chunks)):
+        row = {"index": i, "start": s, "end": e, "tokens": tok.count(chunk), "text": chunk}
+        sys.stdout.write(json.dumps(row, ensure_ascii=False) + "\n")
+    _note(args, f"{_fmt(seg.num_tokens)} tokens ({tok.name}) in {_fmt(len(seg.chunks))} chunks of at most "
+                f"{args.max_chunk_length}")
+    return 0
+
+
+def _add_segment(sub: Any) -> None:
+    p = sub.add_parser(
+        "segment", help="split a text into chunks of at most N tokens on paragraph / sentence boundaries",
+        description="Split one text (a file, or stdin) into chunks of at most --max-chunk-length tokens of the "
+        "model's tokenizer, cut at paragraphs, then lines, sentences and words (tokens only inside a word longer than "
+        "the limit). The chunks tile the text exactly; JSONL rows carry index, start, end (character offsets), "
+        "tokens and text.")
+    p.add_argument("input", nargs="?", default=None, help="text file, or - for stdin (default)")
+    p.add_argument("--model", default=None, help="whose tokenizer counts (directory or Hub id; default: bundled); "
+                                                   "cl100k_base where tiktoken has it offline")
+    p.add_argument("--max-chunk-length", type=_positive_int, default=512, metavar="N", help="tokens (default 512)")
+    p.add_argument("--offline", action="store_true", help="Hub ids from the Hugging Face cache only")
+    p.add_argument("-q", "--quiet", action="store_true", help="no notes on stderr")
+    p.set_defaults(func=cmd_segment)
 
 
 # ------------------------------------------------------------------------------------------ rerank
@@ -322,6 +412,10 @@ def _positive_int(text: str) -> int:
 
 def _embedding_types(text: str) -> list[str]:
     types = [t.strip() for t in text.split(",")]
+    if "sparse" in types:  # a SPLADE model's {indices, values}: its own path (cmd_embed_sparse), alone
+        if types != ["sparse"]:
+            raise argparse.ArgumentTypeError("sparse is a type of its own: --embedding-type sparse, with no other")
+        return types
     bad = [t for t in types if t not in EMBEDDING_TYPES]
     if bad:
         raise argparse.ArgumentTypeError(
@@ -419,12 +513,17 @@ def _add_embed(sub: Any) -> None:
     p.add_argument("--dimensions", type=_positive_int, default=None, help="Matryoshka: keep the first N dimensions")
     p.add_argument("--embedding-type", type=_embedding_types, default=["float"], metavar="TYPE[,TYPE]",
                    help="float (default), base64, binary, ubinary, int8, uint8; several separated by commas "
-                        "(JSONL / Parquet output)")
+                        "(JSONL / Parquet output); or sparse: a SPLADE --model's {indices, values} (JSONL)")
     p.add_argument("--no-normalize", action="store_true", help="do not L2-normalise")
     p.add_argument("--no-truncate", action="store_true",
                    help="error on over-long inputs instead of cutting them at the model's limit")
     p.add_argument("--late-chunking", action="store_true", help="treat the inputs as consecutive chunks of one text")
     p.add_argument("--with-title", action="store_true", help='JSONL: embed "title" + " " + "text"')
+    p.add_argument("--top-k", type=_positive_int, default=None, metavar="N",
+                   help="--embedding-type sparse: keep each vector's N largest weights")
+    p.add_argument("--threshold", type=float, default=None, help="--embedding-type sparse: drop weights <= this")
+    p.add_argument("--decode", type=_positive_int, default=None, metavar="N",
+                   help="--embedding-type sparse: add each vector's N heaviest vocabulary terms (\"terms\")")
     p.set_defaults(func=cmd_embed)
 
 
@@ -454,6 +553,7 @@ def build_parser(load: Collection[str] | None = None) -> argparse.ArgumentParser
     _add_embed(sub)
     _add_rerank(sub)
     _add_pull(sub)
+    _add_segment(sub)
     wanted = set(PACKAGE_COMMANDS) if load is None else set(load)
     for module in dict.fromkeys(m for c, (m, _) in PACKAGE_COMMANDS.items() if c in wanted):
         importlib.import_module(module).register(sub)
