@@ -36,6 +36,30 @@ QUESTIONS = {
 }
 
 
+def save_random_splade(d: Path, tokenizer_config: dict | None = None):
+    """A tiny random BERT masked-LM (2 x 32, the uncased BERT vocabulary) saved by transformers into ``d`` with
+    the bundled MiniLM's tokenizer, its head's bias shifted so that some terms come out positive and most are cut
+    by SPLADE's relu; ``tokenizer_config`` becomes tokenizer_config.json. Returns the transformers model."""
+    import shutil
+
+    import torch
+
+    from tamis.models.loading import resolve_model_dir
+
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    ref = transformers.BertForMaskedLM(cfg).eval()
+    with torch.no_grad():
+        ref.cls.predictions.bias.normal_(mean=-0.5, std=1.0)
+    ref.save_pretrained(d, safe_serialization=True)
+    shutil.copy(resolve_model_dir(None) / "tokenizer.json", d / "tokenizer.json")
+    if tokenizer_config is not None:
+        (d / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return ref
+
+
 @pytest.fixture(scope="module")
 def pairs_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("pairs")

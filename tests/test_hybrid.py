@@ -4,16 +4,15 @@ and ``tamis eval --first-stage hybrid:... --sparse-model``."""
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tamis  # noqa: E402
+from conftest import save_random_splade  # noqa: E402
 from tamis.evaluate.first_stage import (  # noqa: E402
     EmbeddingCache,
     fuse,
@@ -23,7 +22,6 @@ from tamis.evaluate.first_stage import (  # noqa: E402
     zscore_fusion,
 )
 from tamis.evaluate.pipeline import evaluate, parse_first_stage, parse_hybrid  # noqa: E402
-from tamis.models.loading import resolve_model_dir  # noqa: E402
 from test_evaluate import FakeEmbedder, toy  # noqa: E402,F401  (the toy data set fixture)
 
 transformers = pytest.importorskip("transformers")
@@ -32,15 +30,7 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def sparse_model(tmp_path_factory):
     d = tmp_path_factory.mktemp("splade")
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    ref = transformers.BertForMaskedLM(cfg).eval()
-    with torch.no_grad():
-        ref.cls.predictions.bias.normal_(mean=-0.5, std=1.0)
-    ref.save_pretrained(d, safe_serialization=True)
-    shutil.copy(resolve_model_dir(None) / "tokenizer.json", d / "tokenizer.json")
-    (d / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 128, "pad_token": "[PAD]"}))
+    save_random_splade(d, {"model_max_length": 128, "pad_token": "[PAD]"})
     return d
 
 

@@ -198,3 +198,26 @@ def test_web_stage_filters_generated_queries_and_scores_every_web_list(recipe, t
     before = (work / "web" / "scores-queries.jsonl").read_bytes()
     recipe.build_web_sets(data, work, work / "web", 12, cache, models, mining, "cpu", "float32", 0, False)
     assert (work / "web" / "scores-queries.jsonl").read_bytes() == before
+
+
+def test_teacher_is_rebuilt_from_the_members_it_was_fitted_with(recipe, tmp_path):
+    """--teacher-dense picks the dense members; a later stage rebuilds the fitted teacher from the member names in
+    WORK/teacher/summary.json (in the fitted order) and refuses, naming the flag, when a member's model is not given."""
+    from conftest import save_random_splade
+    from tamis.evaluate.first_stage import EmbeddingCache
+    from tamis.models.loading import resolve_model_dir
+
+    splade, mini = tmp_path / "splade-tiny", resolve_model_dir(None)
+    splade.mkdir()
+    save_random_splade(splade)
+    cache = EmbeddingCache(tmp_path / "cache")
+    e5_only = recipe.TeacherModels(None, splade, mini)  # MiniLM stands in for e5-small
+    names = [s.name for _, s in recipe.teacher_members(cache, e5_only, "cpu", "float32", False)]
+    assert names == ["dense:all-MiniLM-L6-v2", "splade:splade-tiny", "dense:multilingual-e5-small@256"]
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "summary.json").write_text(json.dumps({"members": names, "weights": [0.2, 0.4, 0.4], "scale": 2.5}))
+    fitted = recipe.teacher_scorer(teacher, cache, recipe.TeacherModels(mini, splade, mini), "cpu", "float32", False)
+    assert [s.name for s in fitted.scorers] == names and fitted.weights == [0.2, 0.4, 0.4]  # no mpnet member added
+    with pytest.raises(SystemExit, match="--teacher-dense with e5"):
+        recipe.teacher_scorer(teacher, cache, recipe.TeacherModels(mini, splade, None), "cpu", "float32", False)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import tamis
+from conftest import save_random_splade
 from tamis.errors import CheckpointError, InputTooLongError
 from tamis.evaluate.bench import _precision_of
-from tamis.models.loading import resolve_model_dir
 from tamis.rerank import EnsembleReranker, SpladeReranker
 from tamis.rerank.ensemble import standardize
 from tamis.tokenize import Tokenizer
@@ -30,15 +30,7 @@ DOCS = ["a short query", "a much longer document about sparse retrieval, " * 12,
 def splade_dir(tmp_path_factory) -> tuple[Path, object]:
     """A tiny random BERT masked-LM with MiniLM's (uncased BERT) tokenizer, saved by transformers."""
     d = tmp_path_factory.mktemp("splade")
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    ref = transformers.BertForMaskedLM(cfg).eval()
-    with torch.no_grad():
-        ref.cls.predictions.bias.normal_(mean=-0.5, std=1.0)  # some terms positive, most cut by the relu
-    ref.save_pretrained(d, safe_serialization=True)
-    shutil.copy(resolve_model_dir(None) / "tokenizer.json", d / "tokenizer.json")
-    return d, ref
+    return d, save_random_splade(d)
 
 
 def test_splade_term_weights_match_transformers_text_by_text(splade_dir):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -23,6 +22,7 @@ import pytest
 import torch
 
 import tamis
+from conftest import save_random_splade
 from tamis.embed_sparse import SparseEmbedder, prune, to_csr
 from tamis.errors import InputTooLongError, InvalidInputError
 from tamis.models.loading import resolve_model_dir
@@ -150,18 +150,9 @@ def test_pruning_and_shapes():
 
 @pytest.fixture(scope="module")
 def random_splade(tmp_path_factory) -> Path:
-    transformers = pytest.importorskip("transformers")
     d = tmp_path_factory.mktemp("rsplade")
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    ref = transformers.BertForMaskedLM(cfg).eval()
-    with torch.no_grad():
-        ref.cls.predictions.bias.normal_(mean=-0.5, std=1.0)
-    ref.save_pretrained(d, safe_serialization=True)
-    shutil.copy(resolve_model_dir(None) / "tokenizer.json", d / "tokenizer.json")
-    (d / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 512, "do_lower_case": True,
-                                                         "tokenizer_class": "BertTokenizer", "pad_token": "[PAD]"}))
+    save_random_splade(d, {"model_max_length": 512, "do_lower_case": True, "tokenizer_class": "BertTokenizer",
+                           "pad_token": "[PAD]"})
     return d
 
 

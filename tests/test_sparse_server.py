@@ -4,17 +4,13 @@ TestClient) with the documented JSON of TEI's /embed_sparse and /tokenize, Jina'
 
 from __future__ import annotations
 
-import json
-import shutil
-
 import numpy as np
 import pytest
-import torch
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
 import tamis
-from tamis.models.loading import resolve_model_dir
+from conftest import save_random_splade
 from tamis.server import errors as err
 from tamis.server.sparse_routes import create_router
 
@@ -24,16 +20,7 @@ transformers = pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def sparse_model(tmp_path_factory):
     d = tmp_path_factory.mktemp("splade")
-    cfg = transformers.BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    ref = transformers.BertForMaskedLM(cfg).eval()
-    with torch.no_grad():
-        ref.cls.predictions.bias.normal_(mean=-0.5, std=1.0)
-    ref.save_pretrained(d, safe_serialization=True)
-    shutil.copy(resolve_model_dir(None) / "tokenizer.json", d / "tokenizer.json")
-    (d / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 64, "do_lower_case": True,
-                                                         "pad_token": "[PAD]"}))
+    save_random_splade(d, {"model_max_length": 64, "do_lower_case": True, "pad_token": "[PAD]"})
     return tamis.SparseEmbedder(d, name="splade")
 
 

@@ -47,6 +47,15 @@ STUDENTS = {
 }
 
 
+def save(fig, name: str) -> Path:
+    """Lay the figure out, write OUT/name (no timestamp, so a redraw of the same numbers is the same file)."""
+    fig.tight_layout()
+    path = OUT / name
+    fig.savefig(path, dpi=110, metadata=META)
+    plt.close(fig)
+    return path
+
+
 def matryoshka() -> Path:
     fig, ax = plt.subplots(figsize=(6, 3.6))
     ax.plot(MRL_DIMS, MRL_BASE, "o-", label="all-MiniLM-L6-v2 as shipped")
@@ -58,11 +67,7 @@ def matryoshka() -> Path:
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title("Matryoshka: quality by dimensions", fontsize=10)
-    fig.tight_layout()
-    path = OUT / "matryoshka.png"
-    fig.savefig(path, dpi=110, metadata=META)
-    plt.close(fig)
-    return path
+    return save(fig, "matryoshka.png")
 
 
 def speed() -> Path:
@@ -79,11 +84,7 @@ def speed() -> Path:
         ax.tick_params(axis="y", labelsize=8)
         ax.set_xlim(0, max(vals) * 1.2)
         ax.invert_yaxis()
-    fig.tight_layout()
-    path = OUT / "speed.png"
-    fig.savefig(path, dpi=110, metadata=META)
-    plt.close(fig)
-    return path
+    return save(fig, "speed.png")
 
 
 def students() -> Path:
@@ -98,11 +99,7 @@ def students() -> Path:
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     ax.set_title("Tiny-reranker recipe: teacher and students (BM25 top 100; NovelEval pool)", fontsize=10)
-    fig.tight_layout()
-    path = OUT / "students.png"
-    fig.savefig(path, dpi=110, metadata=META)
-    plt.close(fig)
-    return path
+    return save(fig, "students.png")
 
 
 def main() -> None:

@@ -232,6 +232,30 @@ class EmbeddingCache:
             path.with_suffix(".json").write_text(json.dumps(dict(meta), default=str, indent=1))
         return path
 
+    def sparse_path(self, embedder: Any, key: str) -> Path:
+        return self.path(embedder, key).with_suffix(".sparse.npz")
+
+    def get_sparse(self, embedder: Any, key: str) -> Any:
+        """A cached ``scipy.sparse.csr_matrix`` (stored as plain arrays, never pickle), or None."""
+        import scipy.sparse as sp
+
+        path = self.sparse_path(embedder, key)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def put_sparse(self, embedder: Any, key: str, matrix: Any) -> Path:
+        path = self.sparse_path(embedder, key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        np.savez(tmp, data=matrix.data, indices=matrix.indices, indptr=matrix.indptr, shape=np.asarray(matrix.shape))
+        os.replace(tmp, path)
+        return path
+
 
 @contextmanager
 def quiet_truncation() -> Iterator[None]:
@@ -435,35 +459,24 @@ def encode_sparse(
 ) -> Any:
     """SPLADE vectors of ``texts`` as a ``scipy.sparse.csr_matrix`` [n, vocab] (float32), from ``cache`` when it
     holds them (kept as ``.sparse.npz`` of plain arrays beside the dense ``.npy`` files, never pickle)."""
-    import scipy.sparse as sp
-
     from tamis.embed_sparse import to_csr
 
     texts = list(texts)
-    path = None
+    key = None
     if cache is not None:
         key = cache.key(embedder, texts, task, {"sparse": True})
-        path = cache.path(embedder, key).with_suffix(".sparse.npz")
-        if path.is_file():
-            try:
-                with np.load(path, allow_pickle=False) as z:
-                    m = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=tuple(z["shape"]))
-                if m.shape[0] == len(texts):
-                    cache.hits += 1
-                    return m
-            except (OSError, ValueError, KeyError):
-                pass
+        hit = cache.get_sparse(embedder, key)
+        if hit is not None and hit.shape[0] == len(texts):
+            cache.hits += 1
+            return hit
         cache.misses += 1
     if show_progress:
         tqdm.write(f"{desc}: {len(texts)} texts with {getattr(embedder, 'name', 'model')}")
     with quiet_truncation():
         vectors = embedder.embed(texts, task, show_progress=show_progress)
     m = to_csr(vectors, int(embedder.dimension))
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, data=m.data, indices=m.indices, indptr=m.indptr, shape=np.asarray(m.shape))
-        os.replace(tmp, path)
+    if cache is not None and key is not None:
+        cache.put_sparse(embedder, key, m)
     return m
 
 
